@@ -1,0 +1,140 @@
+//! Wires the configured pieces into a running gateway: listeners, the tower stack in front of
+//! the upstream, and shutdown.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin::{self, Readiness};
+use crate::config::{Config, ConfigError};
+use crate::server::{self, ServerSettings};
+use crate::upstream::Upstream;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable.
+    #[error("config error: {0}")]
+    Config(#[from] ConfigError),
+    /// A listener could not bind.
+    #[error("cannot listen on {key} = {addr}: {source}")]
+    Bind {
+        /// The config key of the address.
+        key: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A gateway whose listeners are bound and that is ready to serve.
+pub struct Gateway {
+    proxy_listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    upstream: Upstream,
+    settings: ServerSettings,
+    readiness: Readiness,
+}
+
+/// Signals every listener to stop when set to `true`.
+pub type ShutdownSender = watch::Sender<bool>;
+
+impl Gateway {
+    /// Validates what this build supports, builds the stack and binds the listeners.
+    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        refuse_unsupported(config)?;
+        let upstream = Upstream::new(&config.proxy)?;
+        let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
+        let admin_listener = if config.admin.enabled {
+            Some(bind("admin.listen", config.admin.listen).await?)
+        } else {
+            None
+        };
+        Ok(Self {
+            proxy_listener,
+            admin_listener,
+            upstream,
+            settings: ServerSettings {
+                shutdown_grace: Duration::from_millis(config.proxy.shutdown_grace_ms),
+            },
+            readiness: Readiness {
+                upstream: config.proxy.upstream.clone(),
+            },
+        })
+    }
+
+    /// The address SDKs connect to (useful when configured with port 0).
+    pub fn proxy_addr(&self) -> SocketAddr {
+        self.proxy_listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The admin listener's address, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("a bound listener has an address"))
+    }
+
+    /// Serves until `shutdown` turns `true`, then drains in-flight RPCs.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let admin = self.admin_listener.map(|listener| {
+            tokio::spawn(admin::serve(
+                listener,
+                self.readiness,
+                stopped(shutdown.clone()),
+            ))
+        });
+        tracing::info!(
+            listen = %self.proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            upstream = %self.upstream.authority(),
+            "gateway ready"
+        );
+        server::serve(
+            self.proxy_listener,
+            self.upstream,
+            self.settings,
+            stopped(shutdown),
+        )
+        .await;
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+    }
+}
+
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { key, addr, source })
+}
+
+/// Refuses sections this build parses but does not implement yet, instead of ignoring them.
+fn refuse_unsupported(config: &Config) -> Result<(), ConfigError> {
+    let unsupported = |key: &str| {
+        Err(ConfigError::invalid(
+            key,
+            "not yet supported by this build; set it to false",
+        ))
+    };
+    if config.codec_server.enabled {
+        return unsupported("codec_server.enabled");
+    }
+    if config.storage.enabled {
+        return unsupported("storage.enabled");
+    }
+    if config.encryption.enabled {
+        return unsupported("encryption.enabled");
+    }
+    if config.compression.enabled {
+        return unsupported("compression.enabled");
+    }
+    Ok(())
+}

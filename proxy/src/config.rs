@@ -1,0 +1,576 @@
+//! Configuration: a TOML file, `PGW__SECTION__KEY` environment overrides, embedded defaults.
+//!
+//! Loading is strict: an unknown key, an invalid address or a section that this build does not
+//! support is refused with a [`ConfigError`] naming the key, so a typo never silently weakens
+//! what the operator asked for.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment variables that override configuration keys.
+///
+/// `PGW__PROXY__UPSTREAM=10.0.0.1:7233` sets `proxy.upstream`; each `__` descends one table.
+/// Values are parsed as TOML literals when they parse (`true`, `42`, `["a"]`), else taken as
+/// strings.
+pub const ENV_PREFIX: &str = "PGW__";
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The gRPC listener SDKs connect to and the upstream Temporal frontend.
+    pub proxy: ProxyConfig,
+    /// The remote codec HTTP endpoint for the Web UI and CLI.
+    pub codec_server: CodecServerConfig,
+    /// Metrics and health endpoints.
+    pub admin: AdminConfig,
+    /// Payload encryption (AES-256-GCM).
+    pub encryption: EncryptionConfig,
+    /// Payload compression (zstd).
+    pub compression: CompressionConfig,
+    /// Offload of large payloads to object storage.
+    pub storage: StorageConfig,
+    /// Per-namespace overrides, keyed by namespace name.
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[proxy]`: where SDKs connect and where the Temporal frontend is.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address the gRPC listener binds.
+    pub listen: SocketAddr,
+    /// The Temporal frontend, `host:port` (cleartext HTTP/2).
+    pub upstream: String,
+    /// Largest gRPC message accepted from clients or the upstream, in bytes.
+    pub max_message_bytes: usize,
+    /// Timeout for establishing a connection to the upstream, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// How long in-flight RPCs may run after a shutdown signal, in milliseconds.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7233)),
+            upstream: "127.0.0.1:7234".to_owned(),
+            max_message_bytes: 128 * 1024 * 1024,
+            connect_timeout_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+        }
+    }
+}
+
+/// `[codec_server]`: the remote codec endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecServerConfig {
+    /// Whether the endpoint runs.
+    pub enabled: bool,
+    /// Address the HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Browser origins allowed to call the endpoint (CORS allowlist).
+    pub cors_origins: Vec<String>,
+    /// Environment variable holding comma-separated accepted bearer tokens; unset or empty
+    /// means no authentication.
+    pub bearer_tokens_env: Option<String>,
+}
+
+impl Default for CodecServerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            cors_origins: vec!["http://localhost:8233".to_owned()],
+            bearer_tokens_env: None,
+        }
+    }
+}
+
+/// `[admin]`: Prometheus metrics and health probes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Whether the admin listener runs.
+    pub enabled: bool,
+    /// Address the admin HTTP listener binds.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// `[encryption]`: AES-256-GCM in the layout of Temporal's sample encryption codec.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EncryptionConfig {
+    /// Encrypt outgoing payloads. When on, a payload that cannot be encrypted fails its RPC.
+    pub enabled: bool,
+    /// Id of the key that encrypts new payloads (namespaces may override).
+    pub active_key: Option<String>,
+    /// Every key that can decrypt; the active key must be among them.
+    pub keys: Vec<KeySpec>,
+    /// Where the development key lives when `enabled` and no keys are configured.
+    pub dev_key_file: PathBuf,
+}
+
+impl Default for EncryptionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            active_key: None,
+            keys: Vec::new(),
+            dev_key_file: PathBuf::from("./data/dev.key"),
+        }
+    }
+}
+
+/// One key: an id and where its 32 bytes come from (raw or base64).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySpec {
+    /// The id written to `encryption-key-id`.
+    pub id: String,
+    /// A file holding the key.
+    pub file: Option<PathBuf>,
+    /// An environment variable holding the key.
+    pub env: Option<String>,
+}
+
+/// `[compression]`: zstd.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressionConfig {
+    /// Compress outgoing payloads.
+    pub enabled: bool,
+    /// zstd level (1 fastest .. 22 smallest).
+    pub level: i32,
+    /// Payloads smaller than this (serialized bytes) are not compressed.
+    pub min_size: usize,
+    /// Largest size a payload may inflate to on decompression.
+    pub max_decompressed_bytes: usize,
+}
+
+impl Default for CompressionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            level: 3,
+            min_size: 256,
+            max_decompressed_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// `[storage]`: external storage of large payloads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Offload payloads at or above `threshold`. Off: large payloads go to the server as they are.
+    pub enabled: bool,
+    /// Name of the driver that stores new payloads; every listed driver can resolve.
+    pub driver: String,
+    /// Serialized size at or above which a payload is offloaded.
+    pub threshold: usize,
+    /// The configured drivers.
+    pub drivers: Vec<DriverConfig>,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            driver: "local".to_owned(),
+            threshold: 256 * 1024,
+            drivers: vec![DriverConfig {
+                name: "local".to_owned(),
+                kind: DriverKind::Filesystem,
+                settings: BTreeMap::from([(
+                    "root".to_owned(),
+                    toml::Value::String("./data/payloads".to_owned()),
+                )]),
+            }],
+        }
+    }
+}
+
+/// One `[[storage.drivers]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DriverConfig {
+    /// Name written into references (`driver_name`).
+    pub name: String,
+    /// Backend kind.
+    pub kind: DriverKind,
+    /// Backend-specific settings (bucket, endpoint, root, ...), validated by the backend.
+    #[serde(flatten)]
+    pub settings: BTreeMap<String, toml::Value>,
+}
+
+/// Storage backend kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// Amazon S3 or an S3-compatible server.
+    S3,
+    /// A local directory.
+    Filesystem,
+    /// Process memory (tests).
+    Memory,
+    /// Google Cloud Storage.
+    Gcs,
+    /// Azure Blob Storage.
+    Azure,
+}
+
+/// `[namespaces.<name>]`: overrides for one namespace.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceConfig {
+    /// Encryption on or off for this namespace.
+    pub encryption: Option<bool>,
+    /// The key that encrypts this namespace's new payloads.
+    pub active_key: Option<String>,
+    /// Compression on or off for this namespace.
+    pub compression: Option<bool>,
+    /// Offload on or off for this namespace.
+    pub storage: Option<bool>,
+    /// The driver that stores this namespace's payloads.
+    pub storage_driver: Option<String>,
+    /// The offload threshold for this namespace.
+    pub storage_threshold: Option<usize>,
+}
+
+/// `[log]`: structured logs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `payload_gateway=debug`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed, a key is unknown or a value has the wrong type.
+    #[error("{0}")]
+    Parse(String),
+    /// A key holds a value that is well-typed but unusable.
+    #[error("{key}: {problem}")]
+    Invalid {
+        /// Dotted key, e.g. `encryption.keys[0].file`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+impl ConfigError {
+    pub(crate) fn invalid(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self::Invalid {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the embedded defaults when `None`) and applies environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, std::env::vars())
+    }
+
+    /// Parses TOML text, applies `PGW__...` overrides from `env`, and validates the result.
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(describe_toml_error(&e)))?;
+        apply_env_overrides(&mut table, env)?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(describe_toml_error(&e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: cross-references and values that must be usable.
+    fn validate(&self) -> Result<(), ConfigError> {
+        validate_host_port("proxy.upstream", &self.proxy.upstream)?;
+        if self.proxy.max_message_bytes < 4 * 1024 * 1024 {
+            return Err(ConfigError::invalid(
+                "proxy.max_message_bytes",
+                "must be at least 4194304 (Temporal's own gRPC limit)",
+            ));
+        }
+        let key_ids: Vec<&str> = self.encryption.keys.iter().map(|k| k.id.as_str()).collect();
+        for (i, key) in self.encryption.keys.iter().enumerate() {
+            let name = format!("encryption.keys[{i}]");
+            if key.id.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("{name}.id"),
+                    "must not be empty",
+                ));
+            }
+            if key_ids.iter().filter(|id| **id == key.id).count() > 1 {
+                return Err(ConfigError::invalid(
+                    format!("{name}.id"),
+                    format!("duplicate key id {:?}", key.id),
+                ));
+            }
+            if key.file.is_some() == key.env.is_some() {
+                return Err(ConfigError::invalid(
+                    name,
+                    "give exactly one of `file` or `env`",
+                ));
+            }
+        }
+        let check_key_ref = |key: &str, id: &Option<String>| match id {
+            Some(id) if !key_ids.contains(&id.as_str()) => Err(ConfigError::invalid(
+                key,
+                format!("names key {id:?}, which is not in encryption.keys"),
+            )),
+            _ => Ok(()),
+        };
+        check_key_ref("encryption.active_key", &self.encryption.active_key)?;
+        if self.encryption.active_key.is_none() && !self.encryption.keys.is_empty() {
+            return Err(ConfigError::invalid(
+                "encryption.active_key",
+                "required when encryption.keys is set",
+            ));
+        }
+        if !(1..=22).contains(&self.compression.level) {
+            return Err(ConfigError::invalid("compression.level", "must be 1..=22"));
+        }
+        let driver_names: Vec<&str> = self
+            .storage
+            .drivers
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect();
+        for (i, d) in self.storage.drivers.iter().enumerate() {
+            if driver_names.iter().filter(|n| **n == d.name).count() > 1 {
+                return Err(ConfigError::invalid(
+                    format!("storage.drivers[{i}].name"),
+                    format!("duplicate driver name {:?}", d.name),
+                ));
+            }
+        }
+        let check_driver_ref = |key: &str, name: &str| {
+            if driver_names.contains(&name) {
+                Ok(())
+            } else {
+                Err(ConfigError::invalid(
+                    key,
+                    format!("names driver {name:?}, which is not in storage.drivers"),
+                ))
+            }
+        };
+        if self.storage.enabled {
+            check_driver_ref("storage.driver", &self.storage.driver)?;
+        }
+        for (ns, over) in &self.namespaces {
+            check_key_ref(&format!("namespaces.{ns}.active_key"), &over.active_key)?;
+            if let Some(driver) = &over.storage_driver {
+                check_driver_ref(&format!("namespaces.{ns}.storage_driver"), driver)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Accepts `host:port` with a non-empty host and a numeric port.
+fn validate_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        ConfigError::invalid(
+            key,
+            format!("invalid address {value:?}, expected host:port"),
+        )
+    };
+    let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
+    if host.is_empty() || host.contains('/') || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Turns serde's message into one line that names the key.
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    e.message().trim().to_owned()
+}
+
+/// Applies `PGW__A__B=value` as `a.b = value`.
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let mut overrides: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    overrides.sort();
+    for (name, raw) in overrides {
+        let path: Vec<String> = name[ENV_PREFIX.len()..]
+            .split("__")
+            .map(str::to_ascii_lowercase)
+            .collect();
+        if path.iter().any(String::is_empty) {
+            return Err(ConfigError::invalid(
+                name,
+                "malformed override variable name",
+            ));
+        }
+        let value = parse_env_value(&raw);
+        let (last, parents) = path.split_last().expect("split yields at least one part");
+        let mut cursor = &mut *table;
+        for part in parents {
+            let entry = cursor
+                .entry(part.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = entry
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::invalid(&name, format!("`{part}` is not a table")))?;
+        }
+        cursor.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+/// `true`, `42`, `["a","b"]` parse as TOML; anything else is a string.
+fn parse_env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Vec::new())
+    }
+
+    #[test]
+    fn embedded_defaults_are_valid() {
+        let c = parse("").unwrap();
+        assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:7233");
+        assert_eq!(c.proxy.upstream, "127.0.0.1:7234");
+        assert!(c.encryption.enabled);
+        assert_eq!(c.storage.driver, "local");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[proxy]\nlisten = \"127.0.0.1:1\"\nupstreem = \"x:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("upstreem"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_is_named() {
+        let err = parse("[proxxy]\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(err.to_string().contains("proxxy"), "{err}");
+    }
+
+    #[test]
+    fn invalid_listen_address_is_refused() {
+        let err = parse("[proxy]\nlisten = \"localhost\"\n").unwrap_err();
+        assert!(err.to_string().contains("socket address"), "{err}");
+    }
+
+    #[test]
+    fn invalid_upstream_is_named() {
+        let err = parse("[proxy]\nupstream = \"nohost\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("proxy.upstream"), "{err}");
+    }
+
+    #[test]
+    fn active_key_must_exist() {
+        let err =
+            parse("[encryption]\nactive_key = \"k9\"\nkeys = [{ id = \"k1\", env = \"X\" }]\n")
+                .unwrap_err();
+        assert!(
+            err.to_string().starts_with("encryption.active_key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_overrides_apply_typed_values() {
+        let c = Config::from_toml(
+            "[proxy]\nupstream = \"a:1\"\n",
+            vec![
+                ("PGW__PROXY__UPSTREAM".to_owned(), "b:2".to_owned()),
+                ("PGW__ENCRYPTION__ENABLED".to_owned(), "false".to_owned()),
+                ("OTHER".to_owned(), "x".to_owned()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.proxy.upstream, "b:2");
+        assert!(!c.encryption.enabled);
+    }
+
+    #[test]
+    fn env_override_of_unknown_key_is_refused() {
+        let err = Config::from_toml("", vec![("PGW__PROXY__NOPE".to_owned(), "1".to_owned())])
+            .unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../config.example.toml");
+        parse(text).unwrap();
+    }
+}

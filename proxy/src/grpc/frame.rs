@@ -1,0 +1,248 @@
+//! gRPC length-prefixed message framing: a 1-byte compressed flag, a 4-byte big-endian length,
+//! then the message. Compressed messages are inflated here so the payload walker always sees
+//! plain protobuf; rewritten messages go out uncompressed (flag 0), which every gRPC peer
+//! accepts whatever `grpc-encoding` says.
+
+use std::io::Read;
+
+use bytes::{Bytes, BytesMut};
+
+/// Length of the prefix before each message.
+pub const PREFIX_LEN: usize = 5;
+
+/// Why a gRPC body could not be split into messages.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    /// The body ends inside a prefix or a message.
+    #[error("truncated gRPC frame: {needed} bytes announced, {available} present")]
+    Truncated {
+        /// Bytes the prefix announced (or the prefix length).
+        needed: usize,
+        /// Bytes left in the body.
+        available: usize,
+    },
+    /// The compressed flag is neither 0 nor 1.
+    #[error("invalid gRPC compressed flag {0}")]
+    InvalidFlag(u8),
+    /// A message is bigger than the configured limit.
+    #[error("gRPC message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The (inflated) size seen so far.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A compressed message arrived with an encoding the gateway cannot inflate.
+    #[error("unsupported grpc-encoding {0:?}")]
+    UnsupportedEncoding(String),
+    /// Inflating failed.
+    #[error("corrupt {encoding} message: {reason}")]
+    Corrupt {
+        /// The encoding.
+        encoding: &'static str,
+        /// What the decompressor said.
+        reason: String,
+    },
+}
+
+/// Message compression named by the `grpc-encoding` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// No compression declared.
+    Identity,
+    /// `gzip`.
+    Gzip,
+    /// `deflate` (zlib).
+    Deflate,
+}
+
+impl Encoding {
+    /// Parses a `grpc-encoding` value; `None` header means identity.
+    pub fn from_header(value: Option<&str>) -> Result<Self, FrameError> {
+        match value.map(str::trim) {
+            None | Some("") | Some("identity") => Ok(Self::Identity),
+            Some("gzip") => Ok(Self::Gzip),
+            Some("deflate") => Ok(Self::Deflate),
+            Some(other) => Err(FrameError::UnsupportedEncoding(other.to_owned())),
+        }
+    }
+}
+
+/// Joins body chunks into one buffer without copying when there is only one.
+pub fn join(chunks: Vec<Bytes>, len: usize) -> Bytes {
+    if chunks.len() == 1 {
+        return chunks.into_iter().next().unwrap_or_default();
+    }
+    let mut buf = BytesMut::with_capacity(len);
+    for chunk in chunks {
+        buf.extend_from_slice(&chunk);
+    }
+    buf.freeze()
+}
+
+/// Splits a complete gRPC body into its messages, inflating compressed ones.
+pub fn split(body: &Bytes, encoding: Encoding, limit: usize) -> Result<Vec<Bytes>, FrameError> {
+    let mut messages = Vec::new();
+    let mut offset = 0;
+    while offset < body.len() {
+        let available = body.len() - offset;
+        if available < PREFIX_LEN {
+            return Err(FrameError::Truncated {
+                needed: PREFIX_LEN,
+                available,
+            });
+        }
+        let flag = body[offset];
+        let len = u32::from_be_bytes([
+            body[offset + 1],
+            body[offset + 2],
+            body[offset + 3],
+            body[offset + 4],
+        ]) as usize;
+        if len > limit {
+            return Err(FrameError::TooLarge { size: len, limit });
+        }
+        let start = offset + PREFIX_LEN;
+        if body.len() - start < len {
+            return Err(FrameError::Truncated {
+                needed: len,
+                available: body.len() - start,
+            });
+        }
+        let message = body.slice(start..start + len);
+        messages.push(match flag {
+            0 => message,
+            1 => inflate(&message, encoding, limit)?,
+            other => return Err(FrameError::InvalidFlag(other)),
+        });
+        offset = start + len;
+    }
+    Ok(messages)
+}
+
+/// Inflates one compressed message, reading at most `limit` bytes of output.
+fn inflate(message: &[u8], encoding: Encoding, limit: usize) -> Result<Bytes, FrameError> {
+    let (name, reader): (&'static str, Box<dyn Read + '_>) = match encoding {
+        Encoding::Gzip => ("gzip", Box::new(flate2::read::GzDecoder::new(message))),
+        Encoding::Deflate => ("deflate", Box::new(flate2::read::ZlibDecoder::new(message))),
+        Encoding::Identity => {
+            return Err(FrameError::UnsupportedEncoding(
+                "compressed message without grpc-encoding".to_owned(),
+            ));
+        }
+    };
+    let mut out = Vec::with_capacity(message.len().saturating_mul(2).min(limit));
+    let read = reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| FrameError::Corrupt {
+            encoding: name,
+            reason: e.to_string(),
+        })?;
+    if read > limit {
+        return Err(FrameError::TooLarge { size: read, limit });
+    }
+    Ok(Bytes::from(out))
+}
+
+/// Frames messages uncompressed, as body chunks (prefix, message, prefix, message, ...), so the
+/// message bytes are not copied.
+pub fn encode(messages: Vec<Bytes>) -> Vec<Bytes> {
+    let mut chunks = Vec::with_capacity(messages.len() * 2);
+    for message in messages {
+        let mut prefix = [0u8; PREFIX_LEN];
+        prefix[1..].copy_from_slice(&(message.len() as u32).to_be_bytes());
+        chunks.push(Bytes::copy_from_slice(&prefix));
+        chunks.push(message);
+    }
+    chunks
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn frame(flag: u8, message: &[u8]) -> Vec<u8> {
+        let mut out = vec![flag];
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn splits_several_messages() {
+        let mut body = frame(0, b"hello");
+        body.extend(frame(0, b""));
+        body.extend(frame(1, &gzip(b"world")));
+        let messages = split(&Bytes::from(body), Encoding::Gzip, 1024).unwrap();
+        assert_eq!(messages, vec![&b"hello"[..], b"", b"world"]);
+    }
+
+    #[test]
+    fn round_trips_through_encode() {
+        let chunks = encode(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
+        let body = join(chunks, 15);
+        let messages = split(&body, Encoding::Identity, 1024).unwrap();
+        assert_eq!(messages, vec![&b"abc"[..], b"de"]);
+    }
+
+    #[test]
+    fn truncated_prefix_and_message_are_errors() {
+        assert!(matches!(
+            split(&Bytes::from_static(&[0, 0, 0]), Encoding::Identity, 10),
+            Err(FrameError::Truncated { .. })
+        ));
+        let mut body = frame(0, b"hello");
+        body.truncate(7);
+        assert!(matches!(
+            split(&Bytes::from(body), Encoding::Identity, 10),
+            Err(FrameError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn absurd_length_is_refused_before_reading() {
+        let body = Bytes::from(vec![0, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(
+            split(&body, Encoding::Identity, 1024),
+            Err(FrameError::TooLarge {
+                size: u32::MAX as usize,
+                limit: 1024
+            })
+        );
+    }
+
+    #[test]
+    fn gzip_bomb_is_bounded() {
+        let bomb = gzip(&vec![0u8; 10 * 1024 * 1024]);
+        let body = Bytes::from(frame(1, &bomb));
+        assert!(matches!(
+            split(&body, Encoding::Gzip, 1024 * 1024),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_flag_and_unknown_encoding_are_errors() {
+        assert_eq!(
+            split(&Bytes::from(frame(7, b"x")), Encoding::Identity, 10),
+            Err(FrameError::InvalidFlag(7))
+        );
+        assert!(matches!(
+            Encoding::from_header(Some("snappy")),
+            Err(FrameError::UnsupportedEncoding(_))
+        ));
+        assert!(matches!(
+            split(&Bytes::from(frame(1, b"x")), Encoding::Identity, 10),
+            Err(FrameError::UnsupportedEncoding(_))
+        ));
+    }
+}

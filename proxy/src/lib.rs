@@ -1,0 +1,14 @@
+//! Payload Gateway: a gRPC sidecar between Temporal SDKs and a Temporal server that encrypts,
+//! compresses and offloads every payload on the way out and restores it on the way back.
+//!
+//! The request path is a tower stack over a pooled HTTP/2 [`upstream::Upstream`]:
+//! [`server`] accepts client connections, the payload rewrite layer walks each message with
+//! `payload_gateway_proto` and hands the payloads to the codec, and the upstream forwards.
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod app;
+pub mod config;
+pub mod grpc;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,113 @@
+//! The `payload-gateway` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use payload_gateway::app::Gateway;
+use payload_gateway::config::{Config, LogFormat};
+
+/// A gRPC sidecar that encrypts, compresses and offloads Temporal payloads.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Configuration file (TOML). Without it the embedded defaults run.
+    #[arg(long, short, env = "PGW_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::CheckConfig { file }) => check_config(&file),
+        None => run(cli.config),
+    }
+}
+
+fn check_config(file: &std::path::Path) -> ExitCode {
+    match Config::load(Some(file)) {
+        Ok(config) => {
+            match toml::to_string_pretty(&config) {
+                Ok(text) => print!("{text}"),
+                Err(e) => eprintln!("payload-gateway: cannot render config: {e}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("payload-gateway: config error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(config_path: Option<PathBuf>) -> ExitCode {
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("payload-gateway: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("payload-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let gateway = match Gateway::bind(&config).await {
+            Ok(gateway) => gateway,
+            Err(e) => {
+                eprintln!("payload-gateway: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_termination().await;
+            tracing::info!("shutdown requested");
+            let _ = stop.send(true);
+        });
+        gateway.run(stopped).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn wait_for_termination() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,86 @@
+//! The client-facing gRPC listener: HTTP/2 cleartext connections served by hyper, each request
+//! handed to the gateway's tower service. Accepting is separate from serving a connection so TLS
+//! can wrap the stream in between.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tower::{Service, ServiceExt};
+
+use crate::grpc::GatewayBody;
+
+/// HTTP/2 settings toward clients.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// How long in-flight requests may run after shutdown begins.
+    pub shutdown_grace: Duration,
+}
+
+/// Serves gRPC on `listener` until `shutdown` resolves, then lets in-flight requests finish for
+/// up to `settings.shutdown_grace`.
+pub async fn serve<S>(
+    listener: TcpListener,
+    service: S,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let mut http = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    http.timer(TokioTimer::new())
+        .initial_stream_window_size(4 * 1024 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .max_frame_size(1024 * 1024)
+        .max_send_buf_size(4 * 1024 * 1024)
+        .max_header_list_size(1024 * 1024)
+        .keep_alive_interval(Some(Duration::from_secs(60)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            service.clone().oneshot(request.map(GatewayBody::new))
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), hyper_service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("listener closed; waiting for in-flight requests");
+    if tokio::time::timeout(settings.shutdown_grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = settings.shutdown_grace.as_millis() as u64,
+            "in-flight requests still running after the shutdown grace period"
+        );
+    }
+}

@@ -1,0 +1,209 @@
+//! The connection to the Temporal frontend: pooled HTTP/2, reconnecting on its own, never one
+//! connection per request. Failures become gRPC statuses that name the upstream, so a client
+//! sees `UNAVAILABLE: upstream 127.0.0.1:7234 unreachable: ...` and retries.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, Request, Response, Uri};
+use http_body::{Body, Frame};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{ConfigError, ProxyConfig};
+use crate::grpc::{BoxError, Code, GatewayBody, Status};
+
+/// Headers that belong to one hop and must not be forwarded.
+const HOP_BY_HOP: [&str; 6] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+];
+
+/// A cheap-to-clone handle on the upstream connection pool.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, GatewayBody>,
+    scheme: Scheme,
+    authority: Authority,
+}
+
+impl Upstream {
+    /// Builds the pool for `config.upstream`. No connection is opened until the first request.
+    pub fn new(config: &ProxyConfig) -> Result<Self, ConfigError> {
+        let authority: Authority = config.upstream.parse().map_err(|e| {
+            ConfigError::invalid("proxy.upstream", format!("invalid authority: {e}"))
+        })?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            // Detect a dead upstream connection while long polls are idle on it. Temporal's
+            // frontend permits pings every 10 s without streams; stay well above that.
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_while_idle(true)
+            .http2_initial_stream_window_size(4 * 1024 * 1024)
+            .http2_initial_connection_window_size(16 * 1024 * 1024)
+            .http2_max_frame_size(1024 * 1024)
+            .pool_idle_timeout(Duration::from_secs(300))
+            .build(connector);
+        Ok(Self {
+            client,
+            scheme: Scheme::HTTP,
+            authority,
+        })
+    }
+
+    /// The upstream's `host:port`, for messages and logs.
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// Sends `request` upstream and returns its response; transport failures become
+    /// `UNAVAILABLE` responses naming the upstream.
+    pub async fn forward(&self, request: Request<GatewayBody>) -> Response<GatewayBody> {
+        let (mut parts, body) = request.into_parts();
+        let path_and_query = parts.uri.path_and_query().cloned();
+        let mut uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone());
+        if let Some(pq) = path_and_query {
+            uri = uri.path_and_query(pq);
+        }
+        parts.uri = match uri.build() {
+            Ok(uri) => uri,
+            Err(e) => {
+                return Status::new(Code::InvalidArgument, format!("bad request path: {e}"))
+                    .into_response();
+            }
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        match self.client.request(Request::from_parts(parts, body)).await {
+            Ok(response) => response
+                .map(|body| GatewayBody::new(UpstreamBody::new(body, self.authority.clone()))),
+            Err(e) => {
+                tracing::warn!(upstream = %self.authority, error = %error_chain(&e), "upstream request failed");
+                Status::new(
+                    Code::Unavailable,
+                    format!(
+                        "upstream {} unreachable: {}",
+                        self.authority,
+                        error_chain(&e)
+                    ),
+                )
+                .into_response()
+            }
+        }
+    }
+}
+
+impl tower::Service<Request<GatewayBody>> for Upstream {
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<GatewayBody>) -> Self::Future {
+        let upstream = self.clone();
+        Box::pin(async move { Ok(upstream.forward(request).await) })
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Renders an error and its sources on one line: `client error (Connect): tcp connect error:
+/// Connection refused (os error 111)`.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
+/// An upstream response body whose transport failure ends the stream with an `UNAVAILABLE`
+/// status in trailers instead of a reset, so clients see a status they retry.
+struct UpstreamBody {
+    inner: Incoming,
+    authority: Authority,
+    done: bool,
+}
+
+impl UpstreamBody {
+    fn new(inner: Incoming, authority: Authority) -> Self {
+        Self {
+            inner,
+            authority,
+            done: false,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.done = true;
+                let status = Status::new(
+                    Code::Unavailable,
+                    format!(
+                        "upstream {} connection lost: {}",
+                        self.authority,
+                        error_chain(&e)
+                    ),
+                );
+                let mut trailers = HeaderMap::new();
+                status.write_to(&mut trailers);
+                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+            }
+            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
