@@ -23,7 +23,9 @@ from concurrent import futures
 from pathlib import Path
 from typing import Callable, Optional
 
-import grpc
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")  # we fork (preexec_fn) while grpc threads run
+
+import grpc  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS_DIR = Path(os.environ.get("PGW_TOOLS_DIR", str(Path.home() / ".cache" / "payload-gateway")))
@@ -237,7 +239,8 @@ def grpc_ready(address: str, timeout: float = 2.0) -> bool:
 
 
 class TemporalServer:
-    def __init__(self, workdir: Path, port: Optional[int] = None, name: str = "temporal"):
+    def __init__(self, workdir: Path, port: Optional[int] = None, name: str = "temporal", dynamic_config: Optional[dict] = None):
+        self.dynamic_config = dynamic_config or {}
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -261,6 +264,8 @@ class TemporalServer:
             "--db-filename", str(self.db),
             "--log-level", "error",
         ]
+        for key, value in self.dynamic_config.items():
+            argv += ["--dynamic-config-value", f"{key}={value}"]
         env = dict(os.environ)
         env.setdefault("TEMPORAL_CLI_SHOW_STACKS", "0")
         self.proc = ManagedProcess(f"{self.name}#{self.starts}", argv, self.workdir / f"server-{self.starts}.log", env=env)
@@ -370,7 +375,7 @@ class Gateway:
         return self.proc.describe() if self.proc else f"{self.name}: not started"
 
 
-def run_gateway_once(config_text: Optional[str], workdir: Path, extra_env: Optional[dict] = None, timeout: float = 20.0,
+def run_gateway_once(config_text: Optional[str], workdir: Path, extra_env: Optional[dict] = None, timeout: float = 10.0,
                      args: Optional[list[str]] = None) -> subprocess.CompletedProcess:
     """Run the gateway expecting it to exit by itself (bad config); kills it after `timeout`."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -434,10 +439,11 @@ class S3Server:
 
 
 class Recorded:
-    def __init__(self, method: str, request: bytes, metadata: list[tuple[str, object]]):
+    def __init__(self, method: str, request: bytes, metadata: list[tuple[str, object]], time_remaining: Optional[float]):
         self.method = method
         self.request = request
         self.metadata = metadata
+        self.time_remaining = time_remaining  # the deadline the upstream saw (None: no deadline)
 
     def md(self, key: str) -> list:
         return [v for k, v in self.metadata if k == key]
@@ -466,7 +472,7 @@ class RecordingUpstream:
     def _handle(self, method):
         def handler(request, context):
             with self._lock:
-                self.records.append(Recorded(method, request, list(context.invocation_metadata())))
+                self.records.append(Recorded(method, request, list(context.invocation_metadata()), context.time_remaining()))
             return self.responder(method, request, context)
         return handler
 
