@@ -351,7 +351,8 @@ class Gateway:
         env = dict(os.environ)
         env.setdefault("RUST_BACKTRACE", "1")
         env.update(self.extra_env)
-        self.proc = ManagedProcess(self.name, [str(binary), "--config", str(self.config_path)], self.workdir / f"{self.config_path.stem}.log", env=env)
+        self.proc = ManagedProcess(self.name, [str(binary), "--config", str(self.config_path)], self.workdir / f"{self.config_path.stem}.log", env=env,
+                                   cwd=self.workdir)
         deadline = time.monotonic() + timeout
         while not port_accepts(self.port):
             if not self.proc.alive():

@@ -71,16 +71,16 @@ def test_invalid_admin_address(cfgdir):
 
 def test_missing_key_file(cfgdir):
     cfg = base()
-    cfg["encryption"] = {"enabled": True, "keys": [{"id": "k1", "file": str(cfgdir / "nope.key")}]}
+    cfg["encryption"] = {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "file": str(cfgdir / "nope.key")}]}
     res, shown = run(cfg, cfgdir)
     assert "nope.key" in res.stderr, shown
 
 
 def test_malformed_key(cfgdir):
     keyfile = cfgdir / "short.key"
-    keyfile.write_bytes(b"12345")  # 5 bytes: no valid AES-256 key in any encoding
+    keyfile.write_bytes(b"12345")  # 5 bytes: neither 32 raw bytes nor base64 of 32 bytes
     cfg = base()
-    cfg["encryption"] = {"enabled": True, "keys": [{"id": "k1", "file": str(keyfile)}]}
+    cfg["encryption"] = {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "file": str(keyfile)}]}
     res, shown = run(cfg, cfgdir)
     assert "short.key" in res.stderr or "k1" in res.stderr, shown
 
