@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod codec;
 pub mod config;
 pub mod grpc;
 pub mod server;

@@ -1,0 +1,79 @@
+//! Errors of the payload codec.
+
+/// Why a payload could not be encoded or decoded.
+///
+/// Messages name what went wrong and, where one is involved, the key id; they never contain
+/// payload contents or key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// The payload names a key id that is not in the keyring.
+    #[error("unknown encryption key id {0:?}")]
+    UnknownKey(String),
+    /// AES-GCM authentication failed: wrong key, tampered ciphertext or tampered nonce.
+    #[error("authentication failed (tag mismatch) for key {key_id:?}")]
+    AuthenticationFailed {
+        /// The key the payload named.
+        key_id: String,
+    },
+    /// The encrypted data cannot even hold a nonce and a tag.
+    #[error(
+        "encrypted payload too short for nonce+tag: {len} bytes, need at least 28 (key {key_id:?})"
+    )]
+    TooShort {
+        /// The key the payload named.
+        key_id: String,
+        /// Length of the encrypted data.
+        len: usize,
+    },
+    /// The zstd frame is corrupt or truncated.
+    #[error("corrupt zstd frame: {0}")]
+    CorruptFrame(String),
+    /// The zstd frame inflates past `compression.max_decompressed_bytes`.
+    #[error(
+        "decompressed size exceeds limit of {limit} bytes (compression.max_decompressed_bytes)"
+    )]
+    DecompressedTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The payload is not a well-formed `Payload` message, or one of ours lacks what it needs.
+    #[error("malformed outer payload: {0}")]
+    Malformed(String),
+    /// The key reached the NIST SP 800-38D limit for random 96-bit nonces.
+    #[error(
+        "key {key_id:?} reached its limit of {limit} encryptions with random nonces \
+         (NIST SP 800-38D); configure a new active key"
+    )]
+    NonceLimitReached {
+        /// The exhausted key.
+        key_id: String,
+        /// The limit (2^32 in production).
+        limit: u64,
+    },
+    /// The AEAD implementation refused to seal (should not happen).
+    #[error("encryption failed for key {key_id:?}")]
+    EncryptFailed {
+        /// The key in use.
+        key_id: String,
+    },
+    /// The operating system's random number generator failed.
+    #[error("random number generator failed; refusing to encrypt")]
+    Random,
+    /// zstd refused to compress (should not happen).
+    #[error("compression failed: {0}")]
+    Compress(String),
+    /// A worker thread of a batch failed (panicked or was cancelled).
+    #[error("codec worker failed: {0}")]
+    Worker(String),
+}
+
+/// A batch failed: the lowest index of a payload that failed, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("payload {index}: {error}")]
+pub struct BatchError {
+    /// Index of the failed payload in the batch.
+    pub index: usize,
+    /// What went wrong.
+    pub error: CodecError,
+}

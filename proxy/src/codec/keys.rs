@@ -1,0 +1,331 @@
+//! The keyring: AES-256-GCM keys by id, loaded from files or environment variables, the
+//! development key, and per-key nonce counters.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use ring::rand::{SecureRandom, SystemRandom};
+
+use super::CodecError;
+use super::wire::{self, ENCODING_ENCRYPTED, ENCODING_KEY, KEY_ID_KEY};
+use crate::config::{Config, ConfigError};
+
+/// Id of the development key.
+pub(crate) const DEV_KEY_ID: &str = "dev";
+/// AES-GCM tag length.
+pub(crate) const TAG_LEN: usize = 16;
+/// Encryptions allowed per key with random 96-bit nonces (NIST SP 800-38D §8.3).
+pub(crate) const NONCE_LIMIT: u64 = 1 << 32;
+
+/// How many messages a key has encrypted, shared across reloads of the same key material.
+#[derive(Debug, Default)]
+pub(crate) struct NonceCounter {
+    count: AtomicU64,
+    /// Bit i set: the i-th threshold of [`THRESHOLDS`] has been warned about.
+    pub(crate) warned: AtomicU8,
+}
+
+/// Warning thresholds, in percent of the limit.
+const THRESHOLDS: [u64; 3] = [50, 75, 90];
+
+impl NonceCounter {
+    /// Reserves one encryption, or refuses when the limit is reached.
+    fn reserve(&self, key_id: &str, limit: u64) -> Result<(), CodecError> {
+        let prev = self
+            .count
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                (c < limit).then_some(c + 1)
+            })
+            .map_err(|_| CodecError::NonceLimitReached {
+                key_id: key_id.to_owned(),
+                limit,
+            })?;
+        let now = prev + 1;
+        for (i, pct) in THRESHOLDS.iter().enumerate() {
+            let at = (u128::from(limit) * u128::from(*pct) / 100) as u64;
+            if prev < at && now >= at {
+                let bit = 1u8 << i;
+                if self.warned.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+                    tracing::warn!(
+                        key_id,
+                        encryptions = now,
+                        limit,
+                        "encryption key {key_id:?} has encrypted {pct}% of the {limit} messages \
+                         NIST SP 800-38D allows with random nonces; configure a new \
+                         encryption.active_key soon (encryption stops at the limit)"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// One AES-256-GCM key.
+pub(crate) struct KeyEntry {
+    pub(crate) id: String,
+    aead: LessSafeKey,
+    pub(crate) counter: Arc<NonceCounter>,
+    /// Serialized metadata of payloads this key encrypts (encoding + key id).
+    pub(crate) header: Vec<u8>,
+}
+
+impl fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyEntry")
+            .field("id", &self.id)
+            .field("material", &"<redacted>")
+            .field("encryptions", &self.counter.count())
+            .finish()
+    }
+}
+
+impl KeyEntry {
+    fn new(id: &str, material: &[u8; 32], counter: Arc<NonceCounter>) -> Self {
+        let aead = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, material).expect("32 bytes is an AES-256 key"),
+        );
+        Self {
+            id: id.to_owned(),
+            aead,
+            counter,
+            header: wire::metadata_prefix(&[
+                (ENCODING_KEY, ENCODING_ENCRYPTED),
+                (KEY_ID_KEY, id.as_bytes()),
+            ]),
+        }
+    }
+
+    /// Encrypts `buf[start..]` in place, writes a fresh random nonce into
+    /// `buf[start - 12..start]` and appends the tag.
+    pub(crate) fn seal(
+        &self,
+        rng: &SystemRandom,
+        limit: u64,
+        buf: &mut Vec<u8>,
+        start: usize,
+    ) -> Result<(), CodecError> {
+        self.counter.reserve(&self.id, limit)?;
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill(&mut nonce).map_err(|_| CodecError::Random)?;
+        buf[start - NONCE_LEN..start].copy_from_slice(&nonce);
+        let tag = self
+            .aead
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::empty(),
+                &mut buf[start..],
+            )
+            .map_err(|_| CodecError::EncryptFailed {
+                key_id: self.id.clone(),
+            })?;
+        buf.extend_from_slice(tag.as_ref());
+        Ok(())
+    }
+
+    /// Decrypts `nonce ‖ ciphertext ‖ tag` in place; returns the plaintext length (the
+    /// plaintext is at `buf[12..12 + len]`).
+    pub(crate) fn open(&self, buf: &mut [u8]) -> Result<usize, CodecError> {
+        if buf.len() < NONCE_LEN + TAG_LEN {
+            return Err(CodecError::TooShort {
+                key_id: self.id.clone(),
+                len: buf.len(),
+            });
+        }
+        let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce).expect("12 bytes");
+        self.aead
+            .open_in_place(nonce, Aad::empty(), rest)
+            .map(|plain| plain.len())
+            .map_err(|_| CodecError::AuthenticationFailed {
+                key_id: self.id.clone(),
+            })
+    }
+}
+
+/// Counters survive reloads as long as a key id keeps the same key material.
+pub(crate) type CounterRegistry = Mutex<HashMap<(String, [u8; 32]), Arc<NonceCounter>>>;
+
+fn counter_for(registry: &CounterRegistry, id: &str, material: &[u8; 32]) -> Arc<NonceCounter> {
+    let fingerprint = ring::digest::digest(&ring::digest::SHA256, material);
+    let mut fp = [0u8; 32];
+    fp.copy_from_slice(fingerprint.as_ref());
+    let mut map = registry.lock().unwrap_or_else(|e| e.into_inner());
+    map.entry((id.to_owned(), fp)).or_default().clone()
+}
+
+/// Whether any namespace (or the top level) encrypts.
+pub(crate) fn encryption_used(config: &Config) -> bool {
+    config.encryption.enabled
+        || config
+            .namespaces
+            .values()
+            .any(|ns| ns.encryption == Some(true))
+}
+
+/// Loads every configured key (or the development key) into a map by id.
+pub(crate) fn load_keys(
+    config: &Config,
+    registry: &CounterRegistry,
+    rng: &SystemRandom,
+) -> Result<HashMap<String, Arc<KeyEntry>>, ConfigError> {
+    let mut keys = HashMap::new();
+    for (i, spec) in config.encryption.keys.iter().enumerate() {
+        let raw = if let Some(file) = &spec.file {
+            std::fs::read(file).map_err(|e| {
+                ConfigError::invalid(
+                    format!("encryption.keys[{i}].file"),
+                    format!("cannot read {:?}: {e}", file.display().to_string()),
+                )
+            })?
+        } else if let Some(var) = &spec.env {
+            use std::os::unix::ffi::OsStringExt;
+            std::env::var_os(var)
+                .ok_or_else(|| {
+                    ConfigError::invalid(
+                        format!("encryption.keys[{i}].env"),
+                        format!("{var} is not set"),
+                    )
+                })?
+                .into_vec()
+        } else {
+            return Err(ConfigError::invalid(
+                format!("encryption.keys[{i}]"),
+                "give exactly one of `file` or `env`",
+            ));
+        };
+        let material = parse_key(&raw)
+            .map_err(|problem| ConfigError::invalid(format!("encryption.keys[{i}]"), problem))?;
+        let counter = counter_for(registry, &spec.id, &material);
+        keys.insert(
+            spec.id.clone(),
+            Arc::new(KeyEntry::new(&spec.id, &material, counter)),
+        );
+    }
+    if keys.is_empty() && encryption_used(config) {
+        let material = load_or_create_dev_key(&config.encryption.dev_key_file, rng)?;
+        let counter = counter_for(registry, DEV_KEY_ID, &material);
+        keys.insert(
+            DEV_KEY_ID.to_owned(),
+            Arc::new(KeyEntry::new(DEV_KEY_ID, &material, counter)),
+        );
+    }
+    Ok(keys)
+}
+
+/// Exactly 32 raw bytes, or standard base64 of 32 bytes (trailing whitespace ignored).
+pub(crate) fn parse_key(raw: &[u8]) -> Result<[u8; 32], String> {
+    if let Ok(key) = <[u8; 32]>::try_from(raw) {
+        return Ok(key);
+    }
+    let expected = "key must be 32 bytes (raw) or base64 of 32 bytes";
+    let text = raw.trim_ascii_end();
+    match base64::engine::general_purpose::STANDARD.decode(text) {
+        Ok(decoded) => <[u8; 32]>::try_from(decoded.as_slice()).map_err(|_| {
+            format!(
+                "{expected}, got {} bytes (base64 of {} bytes)",
+                raw.len(),
+                decoded.len()
+            )
+        }),
+        Err(_) if raw.len() < 32 => Err(format!("{expected}, got {} bytes", raw.len())),
+        Err(_) => Err(format!(
+            "{expected}, got {} bytes (not valid base64)",
+            raw.len()
+        )),
+    }
+}
+
+/// Reads the development key, or generates it (once, atomically) when the file is missing.
+fn load_or_create_dev_key(path: &Path, rng: &SystemRandom) -> Result<[u8; 32], ConfigError> {
+    const KEY: &str = "encryption.dev_key_file";
+    let shown = path.display().to_string();
+    match std::fs::read(path) {
+        Ok(raw) => {
+            let key = parse_key(&raw)
+                .map_err(|p| ConfigError::invalid(KEY, format!("{shown:?}: {p}")))?;
+            tracing::warn!(
+                path = %shown,
+                "encryption uses the DEVELOPMENT key from {shown:?}: not for production; \
+                 configure [[encryption.keys]] and encryption.active_key"
+            );
+            return Ok(key);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(ConfigError::invalid(
+                KEY,
+                format!("cannot read {shown:?}: {e}"),
+            ));
+        }
+    }
+    let mut key = [0u8; 32];
+    rng.fill(&mut key)
+        .map_err(|_| ConfigError::invalid(KEY, "random number generator failed"))?;
+    let io = |what: &str, e: std::io::Error| ConfigError::invalid(KEY, format!("{what}: {e}"));
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            io(
+                &format!("cannot create directory {:?}", parent.display().to_string()),
+                e,
+            )
+        })?;
+    }
+    // Write a private temporary file, then hard-link it into place: the link fails if another
+    // process created the key meanwhile, so the key is never overwritten or read half-written.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mut text = base64::engine::general_purpose::STANDARD.encode(key);
+        text.push('\n');
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    let linked = write().and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            tracing::warn!(
+                path = %shown,
+                "\n\
+                 ************************************************************************\n\
+                 * GENERATED A DEVELOPMENT ENCRYPTION KEY -- FOR DEVELOPMENT ONLY       *\n\
+                 ************************************************************************\n\
+                 * encryption is on and no [[encryption.keys]] are configured, so a     *\n\
+                 * random key (id \"dev\") was written to:                                *\n\
+                 *   {shown}\n\
+                 * Anyone with this file can read every payload; losing it makes them   *\n\
+                 * unreadable. For production, configure real keys, e.g.:               *\n\
+                 *   [encryption]                                                       *\n\
+                 *   active_key = \"k1\"                                                  *\n\
+                 *   keys = [{{ id = \"k1\", file = \"/etc/pgw/k1.key\" }}]                   *\n\
+                 *   # key file: 32 raw bytes or base64 (openssl rand -base64 32)       *\n\
+                 * and keep {{ id = \"dev\", ... }} among the keys while old payloads      *\n\
+                 * encrypted with it must stay readable.                                *\n\
+                 ************************************************************************"
+            );
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let raw = std::fs::read(path).map_err(|e| io(&format!("cannot read {shown:?}"), e))?;
+            parse_key(&raw).map_err(|p| ConfigError::invalid(KEY, format!("{shown:?}: {p}")))
+        }
+        Err(e) => Err(io(&format!("cannot write {shown:?}"), e)),
+    }
+}
