@@ -2,13 +2,16 @@
 //! the upstream, and shutdown.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
+use crate::codec::PayloadCodec;
 use crate::config::{Config, ConfigError};
+use crate::rewrite::{Pipeline, RewriteLayer};
 use crate::server::{self, ServerSettings};
 use crate::upstream::Upstream;
 
@@ -35,6 +38,7 @@ pub struct Gateway {
     proxy_listener: TcpListener,
     admin_listener: Option<TcpListener>,
     upstream: Upstream,
+    rewrite: Option<RewriteLayer>,
     settings: ServerSettings,
     readiness: Readiness,
 }
@@ -47,6 +51,15 @@ impl Gateway {
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
         refuse_unsupported(config)?;
         let upstream = Upstream::new(&config.proxy)?;
+        let rewrite = if config.encryption.enabled || config.compression.enabled {
+            let codec = Arc::new(PayloadCodec::from_config(config)?);
+            Some(RewriteLayer::new(
+                Pipeline::new(codec),
+                config.proxy.max_message_bytes,
+            ))
+        } else {
+            None
+        };
         let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
         let admin_listener = if config.admin.enabled {
             Some(bind("admin.listen", config.admin.listen).await?)
@@ -57,6 +70,7 @@ impl Gateway {
             proxy_listener,
             admin_listener,
             upstream,
+            rewrite,
             settings: ServerSettings {
                 shutdown_grace: Duration::from_millis(config.proxy.shutdown_grace_ms),
             },
@@ -64,6 +78,12 @@ impl Gateway {
                 upstream: config.proxy.upstream.clone(),
             },
         })
+    }
+
+    /// The payload codec, when encryption or compression is configured: `SIGHUP` reloads its
+    /// keys through [`PayloadCodec::reload`].
+    pub fn codec(&self) -> Option<Arc<PayloadCodec>> {
+        self.rewrite.as_ref().map(|r| r.pipeline().codec().clone())
     }
 
     /// The address SDKs connect to (useful when configured with port 0).
@@ -97,9 +117,12 @@ impl Gateway {
             upstream = %self.upstream.authority(),
             "gateway ready"
         );
+        let service = tower::ServiceBuilder::new()
+            .option_layer(self.rewrite)
+            .service(self.upstream);
         server::serve(
             self.proxy_listener,
-            self.upstream,
+            service,
             self.settings,
             stopped(shutdown),
         )
@@ -129,12 +152,6 @@ fn refuse_unsupported(config: &Config) -> Result<(), ConfigError> {
     }
     if config.storage.enabled {
         return unsupported("storage.enabled");
-    }
-    if config.encryption.enabled {
-        return unsupported("encryption.enabled");
-    }
-    if config.compression.enabled {
-        return unsupported("compression.enabled");
     }
     Ok(())
 }

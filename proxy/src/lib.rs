@@ -11,5 +11,6 @@ pub mod app;
 pub mod codec;
 pub mod config;
 pub mod grpc;
+pub mod rewrite;
 pub mod server;
 pub mod upstream;
