@@ -25,12 +25,15 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Print a new random 32-byte key, base64, for a key file or env var.
+    Keygen,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Keygen) => keygen(),
         None => run(cli.config),
     }
 }
@@ -47,6 +50,19 @@ fn check_config(file: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("payload-gateway: config error: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn keygen() -> ExitCode {
+    match payload_gateway::codec::generate_key_base64() {
+        Ok(key) => {
+            println!("{key}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("payload-gateway: cannot generate a key: {e}");
+            ExitCode::FAILURE
         }
     }
 }
@@ -78,6 +94,9 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
+        if let Some(codec) = gateway.codec() {
+            tokio::spawn(reload_on_sighup(config_path, codec));
+        }
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_termination().await;
@@ -88,6 +107,29 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Re-reads the configuration on every SIGHUP and swaps in its keys; a bad file keeps the keys
+/// in use and logs why.
+async fn reload_on_sighup(
+    config_path: Option<PathBuf>,
+    codec: std::sync::Arc<payload_gateway::codec::PayloadCodec>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install the SIGHUP handler: key reload disabled");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        let reloaded =
+            Config::load(config_path.as_deref()).and_then(|config| codec.reload(&config));
+        match reloaded {
+            Ok(()) => tracing::info!("SIGHUP: keys reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: reload refused, keeping the current keys")
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C).

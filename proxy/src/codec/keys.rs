@@ -246,6 +246,19 @@ pub(crate) fn parse_key(raw: &[u8]) -> Result<[u8; 32], String> {
     }
 }
 
+/// A new random 256-bit key from the system CSPRNG.
+fn random_key(rng: &SystemRandom) -> Result<[u8; 32], ring::error::Unspecified> {
+    let mut key = [0u8; 32];
+    rng.fill(&mut key)?;
+    Ok(key)
+}
+
+/// A new random 256-bit key, base64 (standard alphabet), as key files and env vars accept it.
+pub fn generate_key_base64() -> Result<String, ring::error::Unspecified> {
+    random_key(&SystemRandom::new())
+        .map(|key| base64::engine::general_purpose::STANDARD.encode(key))
+}
+
 /// Reads the development key, or generates it (once, atomically) when the file is missing.
 fn load_or_create_dev_key(path: &Path, rng: &SystemRandom) -> Result<[u8; 32], ConfigError> {
     const KEY: &str = "encryption.dev_key_file";
@@ -269,9 +282,8 @@ fn load_or_create_dev_key(path: &Path, rng: &SystemRandom) -> Result<[u8; 32], C
             ));
         }
     }
-    let mut key = [0u8; 32];
-    rng.fill(&mut key)
-        .map_err(|_| ConfigError::invalid(KEY, "random number generator failed"))?;
+    let key =
+        random_key(rng).map_err(|_| ConfigError::invalid(KEY, "random number generator failed"))?;
     let io = |what: &str, e: std::io::Error| ConfigError::invalid(KEY, format!("{what}: {e}"));
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| {

@@ -81,6 +81,7 @@ use ring::rand::SystemRandom;
 
 use crate::config::{Config, ConfigError};
 pub use error::{BatchError, CodecError};
+pub use keys::generate_key_base64;
 use keys::{CounterRegistry, KeyEntry, NONCE_LIMIT, TAG_LEN};
 pub use wire::WirePayload;
 use wire::{DATA_HEADER_MAX, ENCODING_ENCRYPTED, ENCODING_KEY, ENCODING_ZSTD};
