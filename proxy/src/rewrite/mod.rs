@@ -6,12 +6,14 @@
 //! through untouched. Known methods are unary, so their messages are buffered whole: a message
 //! is either fully rewritten or not sent at all.
 
+pub mod capture;
 pub mod message;
 pub mod pipeline;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use base64::Engine;
@@ -23,6 +25,7 @@ use tower::{Layer, Service, ServiceExt};
 use crate::grpc::body::{self, TooLarge};
 use crate::grpc::frame::{self, Encoding};
 use crate::grpc::{Code, GatewayBody, Status};
+use capture::Capture;
 pub use pipeline::{CallContext, Direction, Pipeline};
 
 /// Trailer (or trailers-only header) carrying a `google.rpc.Status` with details.
@@ -41,6 +44,7 @@ const STATUS_DETAILS_BASE64: base64::engine::GeneralPurpose = base64::engine::Ge
 pub struct RewriteLayer {
     pipeline: Pipeline,
     max_message_bytes: usize,
+    capture: Option<Arc<Capture>>,
 }
 
 impl RewriteLayer {
@@ -49,6 +53,7 @@ impl RewriteLayer {
         Self {
             pipeline,
             max_message_bytes,
+            capture: Capture::from_env().map(Arc::new),
         }
     }
 }
@@ -198,9 +203,22 @@ impl RewriteLayer {
     ) -> Result<Vec<Bytes>, Status> {
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
-            out.push(message::rewrite(&self.pipeline, direction, ctx, ty, m).await?);
+            out.push(self.rewrite_one(direction, ctx, ty, m).await?);
         }
         Ok(out)
+    }
+
+    async fn rewrite_one(
+        &self,
+        direction: Direction,
+        ctx: &CallContext,
+        ty: MessageType,
+        message: Bytes,
+    ) -> Result<Bytes, Status> {
+        if let Some(capture) = &self.capture {
+            capture.record(ty, &message);
+        }
+        message::rewrite(&self.pipeline, direction, ctx, ty, message).await
     }
 
     /// Reads a whole body and splits it into inflated messages. `code` is the status for a
@@ -249,8 +267,9 @@ impl RewriteLayer {
         let raw = STATUS_DETAILS_BASE64
             .decode(value.as_bytes())
             .map_err(|e| Status::new(Code::Internal, format!("malformed {STATUS_DETAILS}: {e}")))?;
-        let rewritten =
-            message::rewrite(&self.pipeline, Direction::Decode, ctx, ty, Bytes::from(raw)).await?;
+        let rewritten = self
+            .rewrite_one(Direction::Decode, ctx, ty, Bytes::from(raw))
+            .await?;
         let encoded = STATUS_DETAILS_BASE64.encode(&rewritten);
         headers.insert(
             STATUS_DETAILS,
