@@ -54,7 +54,7 @@ def test_invalid_address(cfgdir, key, value):
     cfg = base()
     cfg["proxy"][key] = value
     res, shown = run(cfg, cfgdir)
-    assert key in res.stderr, shown
+    assert key in res.stderr, f"stderr does not name the key `proxy.{key}`\n{shown}"
 
 
 def test_invalid_address_from_env_override(cfgdir):
@@ -66,7 +66,7 @@ def test_invalid_admin_address(cfgdir):
     cfg = base()
     cfg["admin"]["listen"] = "localhost-ish"
     res, shown = run(cfg, cfgdir)
-    assert "listen" in res.stderr and "admin" in res.stderr, shown
+    assert "listen" in res.stderr and "admin" in res.stderr, f"stderr does not name the key `admin.listen`\n{shown}"
 
 
 def test_missing_key_file(cfgdir):
