@@ -1,0 +1,1 @@
+//! Benchmarks for the payload walker live in `benches/walker.rs`.

@@ -1,0 +1,84 @@
+//! Descriptor-guided protobuf wire walker for Temporal payloads.
+//!
+//! The proxy rewrites every `temporal.api.common.v1.Payload` in gRPC messages without
+//! decoding them into Rust structs: [`scan`] walks the wire format of a message guided by
+//! a table generated at build time from the `temporalio-protos` descriptor set
+//! ([`MessageType`], [`method`]), and [`Scan::splice`] rebuilds the message with some
+//! payloads replaced, copying everything else byte for byte.
+//!
+//! ```
+//! use payload_gateway_proto::{method, scan, top_level_string};
+//!
+//! let m = method("/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution").unwrap();
+//! // field 1 = namespace "ns"
+//! let buf = bytes::Bytes::from_static(&[0x0a, 0x02, b'n', b's']);
+//! assert_eq!(top_level_string(m.request, &buf, "namespace"), Some("ns"));
+//! let s = scan(m.request, &buf).unwrap();
+//! assert!(s.sites().is_empty());
+//! assert_eq!(s.splice(&buf, &[]).unwrap(), buf);
+//! ```
+//!
+//! # What is a payload site
+//!
+//! - Every `Payload` reachable through singular, repeated, oneof and map-value message
+//!   fields, recursively (each occurrence of a repeated or duplicated field).
+//! - `google.protobuf.Any`: the last `type_url` (field 1, which may follow the value)
+//!   names the type after its last `/`; a known type that can hold payloads has its last
+//!   `value` (field 2) walked as that type (update `Request`/`Response`/... in
+//!   `protocol.v1.Message.body`, errordetails in `google.rpc.Status.details`). An `Any`
+//!   of a type not in the descriptor set is passed through untouched and counted in
+//!   [`Scan::unknown_any`].
+//! - Never under `temporal.api.common.v1.SearchAttributes.indexed_fields`: the server
+//!   indexes search attributes, so they stay plaintext. This field is dropped from the
+//!   table at build time, so `SearchAttributes` reports `can_hold_payloads() == false`.
+//! - Opaque `bytes` fields (task tokens, `DataBlob.data`) are never looked into.
+//!
+//! # System payloads (rules taken from the Go SDK's `api-go/proxy` payload visitor)
+//!
+//! Some payloads are not user data but envelopes the server itself must read, holding a
+//! serialized proto message whose own fields carry the user payloads. Encoding the
+//! envelope would break the server, and leaving it alone would leak the inner payloads,
+//! so the walker opens the envelope and reports the payloads *inside* it instead (the path
+//! shows the envelope type in brackets, e.g. `...input[temporal.api.workflowservice.v1.SignalWithStartWorkflowExecutionRequest].input.payloads`).
+//! A payload is an envelope when:
+//!
+//! 1. its metadata has `__temporal_system_payload: "true"` and also a `messageType` or
+//!    `encoding: binary/protobuf` (older servers mark ordinary system Nexus results
+//!    without a `messageType` and with another encoding: those stay ordinary payloads); or
+//! 2. it is the `input` of a `command.v1.ScheduleNexusOperationCommandAttributes` or
+//!    `history.v1.NexusOperationScheduledEventAttributes` whose `endpoint` is
+//!    `__temporal_system` (the system Nexus endpoint; the endpoint field may come after
+//!    the input on the wire, it is read first).
+//!
+//! An envelope is opened when its `encoding` is `binary/protobuf` and its `messageType`
+//! names a known type; its last `data` field is walked as that type. The Go visitor
+//! returns an error for an envelope it cannot open; a proxy should not fail the call for
+//! that, so here it is passed through untouched, is not a site, and is counted in
+//! [`Scan::opaque_system_payloads`].
+//!
+//! # Limits
+//!
+//! Nesting is bounded by [`MAX_DEPTH`]; malformed input (truncation, bad varints, invalid
+//! wire types, lengths past the end) yields a [`WalkError`] with the byte offset and field
+//! path; nothing panics on any input (fuzzed, see `fuzz/`).
+#![warn(missing_docs)]
+
+mod error;
+#[doc(hidden)]
+pub mod fuzzing;
+mod schema;
+mod splice;
+mod walk;
+mod wire;
+
+/// Path of the descriptor set the schema table was generated from (inside the build
+/// directory). For tests and benchmarks that want the same types in `prost-reflect`.
+#[doc(hidden)]
+pub const DESCRIPTOR_SET_PATH: &str = env!("PGW_DESCRIPTOR_PATH");
+
+pub use error::WalkError;
+pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, methods};
+pub use walk::{
+    MAX_DEPTH, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath, scan,
+    top_level_string,
+};
