@@ -78,8 +78,13 @@ def gateway_factory(workdir, request):
         return gw
 
     yield make
+    panics = []
     for gw in started:
         gw.stop()
+        if gw.proc is not None and "panicked at" in gw.output():
+            panics.append(gw.describe())
+    if panics:
+        pytest.fail("gateway panicked during the test (the process may have survived it):\n" + "\n".join(panics), pytrace=False)
 
 
 @pytest.fixture
