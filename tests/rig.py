@@ -141,8 +141,7 @@ class ManagedProcess:
         return self.proc.poll()
 
     def output(self) -> str:
-        try:
-            self._log.flush()
+        try:  # the child writes to the file directly: nothing to flush on our side
             return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
