@@ -137,7 +137,7 @@ pub fn gen_message(
             Kind::Message(md) => reaches(&md),
             _ => false,
         };
-        let p = if reach { 70 } else { 25 };
+        let p = if reach { 85 } else { 25 };
         if !rng.chance(p) {
             continue;
         }
@@ -295,6 +295,10 @@ fn visit_value(v: &mut Value, f: &mut dyn FnMut(&mut DynamicMessage)) {
     }
 }
 
+pub fn is_empty(p: &Payload) -> bool {
+    *p == Payload::default()
+}
+
 /// An order-independent key for a payload.
 pub type PayloadKey = (BTreeMap<String, Vec<u8>>, Vec<u8>);
 
@@ -303,7 +307,14 @@ pub fn payload_key(p: &Payload) -> PayloadKey {
 }
 
 /// The marking transform: appends `!` and the data length to the data.
+///
+/// An entirely empty payload is left alone: prost omits a default map value on the wire
+/// (`Memo.fields["k"] = Payload{}` encodes as a key-only entry), so there is nothing to
+/// rewrite, while a decoder still materialises an empty value there.
 pub fn mark(p: &mut Payload) {
+    if is_empty(p) {
+        return;
+    }
     let n = p.data.len();
     p.data.extend_from_slice(format!("!{n}").as_bytes());
 }
