@@ -6,8 +6,15 @@
 //! The claim layout is Temporal's, so the SDKs' own drivers read what the gateway writes and the
 //! other way round.
 //!
-//! Each backend lives in a module of its own and implements [`StorageDriver`].
+//! Each backend lives in a module of its own and implements [`StorageDriver`]:
+//! [`s3`] (`aws.s3driver`-compatible, on `aws-sdk-s3`) and [`object`] (`filesystem` and
+//! `memory`, on `object_store`). Key layout, hashing and claim validation are shared in
+//! [`layout`].
 #![warn(missing_docs)]
+
+pub mod layout;
+pub mod object;
+pub mod s3;
 
 use std::collections::BTreeMap;
 
@@ -85,6 +92,12 @@ pub enum DriverError {
 pub trait StorageDriver: Send + Sync + std::fmt::Debug {
     /// The name written into references (`driver_name`), e.g. `aws.s3driver`.
     fn name(&self) -> &str;
+
+    /// Checks a claim without fetching anything: hash algorithm and value present and
+    /// supported, bucket served by this driver, key relative, without dot segments and within
+    /// `namespace`'s prefix. [`retrieve`](Self::retrieve) runs the same checks; callers that
+    /// cache resolved payloads run this before every cache lookup.
+    fn validate(&self, namespace: Option<&str>, claim: &ClaimData) -> Result<(), DriverError>;
 
     /// Stores each payload (serialized `temporal.api.common.v1.Payload` bytes) and returns one
     /// claim per payload, in order.

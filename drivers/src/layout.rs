@@ -1,0 +1,516 @@
+//! What every backend shares: the object key layout of Temporal's SDK drivers, content hashing,
+//! and the parsing and validation of claims.
+//!
+//! Keys follow `temporalio.contrib.aws.s3driver` exactly (so the SDK's driver and the gateway
+//! deduplicate into the same objects):
+//!
+//! - `v0/ns/{ns}/wt/{workflow-type}/wi/{workflow-id}/ri/{run-id}/d/sha256/{hex}` (workflow target)
+//! - `v0/ns/{ns}/at/{activity-type}/ai/{activity-id}/ri/{run-id}/d/sha256/{hex}` (activity target)
+//! - `v0/ns/{ns}/d/sha256/{hex}` when the key would exceed 1024 bytes, and when only the
+//!   namespace is known (the gateway's choice: it keeps objects namespace-scoped)
+//! - `v0/d/sha256/{hex}` when nothing is known.
+//!
+//! Segments are percent-encoded over UTF-8; missing or empty values are the literal `null`.
+//! One deliberate deviation: a segment that would encode to `.` or `..` (an id that is exactly
+//! a dot or two) is not written as a path component; the key falls back to the namespace form,
+//! so no stored key ever contains a dot segment (which the filesystem backend could not hold
+//! and which claim validation refuses).
+
+use sha2::{Digest, Sha256};
+
+use crate::{ClaimData, DriverError, StoreContext, StoreTarget};
+
+/// The only hash algorithm of Temporal's drivers.
+pub const HASH_ALGORITHM: &str = "sha256";
+/// Claim key of the hash algorithm.
+pub const CLAIM_HASH_ALGORITHM: &str = "hash_algorithm";
+/// Claim key of the lower-case hex digest.
+pub const CLAIM_HASH_VALUE: &str = "hash_value";
+/// Claim key of the bucket (`aws.s3driver`, `gcp.gcsdriver`).
+pub const CLAIM_BUCKET: &str = "bucket";
+/// Claim key of the object key (`aws.s3driver`, filesystem, memory).
+pub const CLAIM_KEY: &str = "key";
+/// Claim key of the object name (`gcp.gcsdriver`).
+pub const CLAIM_OBJECT_NAME: &str = "object_name";
+/// Longest key in bytes before the namespace-scoped fallback is used (S3's limit).
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Default largest serialized payload a driver stores (the SDK drivers' default, 50 MiB).
+pub const DEFAULT_MAX_PAYLOAD_SIZE: u64 = 50 * 1024 * 1024;
+
+/// Percent-encodes one key segment like the SDK driver: every UTF-8 byte outside
+/// `0-9 a-z A-Z ! - _ . * ' ( )` becomes `%XX` (upper-case hex). `None` for empty input.
+pub fn percent_encode(value: Option<&str>) -> Option<String> {
+    let value = value.filter(|v| !v.is_empty())?;
+    let mut out = String::with_capacity(value.len());
+    for &b in value.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"!-_.*'()".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Some(out)
+}
+
+fn segment(value: &Option<String>) -> String {
+    percent_encode(value.as_deref()).unwrap_or_else(|| "null".to_owned())
+}
+
+fn is_dot_segment(s: &str) -> bool {
+    s == "." || s == ".."
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+/// The object key for a payload whose SHA-256 is `hex`, stored for `context`.
+pub fn object_key(context: &StoreContext, hex: &str) -> String {
+    let digest = format!("/d/sha256/{hex}");
+    let ns = segment(&context.namespace);
+    if context.namespace.is_none() && context.target.is_none() {
+        return format!("v0{digest}");
+    }
+    if is_dot_segment(&ns) {
+        return format!("v0{digest}");
+    }
+    let ns_segment = format!("/ns/{ns}");
+    let fallback = format!("v0{ns_segment}{digest}");
+    let parts = match &context.target {
+        None => return fallback,
+        Some(StoreTarget::Workflow {
+            workflow_type,
+            workflow_id,
+            run_id,
+        }) => [
+            ("wt", segment(workflow_type)),
+            ("wi", segment(workflow_id)),
+            ("ri", segment(run_id)),
+        ],
+        Some(StoreTarget::Activity {
+            activity_type,
+            activity_id,
+            run_id,
+        }) => [
+            ("at", segment(activity_type)),
+            ("ai", segment(activity_id)),
+            ("ri", segment(run_id)),
+        ],
+    };
+    if parts.iter().any(|(_, v)| is_dot_segment(v)) {
+        return fallback;
+    }
+    let mut key = format!("v0{ns_segment}");
+    for (tag, value) in &parts {
+        key.push('/');
+        key.push_str(tag);
+        key.push('/');
+        key.push_str(value);
+    }
+    key.push_str(&digest);
+    if key.len() > MAX_KEY_BYTES {
+        fallback
+    } else {
+        key
+    }
+}
+
+/// Which claim field names the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyField {
+    /// `key` (`aws.s3driver`, filesystem, memory).
+    Key,
+    /// `object_name` (`gcp.gcsdriver`).
+    ObjectName,
+}
+
+impl KeyField {
+    /// The claim key.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyField::Key => CLAIM_KEY,
+            KeyField::ObjectName => CLAIM_OBJECT_NAME,
+        }
+    }
+}
+
+/// Which buckets a driver serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BucketPolicy {
+    /// The backend has no buckets: a claim naming one is refused.
+    None,
+    /// A claim must name one of these buckets.
+    OneOf(Vec<String>),
+}
+
+/// A claim that passed validation: the object it names and the hash it must have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidClaim {
+    /// The bucket, for bucketed backends.
+    pub bucket: Option<String>,
+    /// The object key.
+    pub key: String,
+    /// Expected lower-case hex SHA-256.
+    pub hash_value: String,
+}
+
+/// Builds the claim for an object stored at `key` (in `bucket`) with digest `hex`.
+pub fn make_claim(bucket: Option<&str>, key_field: KeyField, key: &str, hex: &str) -> ClaimData {
+    let mut claim = ClaimData::new();
+    if let Some(bucket) = bucket {
+        claim.insert(CLAIM_BUCKET.to_owned(), bucket.to_owned());
+    }
+    claim.insert(key_field.name().to_owned(), key.to_owned());
+    claim.insert(CLAIM_HASH_ALGORITHM.to_owned(), HASH_ALGORITHM.to_owned());
+    claim.insert(CLAIM_HASH_VALUE.to_owned(), hex.to_owned());
+    claim
+}
+
+/// Validates a claim before anything is fetched:
+///
+/// - the hash algorithm is `sha256` and the hash a 64-digit lower-case hex string (a missing
+///   hash or an unknown algorithm is refused, never skipped);
+/// - the bucket is one the driver serves;
+/// - the key is relative, has no empty, `.` or `..` segment and no backslash or NUL, and starts
+///   with `v0/`;
+/// - a key under `v0/ns/{ns}/` belongs to the requesting `namespace` (percent-encoded as in
+///   the layout); with no requesting namespace such keys are refused.
+pub fn validate_claim(
+    claim: &ClaimData,
+    key_field: KeyField,
+    buckets: &BucketPolicy,
+    namespace: Option<&str>,
+) -> Result<ValidClaim, DriverError> {
+    let refuse = |why: String| DriverError::ClaimRefused(why);
+    match claim.get(CLAIM_HASH_ALGORITHM).map(String::as_str) {
+        Some(HASH_ALGORITHM) => {}
+        Some(other) => {
+            return Err(refuse(format!(
+                "unsupported hash algorithm {other:?} (expected sha256)"
+            )));
+        }
+        None => return Err(refuse("claim has no hash_algorithm".to_owned())),
+    }
+    let hash_value = claim
+        .get(CLAIM_HASH_VALUE)
+        .ok_or_else(|| refuse("claim has no hash_value".to_owned()))?;
+    if hash_value.len() != 64
+        || !hash_value
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(refuse(
+            "hash_value is not a lower-case hex SHA-256".to_owned(),
+        ));
+    }
+    let bucket = match (buckets, claim.get(CLAIM_BUCKET)) {
+        (BucketPolicy::None, None) => None,
+        (BucketPolicy::None, Some(b)) => {
+            return Err(refuse(format!(
+                "claim names bucket {b:?} but this driver has no buckets"
+            )));
+        }
+        (BucketPolicy::OneOf(_), None) => return Err(refuse("claim has no bucket".to_owned())),
+        (BucketPolicy::OneOf(allowed), Some(b)) => {
+            if !allowed.iter().any(|a| a == b) {
+                return Err(refuse(format!(
+                    "bucket {b:?} is not configured for this driver"
+                )));
+            }
+            Some(b.clone())
+        }
+    };
+    let key = claim
+        .get(key_field.name())
+        .ok_or_else(|| refuse(format!("claim has no {}", key_field.name())))?;
+    check_key_shape(key).map_err(|why| refuse(format!("key {key:?} {why}")))?;
+    if let Some(rest) = key.strip_prefix("v0/ns/") {
+        let key_ns = rest.split('/').next().unwrap_or_default();
+        let own = percent_encode(namespace).unwrap_or_else(|| "null".to_owned());
+        if namespace.is_none() || key_ns != own {
+            return Err(refuse(format!(
+                "key {key:?} lies outside the prefix of namespace {:?}",
+                namespace.unwrap_or("")
+            )));
+        }
+    }
+    Ok(ValidClaim {
+        bucket,
+        key: key.clone(),
+        hash_value: hash_value.clone(),
+    })
+}
+
+fn check_key_shape(key: &str) -> Result<(), &'static str> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err("is longer than 1024 bytes");
+    }
+    if key.starts_with('/') {
+        return Err("is absolute");
+    }
+    if key.contains('\\') || key.contains('\0') {
+        return Err("contains a backslash or NUL");
+    }
+    if key
+        .split('/')
+        .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err("has an empty, `.` or `..` segment");
+    }
+    if !key.starts_with("v0/") {
+        return Err("is not in the v0 layout");
+    }
+    Ok(())
+}
+
+/// Verifies fetched bytes against the claim's hash.
+pub fn verify(claim: &ValidClaim, bytes: &[u8]) -> Result<(), DriverError> {
+    let actual = sha256_hex(bytes);
+    if actual == claim.hash_value {
+        Ok(())
+    } else {
+        Err(DriverError::Integrity(format!(
+            "sha256 hash mismatch for {}: expected {}, got {actual}",
+            claim.key, claim.hash_value
+        )))
+    }
+}
+
+/// Refuses payloads above `limit` bytes.
+pub fn check_size(len: usize, limit: u64) -> Result<(), DriverError> {
+    if len as u64 > limit {
+        Err(DriverError::TooLarge {
+            size: len as u64,
+            limit,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Expected keys computed with temporalio 1.35.0's S3StorageDriver.store for the payload
+    // `Payload(metadata={"encoding": b"binary/plain"}, data=b"hello")`.
+    const PAYLOAD_HEX: &str = "0a180a08656e636f64696e67120c62696e6172792f706c61696e120568656c6c6f";
+    const DIGEST: &str = "1828305a9756aef285dcfe76b2fd3089d886012319959c3f7d6c73f695c4061f";
+
+    fn payload() -> Vec<u8> {
+        (0..PAYLOAD_HEX.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&PAYLOAD_HEX[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn s(v: &str) -> Option<String> {
+        Some(v.to_owned())
+    }
+
+    fn wf(ns: &str, ty: Option<String>, id: Option<String>, run: Option<String>) -> StoreContext {
+        StoreContext {
+            namespace: Some(ns.to_owned()),
+            target: Some(StoreTarget::Workflow {
+                workflow_type: ty,
+                workflow_id: id,
+                run_id: run,
+            }),
+        }
+    }
+
+    #[test]
+    fn digest_matches_sdk() {
+        assert_eq!(sha256_hex(&payload()), DIGEST);
+    }
+
+    #[test]
+    fn keys_match_sdk() {
+        let cases = [
+            (StoreContext::default(), format!("v0/d/sha256/{DIGEST}")),
+            (
+                wf("default", s("MyWorkflow"), s("my wf/1"), s("r-1")),
+                format!("v0/ns/default/wt/MyWorkflow/wi/my%20wf%2F1/ri/r-1/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("ns.é", s("T(x)*'!"), s("ü~+%&=?#"), None),
+                format!(
+                    "v0/ns/ns.%C3%A9/wt/T(x)*'!/wi/%C3%BC%7E%2B%25%26%3D%3F%23/ri/null/d/sha256/{DIGEST}"
+                ),
+            ),
+            (
+                wf("", None, s(""), s("")),
+                format!("v0/ns/null/wt/null/wi/null/ri/null/d/sha256/{DIGEST}"),
+            ),
+            (
+                StoreContext {
+                    namespace: s("default"),
+                    target: Some(StoreTarget::Activity {
+                        activity_type: s("say_hello"),
+                        activity_id: s("1"),
+                        run_id: None,
+                    }),
+                },
+                format!("v0/ns/default/at/say_hello/ai/1/ri/null/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("default", s("T"), Some("x".repeat(1000)), s("r")),
+                format!("v0/ns/default/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("n", s("T"), Some("é".repeat(300)), s("r")),
+                format!("v0/ns/n/d/sha256/{DIGEST}"),
+            ),
+        ];
+        for (ctx, expected) in cases {
+            assert_eq!(
+                object_key(&ctx, &sha256_hex(&payload())),
+                expected,
+                "{ctx:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn gateway_specific_keys() {
+        let ns_only = StoreContext {
+            namespace: s("default"),
+            target: None,
+        };
+        assert_eq!(
+            object_key(&ns_only, DIGEST),
+            format!("v0/ns/default/d/sha256/{DIGEST}")
+        );
+        assert_eq!(
+            object_key(&wf("default", s("T"), s(".."), s("r")), DIGEST),
+            format!("v0/ns/default/d/sha256/{DIGEST}")
+        );
+    }
+
+    fn claim(bucket: Option<&str>, key: &str) -> ClaimData {
+        make_claim(bucket, KeyField::Key, key, DIGEST)
+    }
+
+    fn buckets() -> BucketPolicy {
+        BucketPolicy::OneOf(vec!["b".to_owned()])
+    }
+
+    #[test]
+    fn valid_claims_pass() {
+        let key = format!("v0/ns/default/wt/T/wi/w/ri/r/d/sha256/{DIGEST}");
+        let v = validate_claim(
+            &claim(Some("b"), &key),
+            KeyField::Key,
+            &buckets(),
+            Some("default"),
+        )
+        .unwrap();
+        assert_eq!(v.key, key);
+        let anon = format!("v0/d/sha256/{DIGEST}");
+        validate_claim(
+            &claim(Some("b"), &anon),
+            KeyField::Key,
+            &buckets(),
+            Some("x"),
+        )
+        .unwrap();
+        validate_claim(
+            &claim(None, &anon),
+            KeyField::Key,
+            &BucketPolicy::None,
+            None,
+        )
+        .unwrap();
+        let enc = format!("v0/ns/ns.%C3%A9/d/sha256/{DIGEST}");
+        validate_claim(
+            &claim(Some("b"), &enc),
+            KeyField::Key,
+            &buckets(),
+            Some("ns.é"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn forged_claims_are_refused() {
+        let other_ns = format!("v0/ns/other/d/sha256/{DIGEST}");
+        let refused = |c: &ClaimData, ns: Option<&str>| {
+            matches!(
+                validate_claim(c, KeyField::Key, &buckets(), ns),
+                Err(DriverError::ClaimRefused(_))
+            )
+        };
+        assert!(refused(&claim(Some("b"), &other_ns), Some("default")));
+        assert!(refused(&claim(Some("b"), &other_ns), None));
+        assert!(refused(
+            &claim(Some("evil"), &format!("v0/d/sha256/{DIGEST}")),
+            None
+        ));
+        assert!(refused(
+            &claim(None, &format!("v0/d/sha256/{DIGEST}")),
+            None
+        ));
+        for key in [
+            format!("v0/ns/default/../other/d/sha256/{DIGEST}"),
+            format!("/v0/ns/default/d/sha256/{DIGEST}"),
+            "v0/ns/default/./x".to_owned(),
+            "v0//x".to_owned(),
+            "v0/ns/default/a\\..\\b".to_owned(),
+            "etc/passwd".to_owned(),
+            "..".to_owned(),
+        ] {
+            assert!(refused(&claim(Some("b"), &key), Some("default")), "{key}");
+        }
+        let mut c = claim(Some("b"), &other_ns);
+        c.remove(CLAIM_HASH_VALUE);
+        assert!(refused(&c, Some("other")));
+        let mut c = claim(Some("b"), &other_ns);
+        c.insert(CLAIM_HASH_ALGORITHM.to_owned(), "md5".to_owned());
+        assert!(refused(&c, Some("other")));
+        let mut c = claim(Some("b"), &other_ns);
+        c.remove(CLAIM_HASH_ALGORITHM);
+        assert!(refused(&c, Some("other")));
+        let mut c = claim(Some("b"), &other_ns);
+        c.insert(CLAIM_HASH_VALUE.to_owned(), DIGEST.to_uppercase());
+        assert!(refused(&c, Some("other")));
+        // A bucketless backend refuses a claim that names a bucket.
+        assert!(matches!(
+            validate_claim(
+                &claim(Some("b"), &other_ns),
+                KeyField::Key,
+                &BucketPolicy::None,
+                Some("other")
+            ),
+            Err(DriverError::ClaimRefused(_))
+        ));
+    }
+
+    #[test]
+    fn verify_detects_mismatch() {
+        let v = ValidClaim {
+            bucket: None,
+            key: "k".to_owned(),
+            hash_value: DIGEST.to_owned(),
+        };
+        verify(&v, &payload()).unwrap();
+        let mut bad = payload();
+        bad[3] ^= 1;
+        let err = verify(&v, &bad).unwrap_err();
+        assert!(err.to_string().contains("hash mismatch"), "{err}");
+    }
+
+    #[test]
+    fn size_limit_is_clear() {
+        let err = check_size(11, 10).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "payload of 11 bytes exceeds the storage limit of 10 bytes"
+        );
+    }
+}

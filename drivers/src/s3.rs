@@ -1,0 +1,237 @@
+//! `aws.s3driver`-compatible storage on Amazon S3 or an S3-compatible server, via `aws-sdk-s3`.
+//!
+//! Wire-compatible with `temporalio.contrib.aws.s3driver`: same key layout, same claim
+//! (`bucket`, `key`, `hash_algorithm`, `hash_value`), HeadObject then PutObject only when the
+//! object is absent, SHA-256 verified on every GetObject.
+//!
+//! Credentials come from the standard AWS chain (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`,
+//! profiles, web identity, instance metadata). Request checksums are only computed when an
+//! operation requires them: several S3-compatible servers refuse the SDK's default CRC
+//! trailers.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_config::meta::region::RegionProviderChain;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::{
+    Region, RequestChecksumCalculation, ResponseChecksumValidation, timeout::TimeoutConfig,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+
+use crate::layout::{self, BucketPolicy, KeyField, ValidClaim};
+use crate::{ClaimData, DriverError, StorageDriver, StoreContext};
+
+/// The driver name and type of Temporal's S3 driver.
+pub const S3_DRIVER_TYPE: &str = "aws.s3driver";
+
+/// Settings of an S3 driver.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// Name written into references; `aws.s3driver` for SDK interop.
+    pub name: String,
+    /// Bucket new payloads are written to (must exist).
+    pub bucket: String,
+    /// Further buckets whose claims are resolved (the write bucket always is).
+    pub read_buckets: Vec<String>,
+    /// Region; else the AWS chain's, else `us-east-1`.
+    pub region: Option<String>,
+    /// Custom endpoint (MinIO, s3s, LocalStack, ...).
+    pub endpoint: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), needed by most S3-compatible servers.
+    pub force_path_style: bool,
+    /// Largest serialized payload stored or fetched, in bytes.
+    pub max_payload_size: u64,
+    /// Concurrent requests per batch.
+    pub concurrency: usize,
+    /// Timeout of one S3 operation including retries.
+    pub operation_timeout: Duration,
+}
+
+impl S3Config {
+    /// Defaults for `bucket`: driver name `aws.s3driver`, 50 MiB limit.
+    pub fn new(bucket: impl Into<String>) -> Self {
+        Self {
+            name: S3_DRIVER_TYPE.to_owned(),
+            bucket: bucket.into(),
+            read_buckets: Vec::new(),
+            region: None,
+            endpoint: None,
+            force_path_style: false,
+            max_payload_size: layout::DEFAULT_MAX_PAYLOAD_SIZE,
+            concurrency: 16,
+            operation_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Stores payloads in S3.
+#[derive(Debug)]
+pub struct S3Driver {
+    client: Client,
+    config: S3Config,
+    buckets: BucketPolicy,
+}
+
+impl S3Driver {
+    /// Builds the client (loading region and credentials from the AWS chain).
+    pub async fn new(config: S3Config) -> Self {
+        let region = RegionProviderChain::first_try(config.region.clone().map(Region::new))
+            .or_default_provider()
+            .or_else(Region::new("us-east-1"));
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(region)
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_timeout(config.operation_timeout)
+                    .build(),
+            )
+            .load()
+            .await;
+        let mut builder = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(config.force_path_style)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(endpoint) = &config.endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        let client = Client::from_conf(builder.build());
+        let mut buckets = vec![config.bucket.clone()];
+        buckets.extend(config.read_buckets.iter().cloned());
+        Self {
+            client,
+            buckets: BucketPolicy::OneOf(buckets),
+            config,
+        }
+    }
+
+    async fn store_one(
+        &self,
+        context: &StoreContext,
+        payload: Bytes,
+    ) -> Result<ClaimData, DriverError> {
+        layout::check_size(payload.len(), self.config.max_payload_size)?;
+        let hex = layout::sha256_hex(&payload);
+        let key = layout::object_key(context, &hex);
+        let bucket = &self.config.bucket;
+        let exists = match self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(&key)
+            .send()
+            .await
+        {
+            Ok(_) => true,
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => false,
+            Err(e) => return Err(classify("HeadObject", bucket, &key, e)),
+        };
+        if !exists {
+            self.client
+                .put_object()
+                .bucket(bucket)
+                .key(&key)
+                .content_length(payload.len() as i64)
+                .body(ByteStream::from(payload))
+                .send()
+                .await
+                .map_err(|e| classify("PutObject", bucket, &key, e))?;
+        }
+        Ok(layout::make_claim(Some(bucket), KeyField::Key, &key, &hex))
+    }
+
+    async fn retrieve_one(&self, claim: ValidClaim) -> Result<Bytes, DriverError> {
+        let bucket = claim.bucket.as_deref().unwrap_or(&self.config.bucket);
+        let out = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(&claim.key)
+            .send()
+            .await
+            .map_err(|e| match e {
+                SdkError::ServiceError(se) if se.err().is_no_such_key() => {
+                    DriverError::NotFound(format!("s3://{bucket}/{}", claim.key))
+                }
+                e => classify("GetObject", bucket, &claim.key, e),
+            })?;
+        if let Some(len) = out.content_length {
+            layout::check_size(len.max(0) as usize, self.config.max_payload_size)?;
+        }
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| {
+                DriverError::Unavailable(format!(
+                    "GetObject s3://{bucket}/{}: reading the body: {e}",
+                    claim.key
+                ))
+            })?
+            .into_bytes();
+        layout::check_size(bytes.len(), self.config.max_payload_size)?;
+        layout::verify(&claim, &bytes)?;
+        Ok(bytes)
+    }
+}
+
+/// Maps an SDK error: everything but a refused claim is worth retrying later.
+fn classify<E, R>(op: &str, bucket: &str, key: &str, e: SdkError<E, R>) -> DriverError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let detail = match &e {
+        SdkError::ServiceError(se) => format!(
+            "{}: {}",
+            se.err().code().unwrap_or("error"),
+            se.err().message().unwrap_or("")
+        ),
+        SdkError::DispatchFailure(d) => format!("cannot reach the server: {d:?}"),
+        SdkError::TimeoutError(_) => "timed out".to_owned(),
+        other => format!("{}", aws_sdk_s3::error::DisplayErrorContext(other)),
+    };
+    DriverError::Unavailable(format!("{op} s3://{bucket}/{key}: {detail}"))
+}
+
+#[async_trait]
+impl StorageDriver for S3Driver {
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn validate(&self, namespace: Option<&str>, claim: &ClaimData) -> Result<(), DriverError> {
+        layout::validate_claim(claim, KeyField::Key, &self.buckets, namespace).map(|_| ())
+    }
+
+    async fn store(
+        &self,
+        context: &StoreContext,
+        payloads: Vec<Bytes>,
+    ) -> Result<Vec<ClaimData>, DriverError> {
+        stream::iter(payloads.into_iter().map(|p| self.store_one(context, p)))
+            .buffered(self.config.concurrency.max(1))
+            .try_collect()
+            .await
+    }
+
+    async fn retrieve(
+        &self,
+        namespace: Option<&str>,
+        claims: Vec<ClaimData>,
+    ) -> Result<Vec<Bytes>, DriverError> {
+        let valid = claims
+            .iter()
+            .map(|c| layout::validate_claim(c, KeyField::Key, &self.buckets, namespace))
+            .collect::<Result<Vec<_>, _>>()?;
+        stream::iter(valid.into_iter().map(|c| self.retrieve_one(c)))
+            .buffered(self.config.concurrency.max(1))
+            .try_collect()
+            .await
+    }
+}
