@@ -259,3 +259,4 @@ fn write_fuzz_corpus() {
     }
     assert!(written > 20);
 }
+
