@@ -21,6 +21,8 @@ stage() {
   echo "test.sh: [$((SECONDS - stage_start))s] $*" >&2
 }
 
+# CI may run with a bare environment: make sure HOME is set (setup.sh and cargo rely on it).
+export HOME="${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}"
 TOOLS_DIR="${PGW_TOOLS_DIR:-$HOME/.cache/payload-gateway}"
 export PGW_TOOLS_DIR="$TOOLS_DIR"
 
