@@ -32,6 +32,11 @@
 //!   indexes search attributes, so they stay plaintext. This field is dropped from the
 //!   table at build time, so `SearchAttributes` reports `can_hold_payloads() == false`.
 //! - Opaque `bytes` fields (task tokens, `DataBlob.data`) are never looked into.
+//! - A map entry whose value is absent on the wire (prost omits an all-default
+//!   `Payload{}` map value) has no site: there are no bytes to rewrite, although a decoder
+//!   materialises an empty payload there.
+//! - Sites are reported in byte order; a site's [`PayloadSite::range`] never overlaps
+//!   another's.
 //!
 //! # System payloads (rules taken from the Go SDK's `api-go/proxy` payload visitor)
 //!

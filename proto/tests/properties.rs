@@ -259,4 +259,3 @@ fn write_fuzz_corpus() {
     }
     assert!(written > 20);
 }
-
