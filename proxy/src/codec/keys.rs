@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine;
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
-use ring::rand::{SecureRandom, SystemRandom};
 
 use super::CodecError;
 use super::wire::{self, ENCODING_ENCRYPTED, ENCODING_KEY, KEY_ID_KEY};
@@ -157,7 +157,7 @@ impl KeyEntry {
 pub(crate) type CounterRegistry = Mutex<HashMap<(String, [u8; 32]), Arc<NonceCounter>>>;
 
 fn counter_for(registry: &CounterRegistry, id: &str, material: &[u8; 32]) -> Arc<NonceCounter> {
-    let fingerprint = ring::digest::digest(&ring::digest::SHA256, material);
+    let fingerprint = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, material);
     let mut fp = [0u8; 32];
     fp.copy_from_slice(fingerprint.as_ref());
     let mut map = registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -247,14 +247,14 @@ pub(crate) fn parse_key(raw: &[u8]) -> Result<[u8; 32], String> {
 }
 
 /// A new random 256-bit key from the system CSPRNG.
-fn random_key(rng: &SystemRandom) -> Result<[u8; 32], ring::error::Unspecified> {
+fn random_key(rng: &SystemRandom) -> Result<[u8; 32], aws_lc_rs::error::Unspecified> {
     let mut key = [0u8; 32];
     rng.fill(&mut key)?;
     Ok(key)
 }
 
 /// A new random 256-bit key, base64 (standard alphabet), as key files and env vars accept it.
-pub fn generate_key_base64() -> Result<String, ring::error::Unspecified> {
+pub fn generate_key_base64() -> Result<String, aws_lc_rs::error::Unspecified> {
     random_key(&SystemRandom::new())
         .map(|key| base64::engine::general_purpose::STANDARD.encode(key))
 }

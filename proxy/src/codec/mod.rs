@@ -39,7 +39,7 @@
 //! [`PayloadCodec::reload`] swaps the whole keyring and policy atomically: in-flight work
 //! finishes with the keyring it started with; a failed reload keeps the old one.
 //!
-//! Nonces are 96 random bits from the operating system's CSPRNG (`ring::rand::SystemRandom`).
+//! Nonces are 96 random bits from the operating system's CSPRNG (`aws_lc_rs::rand::SystemRandom`).
 //! NIST SP 800-38D §8.3 limits random-nonce AES-GCM to 2^32 messages per key (collision
 //! probability ≤ 2^-32). The codec counts encryptions per key (across reloads, as long as the
 //! id keeps the same key material), warns once at 50 %, 75 % and 90 % of 2^32, and refuses to
@@ -50,8 +50,10 @@
 //!
 //! # AES-GCM implementation
 //!
-//! `ring`, chosen by measurement against `aws-lc-rs` and RustCrypto `aes-gcm` (see the
-//! "Codec" section of `BENCHMARKS.md`, `cargo bench -p payload-gateway-benches --bench codec`).
+//! `aws-lc-rs`, chosen by measurement against `ring` and RustCrypto `aes-gcm` on the target
+//! machine (see the "Codec" section of `BENCHMARKS.md`,
+//! `cargo bench -p payload-gateway-benches --bench codec`). The tests check the wire layout
+//! with `ring` and `aes-gcm` as independent implementations.
 //!
 //! # Batches
 //!
@@ -75,9 +77,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
+use aws_lc_rs::aead::NONCE_LEN;
+use aws_lc_rs::rand::SystemRandom;
 use bytes::Bytes;
-use ring::aead::NONCE_LEN;
-use ring::rand::SystemRandom;
 
 use crate::config::{Config, ConfigError};
 pub use error::{BatchError, CodecError};
