@@ -13,6 +13,7 @@ use crate::codec::PayloadCodec;
 use crate::config::{Config, ConfigError};
 use crate::rewrite::{Pipeline, RewriteLayer};
 use crate::server::{self, ServerSettings};
+use crate::storage::Storage;
 use crate::upstream::Upstream;
 
 /// Why the gateway could not start.
@@ -51,10 +52,12 @@ impl Gateway {
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
         refuse_unsupported(config)?;
         let upstream = Upstream::new(&config.proxy)?;
-        let rewrite = if config.encryption.enabled || config.compression.enabled {
+        let storage = Storage::from_config(config).await?.map(Arc::new);
+        let rewrite = if config.encryption.enabled || config.compression.enabled || storage.is_some()
+        {
             let codec = Arc::new(PayloadCodec::from_config(config)?);
             Some(RewriteLayer::new(
-                Pipeline::new(codec),
+                Pipeline::new(codec).with_storage(storage),
                 config.proxy.max_message_bytes,
             ))
         } else {
@@ -149,9 +152,6 @@ fn refuse_unsupported(config: &Config) -> Result<(), ConfigError> {
     };
     if config.codec_server.enabled {
         return unsupported("codec_server.enabled");
-    }
-    if config.storage.enabled {
-        return unsupported("storage.enabled");
     }
     Ok(())
 }

@@ -186,14 +186,20 @@ pub struct StorageConfig {
     pub threshold: usize,
     /// The configured drivers.
     pub drivers: Vec<DriverConfig>,
+    /// Bytes of resolved (verified) stored payloads kept in memory (LRU); 0 disables.
+    pub cache_bytes: usize,
+    /// Concurrent store/retrieve requests per message.
+    pub concurrency: usize,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             driver: "local".to_owned(),
             threshold: 256 * 1024,
+            cache_bytes: 64 * 1024 * 1024,
+            concurrency: 16,
             drivers: vec![DriverConfig {
                 name: "local".to_owned(),
                 kind: DriverKind::Filesystem,
@@ -397,7 +403,14 @@ impl Config {
             .iter()
             .map(|d| d.name.as_str())
             .collect();
+        if self.storage.concurrency == 0 {
+            return Err(ConfigError::invalid(
+                "storage.concurrency",
+                "must be at least 1",
+            ));
+        }
         for (i, d) in self.storage.drivers.iter().enumerate() {
+            crate::storage::DriverSpec::parse(i, d)?;
             if driver_names.iter().filter(|n| **n == d.name).count() > 1 {
                 return Err(ConfigError::invalid(
                     format!("storage.drivers[{i}].name"),
@@ -415,7 +428,7 @@ impl Config {
                 ))
             }
         };
-        if self.storage.enabled {
+        if self.storage.enabled || self.namespaces.values().any(|n| n.storage == Some(true)) {
             check_driver_ref("storage.driver", &self.storage.driver)?;
         }
         for (ns, over) in &self.namespaces {
@@ -509,6 +522,25 @@ mod tests {
         assert_eq!(c.proxy.upstream, "127.0.0.1:7234");
         assert!(c.encryption.enabled);
         assert_eq!(c.storage.driver, "local");
+        assert!(c.storage.enabled);
+    }
+
+    #[test]
+    fn storage_driver_settings_are_validated() {
+        let err = parse("[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\nbucket = \"b\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("not yet supported"), "{err}");
+        let err = parse("[[storage.drivers]]\nname = \"s\"\nkind = \"s3\"\n").unwrap_err();
+        assert!(err.to_string().contains("bucket"), "{err}");
+        let err =
+            parse("[[storage.drivers]]\nname = \"s\"\nkind = \"s3\"\nbucket = \"b\"\nbukket = 1\n")
+                .unwrap_err();
+        assert!(err.to_string().contains("bukket"), "{err}");
+        let c = parse(
+            "[storage]\ndriver = \"s\"\n[[storage.drivers]]\nname = \"s\"\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:1\"\nforce_path_style = true\nmax_payload_size = 10\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.drivers[0].kind, DriverKind::S3);
     }
 
     #[test]

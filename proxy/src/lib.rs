@@ -13,4 +13,5 @@ pub mod config;
 pub mod grpc;
 pub mod rewrite;
 pub mod server;
+pub mod storage;
 pub mod upstream;

@@ -137,14 +137,15 @@ impl RewriteLayer {
             .read_messages(body, encoding, Code::InvalidArgument)
             .await?
             .0;
-        let ctx = CallContext {
-            method: parts.uri.path().to_owned(),
-            namespace: messages
+        let ctx = CallContext::new(
+            parts.uri.path(),
+            messages
                 .first()
                 .and_then(|m| top_level_string(request_type, m, "namespace"))
                 .map(str::to_owned)
                 .or_else(|| header_str(&parts.headers, "temporal-namespace").map(str::to_owned)),
-        };
+        )
+        .with_request(request_type, messages.first());
         let messages = if self.pipeline.applies(Direction::Encode, &ctx) {
             self.rewrite_all(Direction::Encode, &ctx, request_type, messages)
                 .await?

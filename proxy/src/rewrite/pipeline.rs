@@ -1,12 +1,21 @@
 //! The payload stages, applied to all payloads of one message as a batch: on the way out
-//! (`encode`) compression and encryption, on the way back (`decode`) their reverse.
+//! (`encode`) compression and encryption, then offload to external storage of what is still at
+//! or above the threshold; on the way back (`decode`) references are resolved (in parallel,
+//! verified), then decrypted and decompressed.
+//!
+//! Payloads that already are external storage references (an SDK with its own external
+//! storage) pass the encode stages untouched, as the SDKs themselves leave references
+//! unencoded.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
+use payload_gateway_drivers::{StoreContext, StoreTarget};
+use payload_gateway_proto::{MessageType, top_level_string};
 
 use crate::codec::PayloadCodec;
 use crate::grpc::{Code, Status};
+use crate::storage::{Kind, Storage, StorageError, reference};
 
 /// Which way a message travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +33,63 @@ pub struct CallContext {
     pub method: String,
     /// The request's namespace (from the message, else the `temporal-namespace` header).
     pub namespace: Option<String>,
+    /// The request's top-level `workflow_id`, when its message has one.
+    pub workflow_id: Option<String>,
+    /// The request's top-level `run_id`.
+    pub run_id: Option<String>,
+    /// The request's top-level `activity_id`.
+    pub activity_id: Option<String>,
+}
+
+impl CallContext {
+    /// A context for `method` in `namespace`, without request identity.
+    pub fn new(method: impl Into<String>, namespace: Option<String>) -> Self {
+        Self {
+            method: method.into(),
+            namespace,
+            workflow_id: None,
+            run_id: None,
+            activity_id: None,
+        }
+    }
+
+    /// Adds the identity fields found at the top level of the request `message` of type `ty`.
+    pub fn with_request(mut self, ty: MessageType, message: Option<&Bytes>) -> Self {
+        if let Some(m) = message {
+            let get = |name| {
+                top_level_string(ty, m, name)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+            };
+            self.workflow_id = get("workflow_id");
+            self.run_id = get("run_id");
+            self.activity_id = get("activity_id");
+        }
+        self
+    }
+
+    /// What the storage drivers put into object keys.
+    pub fn store_context(&self) -> StoreContext {
+        let target = if self.activity_id.is_some() {
+            Some(StoreTarget::Activity {
+                activity_type: None,
+                activity_id: self.activity_id.clone(),
+                run_id: self.run_id.clone(),
+            })
+        } else if self.workflow_id.is_some() || self.run_id.is_some() {
+            Some(StoreTarget::Workflow {
+                workflow_type: None,
+                workflow_id: self.workflow_id.clone(),
+                run_id: self.run_id.clone(),
+            })
+        } else {
+            None
+        };
+        StoreContext {
+            namespace: self.namespace.clone(),
+            target,
+        }
+    }
 }
 
 /// A stage failed for the payload at `index` of the batch.
@@ -41,12 +107,27 @@ pub struct StageError {
 #[derive(Debug, Clone)]
 pub struct Pipeline {
     codec: Arc<PayloadCodec>,
+    storage: Option<Arc<Storage>>,
 }
 
 impl Pipeline {
     /// A pipeline running `codec`.
     pub fn new(codec: Arc<PayloadCodec>) -> Self {
-        Self { codec }
+        Self {
+            codec,
+            storage: None,
+        }
+    }
+
+    /// Adds the external storage stage.
+    pub fn with_storage(mut self, storage: Option<Arc<Storage>>) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// The storage stage, when configured.
+    pub fn storage(&self) -> Option<&Arc<Storage>> {
+        self.storage.as_ref()
     }
 
     /// The codec, for key reloads and metrics.
@@ -59,7 +140,10 @@ impl Pipeline {
         match direction {
             // Payloads written earlier (or by an SDK codec) must decode whatever the policy now.
             Direction::Decode => true,
-            Direction::Encode => self.codec.is_active(ctx.namespace.as_deref()),
+            Direction::Encode => {
+                let ns = ctx.namespace.as_deref();
+                self.codec.is_active(ns) || self.storage.as_ref().is_some_and(|s| s.is_active(ns))
+            }
         }
     }
 
@@ -70,19 +154,138 @@ impl Pipeline {
         ctx: &CallContext,
         payloads: Vec<Bytes>,
     ) -> Result<Vec<Option<Bytes>>, StageError> {
-        let result = match direction {
-            Direction::Encode => {
-                self.codec
-                    .encode_batch(ctx.namespace.as_deref(), payloads)
-                    .await
-            }
-            Direction::Decode => self.codec.decode_batch(payloads).await,
+        match direction {
+            Direction::Encode => self.encode(ctx, payloads).await,
+            Direction::Decode => self.decode(ctx, payloads).await,
+        }
+    }
+
+    async fn encode(
+        &self,
+        ctx: &CallContext,
+        payloads: Vec<Bytes>,
+    ) -> Result<Vec<Option<Bytes>>, StageError> {
+        let ns = ctx.namespace.as_deref();
+        // References stay as they are; everything else goes through the codec.
+        let todo: Vec<usize> = (0..payloads.len())
+            .filter(|&i| self.storage.is_none() || !reference::is_reference(&payloads[i]))
+            .collect();
+        let mut out: Vec<Option<Bytes>> = vec![None; payloads.len()];
+        let batch: Vec<Bytes> = todo.iter().map(|&i| payloads[i].clone()).collect();
+        let encoded = self
+            .codec
+            .encode_batch(ns, batch)
+            .await
+            .map_err(|e| codec_error(todo[e.index], e.error))?;
+        for (&i, e) in todo.iter().zip(encoded) {
+            out[i] = e;
+        }
+        let Some(storage) = self.storage.as_ref().filter(|s| s.is_active(ns)) else {
+            return Ok(out);
         };
-        result.map_err(|e| StageError {
-            index: e.index,
-            code: Code::Internal,
-            reason: e.error.to_string(),
-        })
+        let current: Vec<Bytes> = todo
+            .iter()
+            .map(|&i| out[i].clone().unwrap_or_else(|| payloads[i].clone()))
+            .collect();
+        let stored = storage
+            .offload(&ctx.store_context(), &current)
+            .await
+            .map_err(|e| storage_error(&todo, e))?;
+        for (&i, r) in todo.iter().zip(stored) {
+            if r.is_some() {
+                out[i] = r;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn decode(
+        &self,
+        ctx: &CallContext,
+        payloads: Vec<Bytes>,
+    ) -> Result<Vec<Option<Bytes>>, StageError> {
+        // 1. Resolve references (codec-encoded, marked ones are decoded first).
+        let mut resolved: Vec<Option<Bytes>> = vec![None; payloads.len()];
+        if let Some(storage) = &self.storage {
+            let mut refs = Vec::new();
+            for (i, p) in payloads.iter().enumerate() {
+                let kind = reference::classify(p).map_err(|reason| StageError {
+                    index: i,
+                    code: Code::InvalidArgument,
+                    reason,
+                })?;
+                let kind = match kind {
+                    Kind::Marked(encoded) => {
+                        let decoded = self
+                            .codec
+                            .decode(&encoded)
+                            .map_err(|e| codec_error(i, e))?
+                            .unwrap_or(encoded);
+                        match reference::classify(&decoded) {
+                            Ok(Kind::Reference(r)) => Kind::Reference(r),
+                            _ => {
+                                return Err(StageError {
+                                    index: i,
+                                    code: Code::InvalidArgument,
+                                    reason: "a payload marked as a storage reference does not \
+                                             decode to one"
+                                        .to_owned(),
+                                });
+                            }
+                        }
+                    }
+                    other => other,
+                };
+                if let Kind::Reference(r) = kind {
+                    refs.push((i, r));
+                }
+            }
+            if !refs.is_empty() {
+                let found = storage
+                    .resolve(ctx.namespace.as_deref(), refs)
+                    .await
+                    .map_err(|e| StageError {
+                        index: e.index,
+                        code: e.code,
+                        reason: e.reason,
+                    })?;
+                for (i, b) in found {
+                    resolved[i] = b;
+                }
+            }
+        }
+        // 2. Decrypt and decompress.
+        let current: Vec<Bytes> = payloads
+            .iter()
+            .zip(&resolved)
+            .map(|(p, r)| r.clone().unwrap_or_else(|| p.clone()))
+            .collect();
+        let decoded = self
+            .codec
+            .decode_batch(current)
+            .await
+            .map_err(|e| codec_error(e.index, e.error))?;
+        Ok(decoded
+            .into_iter()
+            .zip(resolved)
+            .map(|(d, r)| d.or(r))
+            .collect())
+    }
+}
+
+fn codec_error(index: usize, error: crate::codec::CodecError) -> StageError {
+    StageError {
+        index,
+        code: Code::Internal,
+        reason: error.to_string(),
+    }
+}
+
+fn storage_error(todo: &[usize], e: StorageError) -> StageError {
+    StageError {
+        index: todo.get(e.index).copied().unwrap_or(e.index),
+        code: e.code,
+        reason: e.reason,
     }
 }
 

@@ -1,0 +1,418 @@
+//! External storage of large payloads: builds the configured drivers, offloads payloads at or
+//! above the threshold (after the codec, so objects hold ciphertext) and resolves references
+//! on the way back (before the codec), with a byte-bounded LRU cache of verified objects.
+
+pub mod cache;
+pub mod reference;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+use payload_gateway_drivers::object::ObjectStoreDriver;
+use payload_gateway_drivers::s3::{S3Config, S3Driver};
+use payload_gateway_drivers::{ClaimData, DriverError, StorageDriver, StoreContext, layout};
+
+use crate::config::{Config, ConfigError, DriverConfig, DriverKind};
+use crate::grpc::Code;
+use cache::ByteLru;
+pub use reference::{Kind, Reference};
+
+/// A driver's settings, validated at config load.
+#[derive(Debug, Clone)]
+pub enum DriverSpec {
+    /// `kind = "s3"`.
+    S3(S3Config),
+    /// `kind = "filesystem"`.
+    Filesystem {
+        /// Driver name.
+        name: String,
+        /// Root directory.
+        root: PathBuf,
+        /// Largest payload stored.
+        max_payload_size: u64,
+    },
+    /// `kind = "memory"`.
+    Memory {
+        /// Driver name.
+        name: String,
+        /// Largest payload stored.
+        max_payload_size: u64,
+    },
+}
+
+struct Settings<'a> {
+    key: String,
+    map: &'a BTreeMap<String, toml::Value>,
+    used: Vec<&'static str>,
+}
+
+impl<'a> Settings<'a> {
+    fn err(&self, name: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::invalid(format!("{}.{name}", self.key), problem)
+    }
+
+    fn string(&mut self, name: &'static str) -> Result<Option<String>, ConfigError> {
+        self.used.push(name);
+        match self.map.get(name) {
+            None => Ok(None),
+            Some(toml::Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(_) => Err(self.err(name, "must be a non-empty string")),
+        }
+    }
+
+    fn bool(&mut self, name: &'static str) -> Result<Option<bool>, ConfigError> {
+        self.used.push(name);
+        match self.map.get(name) {
+            None => Ok(None),
+            Some(toml::Value::Boolean(b)) => Ok(Some(*b)),
+            Some(_) => Err(self.err(name, "must be true or false")),
+        }
+    }
+
+    fn positive(&mut self, name: &'static str) -> Result<Option<u64>, ConfigError> {
+        self.used.push(name);
+        match self.map.get(name) {
+            None => Ok(None),
+            Some(toml::Value::Integer(i)) if *i > 0 => Ok(Some(*i as u64)),
+            Some(_) => Err(self.err(name, "must be a positive integer")),
+        }
+    }
+
+    fn strings(&mut self, name: &'static str) -> Result<Vec<String>, ConfigError> {
+        self.used.push(name);
+        match self.map.get(name) {
+            None => Ok(Vec::new()),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    toml::Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                    _ => Err(self.err(name, "must be a list of non-empty strings")),
+                })
+                .collect(),
+            Some(_) => Err(self.err(name, "must be a list of strings")),
+        }
+    }
+
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.map.keys().find(|k| !self.used.contains(&k.as_str())) {
+            Some(unknown) => Err(self.err(unknown, "unknown setting for this driver kind")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl DriverSpec {
+    /// Validates `storage.drivers[index]`. GCS and Azure are refused: not in this build.
+    pub fn parse(index: usize, d: &DriverConfig) -> Result<Self, ConfigError> {
+        let key = format!("storage.drivers[{index}]");
+        if d.name.is_empty() {
+            return Err(ConfigError::invalid(
+                format!("{key}.name"),
+                "must not be empty",
+            ));
+        }
+        let mut s = Settings {
+            key: key.clone(),
+            map: &d.settings,
+            used: Vec::new(),
+        };
+        let max = s
+            .positive("max_payload_size")?
+            .unwrap_or(layout::DEFAULT_MAX_PAYLOAD_SIZE);
+        let spec = match d.kind {
+            DriverKind::S3 => {
+                let bucket = s
+                    .string("bucket")?
+                    .ok_or_else(|| s.err("bucket", "required for kind = \"s3\""))?;
+                let mut c = S3Config::new(bucket);
+                c.name = d.name.clone();
+                c.read_buckets = s.strings("read_buckets")?;
+                c.region = s.string("region")?;
+                c.endpoint = s.string("endpoint")?;
+                c.force_path_style = s.bool("force_path_style")?.unwrap_or(false);
+                c.max_payload_size = max;
+                if let Some(ms) = s.positive("timeout_ms")? {
+                    c.operation_timeout = Duration::from_millis(ms);
+                }
+                DriverSpec::S3(c)
+            }
+            DriverKind::Filesystem => DriverSpec::Filesystem {
+                name: d.name.clone(),
+                root: PathBuf::from(
+                    s.string("root")?
+                        .ok_or_else(|| s.err("root", "required for kind = \"filesystem\""))?,
+                ),
+                max_payload_size: max,
+            },
+            DriverKind::Memory => DriverSpec::Memory {
+                name: d.name.clone(),
+                max_payload_size: max,
+            },
+            DriverKind::Gcs | DriverKind::Azure => {
+                return Err(ConfigError::invalid(
+                    format!("{key}.kind"),
+                    "not yet supported by this build (supported: s3, filesystem, memory)",
+                ));
+            }
+        };
+        s.finish()?;
+        Ok(spec)
+    }
+
+    async fn build(self, concurrency: usize) -> Result<Arc<dyn StorageDriver>, DriverError> {
+        Ok(match self {
+            DriverSpec::S3(mut c) => {
+                c.concurrency = concurrency;
+                Arc::new(S3Driver::new(c).await)
+            }
+            DriverSpec::Filesystem {
+                name,
+                root,
+                max_payload_size,
+            } => Arc::new(ObjectStoreDriver::filesystem(
+                name,
+                &root,
+                max_payload_size,
+            )?),
+            DriverSpec::Memory {
+                name,
+                max_payload_size,
+            } => Arc::new(ObjectStoreDriver::memory(name, max_payload_size)),
+        })
+    }
+}
+
+/// Where and whether one namespace offloads.
+#[derive(Debug, Clone)]
+struct Policy {
+    driver: Option<Arc<dyn StorageDriver>>,
+    threshold: usize,
+}
+
+/// A storage failure for the payload at `index`.
+#[derive(Debug)]
+pub struct StorageError {
+    /// Index in the batch.
+    pub index: usize,
+    /// Status code.
+    pub code: Code,
+    /// Description (never payload contents).
+    pub reason: String,
+}
+
+impl StorageError {
+    fn driver(index: usize, driver: &str, e: DriverError) -> Self {
+        let code = match &e {
+            DriverError::Unavailable(_) => Code::Unavailable,
+            DriverError::TooLarge { .. } => Code::InvalidArgument,
+            DriverError::ClaimRefused(_) => Code::PermissionDenied,
+            DriverError::NotFound(_) | DriverError::Integrity(_) => Code::DataLoss,
+        };
+        let hint = match &e {
+            DriverError::TooLarge { .. } => {
+                " (raise max_payload_size of the storage driver to allow it)"
+            }
+            _ => "",
+        };
+        Self {
+            index,
+            code,
+            reason: format!("storage driver {driver:?}: {e}{hint}"),
+        }
+    }
+}
+
+/// The configured drivers and per-namespace offload policy.
+#[derive(Debug)]
+pub struct Storage {
+    drivers: HashMap<String, Arc<dyn StorageDriver>>,
+    default: Policy,
+    namespaces: HashMap<String, Policy>,
+    cache: ByteLru,
+    concurrency: usize,
+}
+
+impl Storage {
+    /// Builds the drivers when offload is enabled globally or for any namespace; `None`
+    /// otherwise.
+    pub async fn from_config(config: &Config) -> Result<Option<Self>, ConfigError> {
+        let sc = &config.storage;
+        let any = sc.enabled || config.namespaces.values().any(|n| n.storage == Some(true));
+        if !any {
+            return Ok(None);
+        }
+        let mut drivers = HashMap::new();
+        for (i, d) in sc.drivers.iter().enumerate() {
+            let built = DriverSpec::parse(i, d)?
+                .build(sc.concurrency)
+                .await
+                .map_err(|e| {
+                    ConfigError::invalid(format!("storage.drivers[{i}]"), e.to_string())
+                })?;
+            drivers.insert(d.name.clone(), built);
+        }
+        let policy = |enabled: bool, driver: &str, threshold: usize| Policy {
+            driver: if enabled {
+                drivers.get(driver).cloned()
+            } else {
+                None
+            },
+            threshold,
+        };
+        let default = policy(sc.enabled, &sc.driver, sc.threshold);
+        let namespaces = config
+            .namespaces
+            .iter()
+            .map(|(ns, o)| {
+                (
+                    ns.clone(),
+                    policy(
+                        o.storage.unwrap_or(sc.enabled),
+                        o.storage_driver.as_deref().unwrap_or(&sc.driver),
+                        o.storage_threshold.unwrap_or(sc.threshold),
+                    ),
+                )
+            })
+            .collect();
+        Ok(Some(Self {
+            drivers,
+            default,
+            namespaces,
+            cache: ByteLru::new(sc.cache_bytes),
+            concurrency: sc.concurrency.max(1),
+        }))
+    }
+
+    /// A storage over the given drivers (tests, benches): `driver` stores everything at or
+    /// above `threshold`.
+    pub fn with_drivers(
+        drivers: Vec<Arc<dyn StorageDriver>>,
+        driver: &str,
+        threshold: usize,
+        cache_bytes: usize,
+    ) -> Self {
+        let drivers: HashMap<_, _> = drivers
+            .into_iter()
+            .map(|d| (d.name().to_owned(), d))
+            .collect();
+        Self {
+            default: Policy {
+                driver: drivers.get(driver).cloned(),
+                threshold,
+            },
+            drivers,
+            namespaces: HashMap::new(),
+            cache: ByteLru::new(cache_bytes),
+            concurrency: 16,
+        }
+    }
+
+    fn policy(&self, namespace: Option<&str>) -> &Policy {
+        namespace
+            .and_then(|ns| self.namespaces.get(ns))
+            .unwrap_or(&self.default)
+    }
+
+    /// Whether `namespace` offloads new payloads.
+    pub fn is_active(&self, namespace: Option<&str>) -> bool {
+        self.policy(namespace).driver.is_some()
+    }
+
+    /// Offloads each of `payloads` (already codec-encoded) at or above the namespace's
+    /// threshold; returns the reference payload for those, `None` for the rest.
+    pub async fn offload(
+        &self,
+        context: &StoreContext,
+        payloads: &[Bytes],
+    ) -> Result<Vec<Option<Bytes>>, StorageError> {
+        let policy = self.policy(context.namespace.as_deref());
+        let mut out = vec![None; payloads.len()];
+        let Some(driver) = &policy.driver else {
+            return Ok(out);
+        };
+        let chosen: Vec<usize> = (0..payloads.len())
+            .filter(|&i| payloads[i].len() >= policy.threshold)
+            .collect();
+        if chosen.is_empty() {
+            return Ok(out);
+        }
+        let batch = chosen.iter().map(|&i| payloads[i].clone()).collect();
+        let claims = driver
+            .store(context, batch)
+            .await
+            .map_err(|e| StorageError::driver(chosen[0], driver.name(), e))?;
+        for (&i, claim) in chosen.iter().zip(claims) {
+            tracing::debug!(
+                driver = driver.name(),
+                size = payloads[i].len(),
+                "offloaded payload"
+            );
+            out[i] = Some(reference::build(driver.name(), &claim, payloads[i].len()));
+        }
+        Ok(out)
+    }
+
+    /// Resolves `refs` (index in the batch, reference) for a request in `namespace`, with
+    /// bounded concurrency. References naming a driver that is not configured are left as
+    /// they are (`None`): an SDK with its own driver may resolve them.
+    pub async fn resolve(
+        &self,
+        namespace: Option<&str>,
+        refs: Vec<(usize, Reference)>,
+    ) -> Result<Vec<(usize, Option<Bytes>)>, StorageError> {
+        stream::iter(refs.into_iter().map(|(index, r)| async move {
+            self.resolve_one(namespace, index, r)
+                .await
+                .map(|b| (index, b))
+        }))
+        .buffered(self.concurrency)
+        .try_collect()
+        .await
+    }
+
+    async fn resolve_one(
+        &self,
+        namespace: Option<&str>,
+        index: usize,
+        r: Reference,
+    ) -> Result<Option<Bytes>, StorageError> {
+        let Some(driver) = self.drivers.get(&r.driver_name) else {
+            tracing::debug!(driver = %r.driver_name, "reference to an unconfigured driver left as is");
+            return Ok(None);
+        };
+        // Validate before the cache: a cached object is only served to a claim that may read it.
+        driver
+            .validate(namespace, &r.claim)
+            .map_err(|e| StorageError::driver(index, driver.name(), e))?;
+        let cache_key = cache_key(&r.driver_name, &r.claim);
+        if let Some(hit) = self.cache.get(&cache_key) {
+            return Ok(Some(hit));
+        }
+        let mut got = driver
+            .retrieve(namespace, vec![r.claim])
+            .await
+            .map_err(|e| StorageError::driver(index, driver.name(), e))?;
+        let bytes = got.pop().ok_or_else(|| StorageError {
+            index,
+            code: Code::Internal,
+            reason: format!("storage driver {:?} returned no payload", driver.name()),
+        })?;
+        self.cache.insert(cache_key, bytes.clone());
+        Ok(Some(bytes))
+    }
+}
+
+fn cache_key(driver: &str, claim: &ClaimData) -> String {
+    let mut key = String::from(driver);
+    for (k, v) in claim {
+        key.push('\0');
+        key.push_str(k);
+        key.push('\0');
+        key.push_str(v);
+    }
+    key
+}

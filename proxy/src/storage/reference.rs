@@ -1,0 +1,289 @@
+//! Temporal's external storage reference payload, written and read byte-compatibly with the
+//! SDKs (`temporalio.converter.ExternalStorage`).
+//!
+//! Written: `metadata {encoding: json/protobuf, messageType:
+//! temporal.api.sdk.v1.ExternalStorageReference}`, `data` = proto3 JSON
+//! `{"claimData":{...},"driverName":"..."}`, `external_payloads` = one
+//! `ExternalPayloadDetails { size_bytes }` with the stored size.
+//!
+//! Read: that form, the legacy `json/external-storage-reference` form
+//! (`{"driver_name": ..., "driver_claim": {"claim_data": {...}}}`), and a codec-encoded reference
+//! carrying `__temporal_external_storage_reference = true`.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use payload_gateway_drivers::ClaimData;
+use prost::Message;
+use serde::Deserialize;
+
+/// `encoding` of the current reference form.
+pub const ENCODING_JSON_PROTOBUF: &[u8] = b"json/protobuf";
+/// `messageType` of the current reference form.
+pub const REFERENCE_MESSAGE_TYPE: &[u8] = b"temporal.api.sdk.v1.ExternalStorageReference";
+/// `encoding` of the legacy reference form.
+pub const ENCODING_LEGACY: &[u8] = b"json/external-storage-reference";
+/// Metadata key marking a (codec-encoded) reference.
+pub const MARKER_KEY: &str = "__temporal_external_storage_reference";
+
+/// `temporal.api.common.v1.Payload` with the fields a reference uses.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RefPayload {
+    /// `map<string, bytes> metadata = 1`.
+    #[prost(btree_map = "string, bytes", tag = "1")]
+    pub metadata: BTreeMap<String, Vec<u8>>,
+    /// `bytes data = 2`.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub data: Bytes,
+    /// `repeated ExternalPayloadDetails external_payloads = 3`.
+    #[prost(message, repeated, tag = "3")]
+    pub external_payloads: Vec<ExternalPayloadDetails>,
+}
+
+/// `temporal.api.common.v1.Payload.ExternalPayloadDetails`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ExternalPayloadDetails {
+    /// `int64 size_bytes = 1`.
+    #[prost(int64, tag = "1")]
+    pub size_bytes: i64,
+}
+
+/// Only the metadata of a payload: decoding skips `data` without copying it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct MetaOnly {
+    #[prost(btree_map = "string, bytes", tag = "1")]
+    metadata: BTreeMap<String, Vec<u8>>,
+}
+
+/// A decoded reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// The driver that stored the payload.
+    pub driver_name: String,
+    /// Its claim.
+    pub claim: ClaimData,
+}
+
+/// What a payload is, as far as storage is concerned.
+#[derive(Debug)]
+pub enum Kind {
+    /// An ordinary payload.
+    Plain,
+    /// A reference.
+    Reference(Reference),
+    /// A codec-encoded reference (marker set): decode it with the codec, then parse again.
+    Marked(Bytes),
+}
+
+/// Builds the reference payload for `claim` stored by `driver_name`, `size` bytes stored.
+pub fn build(driver_name: &str, claim: &ClaimData, size: usize) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Json<'a> {
+        #[serde(rename = "claimData")]
+        claim_data: &'a ClaimData,
+        #[serde(rename = "driverName")]
+        driver_name: &'a str,
+    }
+    let data = serde_json::to_vec(&Json {
+        claim_data: claim,
+        driver_name,
+    })
+    .expect("a string map serializes");
+    RefPayload {
+        metadata: BTreeMap::from([
+            ("encoding".to_owned(), ENCODING_JSON_PROTOBUF.to_vec()),
+            ("messageType".to_owned(), REFERENCE_MESSAGE_TYPE.to_vec()),
+        ]),
+        data: Bytes::from(data),
+        external_payloads: vec![ExternalPayloadDetails {
+            size_bytes: size as i64,
+        }],
+    }
+    .encode_to_vec()
+    .into()
+}
+
+/// Whether `payload` is a reference in any form (cheap: reads metadata only).
+pub fn is_reference(payload: &[u8]) -> bool {
+    MetaOnly::decode(payload).is_ok_and(|m| meta_kind(&m.metadata) != MetaKind::Plain)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum MetaKind {
+    Plain,
+    Current,
+    Legacy,
+    Marked,
+}
+
+fn meta_kind(metadata: &BTreeMap<String, Vec<u8>>) -> MetaKind {
+    if metadata.get(MARKER_KEY).map(Vec::as_slice) == Some(b"true") {
+        return MetaKind::Marked;
+    }
+    match metadata.get("encoding").map(Vec::as_slice) {
+        Some(ENCODING_LEGACY) => MetaKind::Legacy,
+        Some(ENCODING_JSON_PROTOBUF)
+            if metadata.get("messageType").map(Vec::as_slice) == Some(REFERENCE_MESSAGE_TYPE) =>
+        {
+            MetaKind::Current
+        }
+        _ => MetaKind::Plain,
+    }
+}
+
+/// Classifies a serialized payload. `Err`: it is a reference but malformed.
+pub fn classify(payload: &Bytes) -> Result<Kind, String> {
+    let Ok(meta) = MetaOnly::decode(payload.as_ref()) else {
+        // Not a payload we understand: leave it to the codec (which reports malformed input).
+        return Ok(Kind::Plain);
+    };
+    match meta_kind(&meta.metadata) {
+        MetaKind::Plain => Ok(Kind::Plain),
+        MetaKind::Marked => {
+            let mut full = RefPayload::decode(payload.as_ref())
+                .map_err(|e| format!("malformed marked reference payload: {e}"))?;
+            full.metadata.remove(MARKER_KEY);
+            full.external_payloads.clear();
+            Ok(Kind::Marked(full.encode_to_vec().into()))
+        }
+        kind => {
+            let full = RefPayload::decode(payload.as_ref())
+                .map_err(|e| format!("malformed reference payload: {e}"))?;
+            parse_json(&full.data, kind == MetaKind::Legacy).map(Kind::Reference)
+        }
+    }
+}
+
+fn parse_json(data: &[u8], legacy: bool) -> Result<Reference, String> {
+    if legacy {
+        #[derive(Deserialize)]
+        struct Claim {
+            claim_data: ClaimData,
+        }
+        #[derive(Deserialize)]
+        struct Legacy {
+            driver_name: String,
+            driver_claim: Claim,
+        }
+        let l: Legacy = serde_json::from_slice(data)
+            .map_err(|e| format!("malformed legacy storage reference: {e}"))?;
+        return Ok(Reference {
+            driver_name: l.driver_name,
+            claim: l.driver_claim.claim_data,
+        });
+    }
+    // proto3 JSON: parsers accept the lowerCamelCase and the original field names.
+    #[derive(Deserialize)]
+    struct Current {
+        #[serde(rename = "driverName", alias = "driver_name", default)]
+        driver_name: String,
+        #[serde(rename = "claimData", alias = "claim_data", default)]
+        claim_data: ClaimData,
+    }
+    let c: Current =
+        serde_json::from_slice(data).map_err(|e| format!("malformed storage reference: {e}"))?;
+    Ok(Reference {
+        driver_name: c.driver_name,
+        claim: c.claim_data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use temporalio_protos::temporal::api::common::v1::Payload;
+
+    fn claim() -> ClaimData {
+        ClaimData::from([
+            ("bucket".to_owned(), "b".to_owned()),
+            ("key".to_owned(), "v0/d/sha256/ab".to_owned()),
+            ("hash_algorithm".to_owned(), "sha256".to_owned()),
+            ("hash_value".to_owned(), "ab".to_owned()),
+        ])
+    }
+
+    #[test]
+    fn built_reference_matches_the_official_layout() {
+        let bytes = build("aws.s3driver", &claim(), 1234);
+        let p = Payload::decode(bytes.as_ref()).unwrap();
+        assert_eq!(p.metadata["encoding"], b"json/protobuf");
+        assert_eq!(
+            p.metadata["messageType"],
+            b"temporal.api.sdk.v1.ExternalStorageReference"
+        );
+        assert_eq!(
+            std::str::from_utf8(&p.data).unwrap(),
+            r#"{"claimData":{"bucket":"b","hash_algorithm":"sha256","hash_value":"ab","key":"v0/d/sha256/ab"},"driverName":"aws.s3driver"}"#
+        );
+        assert_eq!(p.external_payloads.len(), 1);
+        assert_eq!(p.external_payloads[0].size_bytes, 1234);
+        assert!(is_reference(&bytes));
+        match classify(&bytes).unwrap() {
+            Kind::Reference(r) => {
+                assert_eq!(r.driver_name, "aws.s3driver");
+                assert_eq!(r.claim, claim());
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn legacy_and_marked_forms_are_read() {
+        let legacy = RefPayload {
+            metadata: BTreeMap::from([("encoding".to_owned(), ENCODING_LEGACY.to_vec())]),
+            data: Bytes::from(r#"{"driver_name":"d","driver_claim":{"claim_data":{"key":"k"}}}"#),
+            external_payloads: vec![],
+        }
+        .encode_to_vec();
+        match classify(&Bytes::from(legacy)).unwrap() {
+            Kind::Reference(r) => {
+                assert_eq!(r.driver_name, "d");
+                assert_eq!(r.claim["key"], "k");
+            }
+            other => panic!("{other:?}"),
+        }
+        let marked = RefPayload {
+            metadata: BTreeMap::from([
+                ("encoding".to_owned(), b"binary/encrypted".to_vec()),
+                (MARKER_KEY.to_owned(), b"true".to_vec()),
+            ]),
+            data: Bytes::from_static(b"ciphertext"),
+            external_payloads: vec![ExternalPayloadDetails { size_bytes: 9 }],
+        }
+        .encode_to_vec();
+        match classify(&Bytes::from(marked)).unwrap() {
+            Kind::Marked(inner) => {
+                let p = RefPayload::decode(inner.as_ref()).unwrap();
+                assert!(!p.metadata.contains_key(MARKER_KEY));
+                assert!(p.external_payloads.is_empty());
+                assert_eq!(p.metadata["encoding"], b"binary/encrypted");
+            }
+            other => panic!("{other:?}"),
+        }
+        let plain = RefPayload {
+            metadata: BTreeMap::from([("encoding".to_owned(), b"json/plain".to_vec())]),
+            data: Bytes::from_static(b"1"),
+            external_payloads: vec![],
+        }
+        .encode_to_vec();
+        assert!(matches!(
+            classify(&Bytes::from(plain.clone())).unwrap(),
+            Kind::Plain
+        ));
+        assert!(!is_reference(&plain));
+    }
+
+    #[test]
+    fn malformed_reference_is_an_error() {
+        let bad = RefPayload {
+            metadata: BTreeMap::from([
+                ("encoding".to_owned(), ENCODING_JSON_PROTOBUF.to_vec()),
+                ("messageType".to_owned(), REFERENCE_MESSAGE_TYPE.to_vec()),
+            ]),
+            data: Bytes::from_static(b"{not json"),
+            external_payloads: vec![],
+        }
+        .encode_to_vec();
+        assert!(classify(&Bytes::from(bad)).is_err());
+    }
+}
