@@ -10,6 +10,7 @@ use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
 use crate::codec::PayloadCodec;
+use crate::codec_server::CodecServer;
 use crate::config::{Config, ConfigError};
 use crate::rewrite::{Pipeline, RewriteLayer};
 use crate::server::{self, ServerSettings};
@@ -40,6 +41,7 @@ pub struct Gateway {
     admin_listener: Option<TcpListener>,
     upstream: Upstream,
     rewrite: Option<RewriteLayer>,
+    codec_server: Option<(TcpListener, CodecServer)>,
     settings: ServerSettings,
     readiness: Readiness,
 }
@@ -53,17 +55,25 @@ impl Gateway {
         refuse_unsupported(config)?;
         let upstream = Upstream::new(&config.proxy)?;
         let storage = Storage::from_config(config).await?.map(Arc::new);
-        let rewrite = if config.encryption.enabled || config.compression.enabled || storage.is_some()
-        {
-            let codec = Arc::new(PayloadCodec::from_config(config)?);
-            Some(RewriteLayer::new(
-                Pipeline::new(codec).with_storage(storage),
-                config.proxy.max_message_bytes,
-            ))
+        let rewrite =
+            if config.encryption.enabled || config.compression.enabled || storage.is_some() {
+                let codec = Arc::new(PayloadCodec::from_config(config)?);
+                Some(RewriteLayer::new(
+                    Pipeline::new(codec).with_storage(storage),
+                    config.proxy.max_message_bytes,
+                ))
+            } else {
+                None
+            };
+        let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
+        let codec_server = if config.codec_server.enabled {
+            let pipeline = rewrite.as_ref().map(|r| r.pipeline().clone());
+            let server = CodecServer::from_config(&config.codec_server, pipeline)?;
+            let listener = bind("codec_server.listen", config.codec_server.listen).await?;
+            Some((listener, server))
         } else {
             None
         };
-        let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
         let admin_listener = if config.admin.enabled {
             Some(bind("admin.listen", config.admin.listen).await?)
         } else {
@@ -74,6 +84,7 @@ impl Gateway {
             admin_listener,
             upstream,
             rewrite,
+            codec_server,
             settings: ServerSettings {
                 shutdown_grace: Duration::from_millis(config.proxy.shutdown_grace_ms),
             },
@@ -87,6 +98,19 @@ impl Gateway {
     /// keys through [`PayloadCodec::reload`].
     pub fn codec(&self) -> Option<Arc<PayloadCodec>> {
         self.rewrite.as_ref().map(|r| r.pipeline().codec().clone())
+    }
+
+    /// The payload pipeline the gRPC layer runs, shared with the codec endpoint (`None` when
+    /// the gateway only forwards).
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        self.rewrite.as_ref().map(|r| r.pipeline())
+    }
+
+    /// The codec endpoint's address, when enabled.
+    pub fn codec_server_addr(&self) -> Option<SocketAddr> {
+        self.codec_server
+            .as_ref()
+            .map(|(l, _)| l.local_addr().expect("a bound listener has an address"))
     }
 
     /// The address SDKs connect to (useful when configured with port 0).
@@ -115,6 +139,17 @@ impl Gateway {
                 stopped(shutdown.clone()),
             ))
         });
+        let codec_server = self.codec_server.map(|(listener, server)| {
+            tracing::info!(
+                listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                "codec endpoint ready"
+            );
+            tokio::spawn(server.serve(
+                listener,
+                stopped(shutdown.clone()),
+                self.settings.shutdown_grace,
+            ))
+        });
         tracing::info!(
             listen = %self.proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             upstream = %self.upstream.authority(),
@@ -133,6 +168,9 @@ impl Gateway {
         if let Some(admin) = admin {
             let _ = admin.await;
         }
+        if let Some(codec_server) = codec_server {
+            let _ = codec_server.await;
+        }
     }
 }
 
@@ -143,15 +181,8 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 }
 
 /// Refuses sections this build parses but does not implement yet, instead of ignoring them.
-fn refuse_unsupported(config: &Config) -> Result<(), ConfigError> {
-    let unsupported = |key: &str| {
-        Err(ConfigError::invalid(
-            key,
-            "not yet supported by this build; set it to false",
-        ))
-    };
-    if config.codec_server.enabled {
-        return unsupported("codec_server.enabled");
-    }
+fn refuse_unsupported(_config: &Config) -> Result<(), ConfigError> {
+    // Every section is implemented; unsupported storage driver kinds are refused at config
+    // load (`storage::DriverSpec::parse`).
     Ok(())
 }

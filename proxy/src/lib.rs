@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod codec;
+pub mod codec_server;
 pub mod config;
 pub mod grpc;
 pub mod rewrite;
