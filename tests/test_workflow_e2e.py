@@ -15,8 +15,9 @@ from workflows import ACTIVITIES, WORKFLOWS, FailingWorkflow, MainInput, MainWor
 BLOB = "".join(f"{i:06d}-payload-gateway;" for i in range(6000))  # ~108 kB of input
 
 
-async def scenario(address: str, tag: str) -> dict:
-    """Client and worker both connected to `address`; returns everything observed."""
+async def scenario(address: str, tag: str, ids: list[str] | None = None) -> dict:
+    """Client and worker both connected to `address`; returns everything observed. The ids
+    of the workflows it started are appended to `ids` when given."""
     client = await Client.connect(address, namespace="default")
     suffix = uuid.uuid4().hex[:10]
     tq = f"tq-{tag}-{suffix}"
@@ -24,6 +25,8 @@ async def scenario(address: str, tag: str) -> dict:
     async with Worker(client, task_queue=tq, workflows=WORKFLOWS, activities=ACTIVITIES):
         handle = await client.start_workflow(
             MainWorkflow.run, MainInput(name="Ada", countdown=3, blob=BLOB), id=f"main-{tag}-{suffix}", task_queue=tq)
+        if ids is not None:
+            ids += [f"main-{tag}-{suffix}", f"fail-{tag}-{suffix}"]
         out["query_initial"] = await handle.query(MainWorkflow.state)
         await handle.signal(MainWorkflow.add, 1)
         await handle.signal(MainWorkflow.add, 2)
