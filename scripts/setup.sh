@@ -28,3 +28,27 @@ if [[ ! -x "$S3S_BIN" ]] || ! "$S3S_BIN" --version 2>/dev/null | grep -q "$S3S_F
 fi
 
 echo "setup: tools ready in $TOOLS_DIR" >&2
+
+# The Web UI test drives headless Chromium (Debian package) over the DevTools protocol with
+# `websocket-client`. Installing Chromium needs root; without it that test is skipped.
+WEBSOCKET_CLIENT="websocket-client==1.8.0"
+if ! "$VENV/bin/pip" show --quiet websocket-client 2>/dev/null \
+    || [[ "$("$VENV/bin/pip" show websocket-client 2>/dev/null | sed -n 's/^Version: //p')" != "${WEBSOCKET_CLIENT#*==}" ]]; then
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "$WEBSOCKET_CLIENT"
+fi
+if ! command -v chromium >/dev/null 2>&1; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing chromium (Debian package)" >&2
+    apt_log="$(mktemp)"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+         >"$apt_log" 2>&1; then
+      cat "$apt_log" >&2
+      rm -f "$apt_log"
+      exit 1
+    fi
+    rm -f "$apt_log"
+  else
+    echo "setup: chromium missing and not root: the Web UI test will be skipped" >&2
+  fi
+fi

@@ -520,3 +520,145 @@ GRPC_CHANNEL_OPTIONS = [
 
 def channel(address: str, compression=None) -> grpc.Channel:
     return grpc.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS, compression=compression)
+
+
+# --------------------------------------------------------------------------- Temporal dev server with the Web UI
+
+
+class TemporalServerWithUI(TemporalServer):
+    """A dev server that also serves the Web UI on `ui_port`, configured with a remote codec
+    endpoint (`--ui-codec-endpoint`). The UI's origin is `ui_origin`."""
+
+    def __init__(self, workdir: Path, codec_endpoint: str, name: str = "temporal-ui", ui_port: Optional[int] = None):
+        super().__init__(workdir, name=name)
+        self.ui_port = ui_port or free_port()
+        self.ui_origin = f"http://127.0.0.1:{self.ui_port}"
+        self.codec_endpoint = codec_endpoint
+
+    def start(self, timeout: float = 90.0) -> "TemporalServerWithUI":
+        self.starts += 1
+        argv = [
+            temporal_bin(), "server", "start-dev",
+            "--ip", "127.0.0.1",
+            "--port", str(self.port),
+            "--http-port", str(self.http_port),
+            "--metrics-port", str(self.metrics_port),
+            "--ui-port", str(self.ui_port),
+            "--ui-codec-endpoint", self.codec_endpoint,
+            "--db-filename", str(self.db),
+            "--log-level", "error",
+        ]
+        env = dict(os.environ)
+        env.setdefault("TEMPORAL_CLI_SHOW_STACKS", "0")
+        self.proc = ManagedProcess(f"{self.name}#{self.starts}", argv, self.workdir / f"server-{self.starts}.log", env=env)
+        deadline = time.monotonic() + timeout
+        while not (grpc_ready(self.address) and port_accepts(self.ui_port)):
+            if not self.proc.alive():
+                raise RuntimeError(f"temporal dev server exited early\n{self.proc.describe()}")
+            if time.monotonic() > deadline:
+                out = self.proc.describe()
+                self.proc.stop()
+                raise TimeoutError(f"temporal dev server (with UI) not ready in {timeout}s\n{out}")
+            time.sleep(0.3)
+        return self
+
+
+# --------------------------------------------------------------------------- headless Chromium (DevTools protocol)
+
+
+def chromium_bin() -> Optional[str]:
+    for cand in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if cand and Path(cand).exists():
+            return cand
+    return None
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (`websocket-client`)."""
+
+    def __init__(self, workdir: Path, width: int = 1400, height: int = 1800):
+        self.workdir = Path(workdir)
+        self.profile = self.workdir / "chromium-profile"
+        self.profile.mkdir(parents=True, exist_ok=True)
+        self.width, self.height = width, height
+        self.proc: Optional[ManagedProcess] = None
+        self.ws = None
+        self._id = 0
+
+    def start(self, timeout: float = 30.0) -> "Chromium":
+        import json
+        import urllib.request
+
+        import websocket  # websocket-client
+
+        binary = chromium_bin()
+        if binary is None:
+            raise FileNotFoundError("chromium not installed (scripts/setup.sh installs it as root)")
+        argv = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                f"--user-data-dir={self.profile}", "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0", "--remote-allow-origins=*",
+                f"--window-size={self.width},{self.height}", "about:blank"]
+        self.proc = ManagedProcess("chromium", argv, self.workdir / "chromium.log")
+        port_file = self.profile / "DevToolsActivePort"
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "" or not self.proc.alive(),
+                   timeout, what="chromium DevToolsActivePort")
+        if not self.proc.alive():
+            raise RuntimeError(f"chromium exited early\n{self.proc.describe()}")
+        port = int(port_file.read_text().split()[0])
+        pages = []
+
+        def have_page() -> bool:
+            nonlocal pages
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                    pages = [t for t in json.load(r) if t.get("type") == "page"]
+            except OSError:
+                return False
+            return bool(pages)
+
+        wait_until(have_page, timeout, what="a chromium page target")
+        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        self.send("Page.enable")
+        self.send("Runtime.enable")
+        return self
+
+    def send(self, method: str, **params):
+        import json
+
+        self._id += 1
+        msg_id = self._id
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.ws.recv())
+            if reply.get("id") == msg_id:
+                if "error" in reply:
+                    raise RuntimeError(f"CDP {method} failed: {reply['error']}")
+                return reply.get("result", {})
+
+    def navigate(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+
+    def evaluate(self, expression: str):
+        res = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        return res.get("result", {}).get("value")
+
+    def text(self) -> str:
+        return self.evaluate("document.body ? document.body.innerText : ''") or ""
+
+    def screenshot(self, path: Path) -> Path:
+        import base64
+
+        res = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        path = Path(path)
+        path.write_bytes(base64.b64decode(res["data"]))
+        return path
+
+    def stop(self) -> None:
+        try:
+            if self.ws is not None:
+                self.ws.close()
+        except Exception:
+            pass
+        if self.proc is not None:
+            self.proc.stop(timeout=5)
