@@ -273,7 +273,7 @@ impl CodecServer {
             status = answer.status.as_u16(),
             namespace = namespace.as_deref().unwrap_or("-"),
             payloads = answer.payloads.map_or(-1, |n| n as i64),
-            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            duration_ms = (started.elapsed().as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0,
             "codec request"
         );
         response

@@ -1,0 +1,323 @@
+"""The remote codec endpoint (`[codec_server]`) of a real gateway process: the HTTP protocol the
+Temporal Web UI and CLI speak (encode/decode/download, CORS, auth, limits, errors), then the
+real `temporal` CLI and the real Web UI (headless Chromium) showing decoded payloads of a
+workflow that ran through the gateway with encryption on."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+import rig
+from workflows import ACTIVITIES, ChildWorkflow
+
+KEY = bytes(range(100, 132))
+TOKENS = ["tok-e2e-one", "tok-e2e-two"]
+TOKEN = TOKENS[0]
+THRESHOLD = 64 * 1024
+
+
+def b64(b: bytes) -> str:
+    return base64.b64encode(b).decode()
+
+
+def json_payload(value) -> dict:
+    return {"metadata": {"encoding": b64(b"json/plain"), "x-extra": b64(b"\x00\x01kept")},
+            "data": b64(json.dumps(value).encode())}
+
+
+def codec_config(gw: rig.Gateway, workdir, cors_origins: list[str], max_body_bytes: int = 1024 * 1024) -> dict:
+    return {
+        "proxy": {"listen": f"127.0.0.1:{gw.port}", "upstream": gw.upstream},
+        "codec_server": {
+            "enabled": True,
+            "listen": f"127.0.0.1:{gw.codec_port}",
+            "cors_origins": cors_origins,
+            "bearer_tokens_env": "PGW_TEST_CODEC_TOKENS",
+            "max_body_bytes": max_body_bytes,
+            "max_payloads": 50,
+        },
+        "admin": {"listen": f"127.0.0.1:{gw.admin_port}"},
+        "encryption": {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "env": "PGW_TEST_CODEC_KEY"}]},
+        "compression": {"enabled": True},
+        "storage": {
+            "enabled": True,
+            "driver": "local",
+            "threshold": THRESHOLD,
+            "drivers": [{"name": "local", "kind": "filesystem", "root": str(workdir / "payloads")}],
+        },
+    }
+
+
+def start_gateway(gateway_factory, upstream: str, cors_origins: list[str], **kw) -> rig.Gateway:
+    gw = gateway_factory(upstream, config={}, start=False, name="codec-gw",
+                         extra_env={"PGW_TEST_CODEC_KEY": b64(KEY), "PGW_TEST_CODEC_TOKENS": ",".join(TOKENS)})
+    gw.config = codec_config(gw, gw.workdir, cors_origins, **kw)
+    gw.config_path.write_text(rig.render_toml(gw.config))
+    return gw.start()
+
+
+class Reply:
+    def __init__(self, status: int, headers, body: bytes):
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def http(gw: rig.Gateway, method: str, path: str, body=None, headers=None, token: str | None = TOKEN) -> Reply:
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    hdrs = {"Content-Type": "application/json"}
+    if token is not None:
+        hdrs["Authorization"] = f"Bearer {token}"
+    hdrs.update(headers or {})
+    req = urllib.request.Request(f"http://127.0.0.1:{gw.codec_port}{path}", data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return Reply(r.status, r.headers, r.read())
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, e.headers, e.read())
+
+
+@pytest.fixture
+def gw(gateway_factory, temporal_server):
+    return start_gateway(gateway_factory, temporal_server.address, ["http://ui.example:8233"])
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+def test_encode_decode_round_trip(gw):
+    payloads = [json_payload({"name": "Ada", "n": i}) for i in range(3)]
+    enc = http(gw, "POST", "/encode", {"payloads": payloads})
+    assert enc.status == 200, enc.text
+    encoded = enc.json()["payloads"]
+    assert len(encoded) == 3
+    for p in encoded:
+        assert base64.b64decode(p["metadata"]["encoding"]) == b"binary/encrypted"
+        assert base64.b64decode(p["metadata"]["encryption-key-id"]) == b"k1"
+        assert b"Ada" not in base64.b64decode(p["data"])
+    for path, headers in [("/decode", {}), ("/default/decode", {}), ("/decode", {"X-Namespace": "default"})]:
+        dec = http(gw, "POST", path, {"payloads": encoded}, headers=headers)
+        assert dec.status == 200, f"{path}: {dec.text}"
+        assert dec.json()["payloads"] == payloads, path
+    # Payloads that are not the gateway's come back unchanged.
+    same = http(gw, "POST", "/decode", {"payloads": payloads})
+    assert same.status == 200 and same.json()["payloads"] == payloads
+    # The access log names the request, never the token.
+    out = gw.output()
+    assert "codec request" in out and "/default/decode" in out
+    assert TOKEN not in out
+
+
+def test_missing_and_wrong_token(gw):
+    body = {"payloads": [json_payload(1)]}
+    missing = http(gw, "POST", "/decode", body, token=None)
+    assert missing.status == 401 and "authorization required" in missing.text, missing.text
+    wrong = http(gw, "POST", "/decode", body, token="tok-e2e-onE")
+    assert wrong.status == 401, wrong.text
+    # The CLI's --codec-auth sends the raw value, without `Bearer `.
+    raw = http(gw, "POST", "/decode", body, token=None, headers={"Authorization": TOKENS[1]})
+    assert raw.status == 200, raw.text
+
+
+def test_cors_preflight(gw):
+    pre = {"Origin": "http://ui.example:8233", "Access-Control-Request-Method": "POST",
+           "Access-Control-Request-Headers": "content-type,x-namespace,authorization,authorization-extras"}
+    for path in ("/decode", "/encode", "/download", "/default/decode"):
+        r = http(gw, "OPTIONS", path, headers=pre, token=None)
+        assert r.status in (200, 204), f"{path}: {r.status} {r.text}"
+        assert r.headers["Access-Control-Allow-Origin"] == "http://ui.example:8233"
+        assert "POST" in r.headers["Access-Control-Allow-Methods"]
+        assert r.headers["Access-Control-Allow-Credentials"] == "true"
+        allowed = {h.strip().lower() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+        assert {"content-type", "x-namespace", "authorization", "authorization-extras"} <= allowed
+    foreign = http(gw, "OPTIONS", "/decode", headers={**pre, "Origin": "http://evil.example"}, token=None)
+    assert "Access-Control-Allow-Origin" not in foreign.headers
+    actual = http(gw, "POST", "/decode", {"payloads": []}, headers={"Origin": "http://evil.example"})
+    assert actual.status == 200 and "Access-Control-Allow-Origin" not in actual.headers
+
+
+def test_bad_json_oversized_and_unknown_routes(gw):
+    bad = http(gw, "POST", "/decode", b'{"payloads": [')
+    assert bad.status == 400 and "JSON" in bad.text, bad.text
+    not_b64 = http(gw, "POST", "/decode", {"payloads": [{"data": "!!"}]})
+    assert not_b64.status == 400, not_b64.text
+    big = http(gw, "POST", "/decode", {"payloads": [json_payload("x" * (2 * 1024 * 1024))]})
+    assert big.status == 413 and "max_body_bytes" in big.text, big.text
+    many = http(gw, "POST", "/decode", {"payloads": [json_payload(i) for i in range(51)]})
+    assert many.status == 413 and "max_payloads" in many.text, many.text
+    assert http(gw, "POST", "/nothing", {"payloads": []}).status == 404
+    assert http(gw, "GET", "/decode").status == 405
+
+
+def test_tampered_ciphertext_is_refused_with_reason(gw):
+    enc = http(gw, "POST", "/encode", {"payloads": [json_payload("a"), json_payload("b")]}).json()["payloads"]
+    data = bytearray(base64.b64decode(enc[1]["data"]))
+    data[-1] ^= 0x01
+    enc[1]["data"] = b64(bytes(data))
+    r = http(gw, "POST", "/decode", {"payloads": enc})
+    assert r.status == 422, r.text
+    assert "payload 1" in r.text and "k1" in r.text and "tag mismatch" in r.text, r.text
+    enc[1]["metadata"]["encryption-key-id"] = b64(b"k-unknown")
+    r = http(gw, "POST", "/decode", {"payloads": enc})
+    assert r.status == 422 and "k-unknown" in r.text, r.text
+
+
+def test_preserve_storage_refs_and_download(gw):
+    large = json_payload(b64(os.urandom(THRESHOLD * 2)))  # incompressible: stays above the threshold
+    small = json_payload({"small": True})
+    enc = http(gw, "POST", "/encode", {"payloads": [small, large]})
+    assert enc.status == 200, enc.text
+    small_enc, ref = enc.json()["payloads"]
+    meta = {k: base64.b64decode(v) for k, v in ref["metadata"].items()}
+    assert meta.get("messageType") == b"temporal.api.sdk.v1.ExternalStorageReference", meta
+    assert int(ref["externalPayloads"][0]["sizeBytes"]) > THRESHOLD
+
+    kept = http(gw, "POST", "/decode?preserveStorageRefs=true", {"payloads": [small_enc, ref]})
+    assert kept.status == 200, kept.text
+    assert kept.json()["payloads"] == [small, ref]
+
+    down = http(gw, "POST", "/download", {"payloads": [ref]})
+    assert down.status == 200, down.text
+    assert down.json()["payloads"] == [large]
+
+    full = http(gw, "POST", "/default/decode", {"payloads": [small_enc, ref]})
+    assert full.status == 200, full.text
+    assert full.json()["payloads"] == [small, large]
+
+    not_ref = http(gw, "POST", "/download", {"payloads": [small_enc]})
+    assert not_ref.status == 400 and "reference" in not_ref.text, not_ref.text
+
+
+# ----------------------------------------------------------------------------- real clients
+
+
+async def run_child_workflow(address: str, x: int) -> str:
+    client = await Client.connect(address, namespace="default")
+    suffix = uuid.uuid4().hex[:10]
+    tq = f"tq-codec-{suffix}"
+    wf_id = f"codec-{suffix}"
+    async with Worker(client, task_queue=tq, workflows=[ChildWorkflow], activities=ACTIVITIES):
+        result = await client.execute_workflow(ChildWorkflow.run, x, id=wf_id, task_queue=tq)
+    assert result == {"doubled": 2 * x, "greeting": f"Hello, child {x}!"}
+    return wf_id
+
+
+def temporal_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([rig.temporal_bin(), *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+
+
+def shown_payloads(cli_json: str) -> list[tuple[bytes, bytes]]:
+    """(encoding, data) of every payload in `temporal ... --output json` output."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "metadata" in node and isinstance(node.get("metadata"), dict) and "encoding" in node["metadata"]:
+                found.append((base64.b64decode(node["metadata"]["encoding"]), base64.b64decode(node.get("data", ""))))
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(cli_json))
+    return found
+
+
+def test_temporal_cli_decodes_through_codec_endpoint(gw, temporal_server):
+    x = 4242
+    wf_id = asyncio.run(run_child_workflow(gw.address, x))
+    greeting = f"Hello, child {x}!".encode()
+    base = ["workflow", "show", "--workflow-id", wf_id, "--namespace", "default", "--address", temporal_server.address]
+    codec = ["--codec-endpoint", f"http://127.0.0.1:{gw.codec_port}", "--codec-auth", TOKEN]
+
+    raw = temporal_cli(*base, "--output", "json")
+    assert raw.returncode == 0, raw.stderr
+    raw_payloads = shown_payloads(raw.stdout)
+    assert raw_payloads and all(enc == b"binary/encrypted" for enc, _ in raw_payloads), raw_payloads
+    assert not any(greeting in data for _, data in raw_payloads)
+
+    decoded = temporal_cli(*base, "--output", "json", *codec)
+    assert decoded.returncode == 0, decoded.stderr
+    payloads = shown_payloads(decoded.stdout)
+    assert len(payloads) == len(raw_payloads)
+    datas = [data for enc, data in payloads if enc == b"json/plain"]
+    assert str(x).encode() in datas, payloads  # the workflow input
+    assert any(greeting in d and str(2 * x).encode() in d for d in datas), payloads  # the result
+
+    text = temporal_cli(*base, *codec)
+    assert text.returncode == 0, text.stderr
+    assert f"Hello, child {x}!" in text.stdout, text.stdout[-3000:]
+    plain_text = temporal_cli(*base)
+    assert f"Hello, child {x}!" not in plain_text.stdout
+
+    denied = temporal_cli(*base, "--output", "json", "--codec-endpoint", f"http://127.0.0.1:{gw.codec_port}",
+                          "--codec-auth", "nope")
+    assert denied.returncode != 0, denied.stdout[-2000:]
+    assert greeting.decode() not in denied.stdout
+
+
+@pytest.mark.timeout(300)
+def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path):
+    if rig.chromium_bin() is None:
+        pytest.skip("chromium not installed (scripts/setup.sh installs it when run as root)")
+    pytest.importorskip("websocket", reason="websocket-client not installed (scripts/setup.sh)")
+    # The UI origin must be known before the gateway starts (CORS), the codec port before the
+    # server starts (--ui-codec-endpoint): reserve both, then start the gateway, then the server.
+    ui_port = rig.free_port()
+    gw = gateway_factory("127.0.0.1:1", config={}, start=False, name="codec-ui-gw",
+                         extra_env={"PGW_TEST_CODEC_KEY": b64(KEY), "PGW_TEST_CODEC_TOKENS": ",".join(TOKENS)})
+    server = rig.TemporalServerWithUI(rig.new_tmpdir(workdir, "temporal-ui-"), codec_endpoint=f"http://127.0.0.1:{gw.codec_port}",
+                                      ui_port=ui_port)
+    server.start()
+    try:
+        gw.upstream = server.address
+        gw.config = codec_config(gw, gw.workdir, [server.ui_origin])
+        # The browser cannot be given a token without an https endpoint: this gateway runs without auth.
+        del gw.config["codec_server"]["bearer_tokens_env"]
+        gw.config_path.write_text(rig.render_toml(gw.config))
+        gw.start()
+        x = 7373
+        wf_id = asyncio.run(run_child_workflow(gw.address, x))
+        chrome = rig.Chromium(tmp_path)
+        try:
+            chrome.start()
+            chrome.navigate(f"{server.ui_origin}/namespaces/default/workflows/{wf_id}")
+            want = [f"Hello, child {x}!", str(2 * x)]
+            seen = [""]
+
+            def shows_all() -> bool:
+                seen[0] = chrome.text()
+                return all(w in seen[0] for w in want)
+
+            try:
+                rig.wait_until(shows_all, 90, interval=1.0, what="decoded input and result on the workflow page")
+            finally:
+                shot = chrome.screenshot(tmp_path / "workflow-page.png")
+                print(f"screenshot: {shot}")
+            assert str(x) in seen[0]
+            assert "YmluYXJ5L2VuY3J5cHRlZA" not in seen[0]
+        finally:
+            chrome.stop()
+        out = gw.output()
+        assert "/decode" in out, "the UI never called the codec endpoint"
+    finally:
+        gw.stop()
+        server.stop()
