@@ -77,16 +77,30 @@ pub(crate) fn decompress_bounded(frame: &[u8], limit: usize) -> Result<Vec<u8>, 
             e => e,
         })
     };
-    let initial = match zstd_safe::get_frame_content_size(frame) {
+    let (initial, declared) = match zstd_safe::get_frame_content_size(frame) {
         Ok(Some(n)) if n > limit as u64 => return Err(too_large()),
-        Ok(Some(n)) => n as usize,
-        Ok(None) => frame.len().saturating_mul(4).clamp(64 * 1024, limit.max(1)),
-        Err(_) => return Err(CodecError::CorruptFrame("invalid frame header".to_owned())),
+        Ok(Some(n)) => (n as usize, true),
+        Ok(None) => (
+            frame.len().saturating_mul(4).clamp(64 * 1024, limit.max(1)),
+            false,
+        ),
+        Err(_) => {
+            return Err(CodecError::CorruptFrame("invalid frame header".to_owned()));
+        }
     };
     let mut out: Vec<u8> = Vec::with_capacity(initial.min(limit));
     DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         let dctx = slot.get_or_insert_with(DCtx::create);
+        if declared {
+            // Fast path: one-shot into exactly the declared size (≤ limit). zstd cannot write
+            // past the buffer, needs no window buffer, and any surprise (more frames, a lying
+            // header) falls back to the streaming path below for a precise error.
+            if dctx.decompress(&mut out, frame).is_ok() {
+                return Ok(());
+            }
+            out.clear();
+        }
         dctx.reset(ResetDirective::SessionAndParameters)
             .map_err(corrupt)?;
         dctx.set_parameter(DParameter::WindowLogMax(window_log_max(limit)))
