@@ -587,9 +587,15 @@ fn validate_host_port(key: &str, value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Turns serde's message into one line that names the key.
+/// Renders a TOML error so it names the key: syntax errors show the line; type errors (found
+/// while mapping the parsed table onto [`Config`]) end with "in `section.key`", kept on one line.
 fn describe_toml_error(e: &toml::de::Error) -> String {
-    e.message().trim().to_owned()
+    let text = e.to_string();
+    if e.span().is_some() {
+        text.trim_end().to_owned()
+    } else {
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
 }
 
 /// Applies `PGW__A__B=value` as `a.b = value`.
@@ -690,6 +696,7 @@ mod tests {
     fn invalid_listen_address_is_refused() {
         let err = parse("[proxy]\nlisten = \"localhost\"\n").unwrap_err();
         assert!(err.to_string().contains("socket address"), "{err}");
+        assert!(err.to_string().contains("proxy.listen"), "{err}");
     }
 
     #[test]
