@@ -1,5 +1,5 @@
-//! The admin HTTP listener: `/healthz` (the process is alive) and `/readyz` (the upstream
-//! accepts connections).
+//! The admin HTTP listener: `/metrics` (Prometheus), `/healthz` (the process is alive) and
+//! `/readyz` (the upstream accepts connections).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -76,6 +76,16 @@ async fn route(request: &Request<Incoming>, readiness: &Readiness) -> Response<F
     }
     match request.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".to_owned()),
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, crate::metrics::metrics().render());
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            response
+        }
         "/readyz" => match readiness.check().await {
             Ok(()) => text(StatusCode::OK, "ready\n".to_owned()),
             Err(problem) => text(

@@ -12,6 +12,8 @@ use crate::admin::{self, Readiness};
 use crate::codec::PayloadCodec;
 use crate::codec_server::CodecServer;
 use crate::config::{Config, ConfigError};
+use crate::drain::DrainLayer;
+use crate::observe::ObserveLayer;
 use crate::rewrite::{Pipeline, RewriteLayer};
 use crate::server::{self, ServerSettings};
 use crate::storage::Storage;
@@ -58,6 +60,7 @@ impl Gateway {
         let rewrite =
             if config.encryption.enabled || config.compression.enabled || storage.is_some() {
                 let codec = Arc::new(PayloadCodec::from_config(config)?);
+                crate::metrics::observe_codec(&codec);
                 Some(RewriteLayer::new(
                     Pipeline::new(codec).with_storage(storage),
                     config.proxy.max_message_bytes,
@@ -87,6 +90,7 @@ impl Gateway {
             codec_server,
             settings: ServerSettings {
                 shutdown_grace: Duration::from_millis(config.proxy.shutdown_grace_ms),
+                tls: crate::tls::TlsAcceptor::from_config(&config.proxy.tls)?,
             },
             readiness: Readiness {
                 upstream: config.proxy.upstream.clone(),
@@ -156,6 +160,8 @@ impl Gateway {
             "gateway ready"
         );
         let service = tower::ServiceBuilder::new()
+            .layer(ObserveLayer)
+            .layer(DrainLayer::new(shutdown.clone()))
             .option_layer(self.rewrite)
             .service(self.upstream);
         server::serve(

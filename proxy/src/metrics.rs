@@ -1,0 +1,251 @@
+//! Prometheus metrics, served by the admin listener at `/metrics` (OpenMetrics text).
+//!
+//! One process-wide registry: every layer records into [`metrics()`]. Labels never carry
+//! payload contents; namespaces and key ids are the only user-chosen label values.
+
+use std::sync::{Arc, LazyLock, RwLock, Weak};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::codec::PayloadCodec;
+
+/// Labels of an RPC outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    /// The gRPC method, `Service/Method` without the package.
+    pub method: String,
+    /// The gRPC status name, e.g. `OK`, `UNAVAILABLE`.
+    pub code: &'static str,
+}
+
+/// Labels naming a gRPC method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// The gRPC method, `Service/Method` without the package.
+    pub method: String,
+}
+
+/// Labels of a payload operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PayloadLabels {
+    /// The request's namespace (`unknown` when none).
+    pub namespace: String,
+    /// `encoded`, `decoded`, `offloaded` or `resolved`.
+    pub operation: &'static str,
+}
+
+/// Labels of payload bytes crossing the gateway.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BytesLabels {
+    /// `encode` (SDK → server) or `decode` (server → SDK).
+    pub direction: &'static str,
+    /// `in` (before the stages) or `out` (after).
+    pub side: &'static str,
+}
+
+/// Labels of a storage driver operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StorageLabels {
+    /// The driver name.
+    pub driver: String,
+    /// `store` or `retrieve`.
+    pub operation: &'static str,
+}
+
+/// Labels of a cache lookup.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `hit` or `miss`.
+    pub result: &'static str,
+}
+
+/// Every metric the gateway exports.
+pub struct Metrics {
+    registry: Registry,
+    /// RPCs by method and status.
+    pub rpcs: Family<RpcLabels, Counter>,
+    /// RPC latency by method, seconds, from request to the end of the response.
+    pub rpc_duration: Family<MethodLabels, Histogram>,
+    /// Payloads encoded, decoded, offloaded and resolved by namespace.
+    pub payloads: Family<PayloadLabels, Counter>,
+    /// Payload bytes into and out of the stages, by direction.
+    pub payload_bytes: Family<BytesLabels, Counter>,
+    /// Storage driver latency, seconds.
+    pub storage_duration: Family<StorageLabels, Histogram>,
+    /// Storage driver errors.
+    pub storage_errors: Family<StorageLabels, Counter>,
+    /// Resolved-payload cache lookups.
+    pub cache_lookups: Family<CacheLabels, Counter>,
+    /// `google.protobuf.Any` values of types the descriptors don't know (passed through).
+    pub unknown_any: Counter,
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs .. ~52 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 20))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("pgw");
+        let rpcs = Family::<RpcLabels, Counter>::default();
+        registry.register("rpcs", "gRPC requests by method and status", rpcs.clone());
+        let rpc_duration = Family::<MethodLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "rpc_duration_seconds",
+            "gRPC request latency through the gateway",
+            rpc_duration.clone(),
+        );
+        let payloads = Family::<PayloadLabels, Counter>::default();
+        registry.register(
+            "payloads",
+            "payloads encoded, decoded, offloaded and resolved",
+            payloads.clone(),
+        );
+        let payload_bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "payload_bytes",
+            "payload bytes before (in) and after (out) the stages",
+            payload_bytes.clone(),
+        );
+        let storage_duration = Family::<StorageLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "storage_duration_seconds",
+            "object storage latency by driver and operation",
+            storage_duration.clone(),
+        );
+        let storage_errors = Family::<StorageLabels, Counter>::default();
+        registry.register(
+            "storage_errors",
+            "object storage errors by driver and operation",
+            storage_errors.clone(),
+        );
+        let cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "cache_lookups",
+            "resolved-payload cache lookups",
+            cache_lookups.clone(),
+        );
+        let unknown_any = Counter::default();
+        registry.register(
+            "unknown_any",
+            "google.protobuf.Any values of unknown types passed through untouched",
+            unknown_any.clone(),
+        );
+        registry.register_collector(Box::new(EncryptionCounts));
+        Self {
+            registry,
+            rpcs,
+            rpc_duration,
+            payloads,
+            payload_bytes,
+            storage_duration,
+            storage_errors,
+            cache_lookups,
+            unknown_any,
+        }
+    }
+
+    /// Counts `count` payloads of `operation` in `namespace`.
+    pub fn count_payloads(&self, namespace: Option<&str>, operation: &'static str, count: usize) {
+        if count == 0 {
+            return;
+        }
+        self.payloads
+            .get_or_create(&PayloadLabels {
+                namespace: namespace.unwrap_or("unknown").to_owned(),
+                operation,
+            })
+            .inc_by(count as u64);
+    }
+
+    /// Renders every metric in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The codec whose per-key encryption counts are exported (the running gateway's).
+static CODEC: RwLock<Option<Weak<PayloadCodec>>> = RwLock::new(None);
+
+/// Exports `codec`'s encryption counts as `pgw_encryptions_total{key_id}`.
+pub fn observe_codec(codec: &Arc<PayloadCodec>) {
+    if let Ok(mut slot) = CODEC.write() {
+        *slot = Some(Arc::downgrade(codec));
+    }
+}
+
+/// Reads the codec's counters at scrape time, so the codec keeps one source of truth (it also
+/// enforces the per-key nonce limit with them).
+#[derive(Debug)]
+struct EncryptionCounts;
+
+impl Collector for EncryptionCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let codec = CODEC
+            .read()
+            .ok()
+            .and_then(|c| c.as_ref().and_then(Weak::upgrade));
+        let Some(codec) = codec else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "encryptions",
+            "AES-GCM encryptions per key id (random nonces: NIST SP 800-38D allows 2^32 per key)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (key_id, count) in codec.encryption_counts() {
+            let labels = [("key_id", key_id)];
+            let metric_encoder = family.encode_family(&labels)?;
+            ConstCounter::new(count).encode(metric_encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// The gRPC status name for a numeric `grpc-status` value.
+pub fn code_name(code: Option<u32>) -> &'static str {
+    const NAMES: [&str; 17] = [
+        "OK",
+        "CANCELLED",
+        "UNKNOWN",
+        "INVALID_ARGUMENT",
+        "DEADLINE_EXCEEDED",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+        "FAILED_PRECONDITION",
+        "ABORTED",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "INTERNAL",
+        "UNAVAILABLE",
+        "DATA_LOSS",
+        "UNAUTHENTICATED",
+    ];
+    match code {
+        Some(c) => NAMES.get(c as usize).copied().unwrap_or("UNKNOWN"),
+        None => "NONE",
+    }
+}
