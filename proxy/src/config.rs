@@ -45,7 +45,7 @@ pub struct Config {
 pub struct ProxyConfig {
     /// Address the gRPC listener binds.
     pub listen: SocketAddr,
-    /// The Temporal frontend, `host:port` (cleartext HTTP/2).
+    /// The Temporal frontend, `host:port` (HTTP/2; TLS per `[proxy.upstream_tls]`).
     pub upstream: String,
     /// Largest gRPC message accepted from clients or the upstream, in bytes.
     pub max_message_bytes: usize,
@@ -53,6 +53,173 @@ pub struct ProxyConfig {
     pub connect_timeout_ms: u64,
     /// How long in-flight RPCs may run after a shutdown signal, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// Environment variable holding an API key sent upstream as `authorization: Bearer <key>`
+    /// on requests that carry no `authorization` header of their own (Temporal Cloud API keys).
+    /// When set, the variable must exist and be non-empty (refused at start otherwise).
+    pub api_key_env: Option<String>,
+    /// `[proxy.tls]`: TLS toward SDKs. Off unless `cert_file` is set.
+    pub tls: ServerTlsConfig,
+    /// `[proxy.upstream_tls]`: TLS toward the Temporal frontend.
+    pub upstream_tls: UpstreamTlsConfig,
+}
+
+/// `[proxy.tls]`: TLS on the gRPC listener (ALPN `h2`). Enabled when `cert_file` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain the listener presents (leaf first). Setting it enables TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert_file`; required with it.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate. Default: `true` when `client_ca_file` is set
+    /// (`false` accepts clients without one, but a presented certificate must still verify).
+    pub require_client_cert: Option<bool>,
+    /// Time allowed for a client's TLS handshake, in milliseconds.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for ServerTlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            require_client_cert: None,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ServerTlsConfig {
+    /// Whether the listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("proxy.tls.{k}");
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    key("key_file"),
+                    "required with proxy.tls.cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    key("cert_file"),
+                    "required with proxy.tls.key_file",
+                ));
+            }
+            _ => {}
+        }
+        if self.cert_file.is_none() && self.client_ca_file.is_some() {
+            return Err(ConfigError::invalid(
+                key("cert_file"),
+                "required with proxy.tls.client_ca_file (client certificates need TLS)",
+            ));
+        }
+        if self.require_client_cert == Some(true) && self.client_ca_file.is_none() {
+            return Err(ConfigError::invalid(
+                key("client_ca_file"),
+                "required with proxy.tls.require_client_cert = true",
+            ));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                key("handshake_timeout_ms"),
+                "must be greater than 0",
+            ));
+        }
+        for (name, path) in [
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+            ("client_ca_file", &self.client_ca_file),
+        ] {
+            if matches!(path, Some(p) if p.as_os_str().is_empty()) {
+                return Err(ConfigError::invalid(key(name), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[proxy.upstream_tls]`: TLS toward the Temporal frontend (Temporal Cloud, a TLS-enabled
+/// self-hosted frontend).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsConfig {
+    /// Connect to the upstream over TLS (ALPN `h2`).
+    pub enabled: bool,
+    /// PEM CA certificates the upstream's certificate is verified against, instead of the
+    /// platform's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain presented to the upstream (mutual TLS).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`; required with it.
+    pub key_file: Option<PathBuf>,
+    /// Name sent as SNI, verified against the upstream's certificate and sent as `:authority`,
+    /// instead of the host of `proxy.upstream`.
+    pub server_name: Option<String>,
+}
+
+impl UpstreamTlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("proxy.upstream_tls.{k}");
+        if !self.enabled {
+            let set = [
+                ("ca_file", self.ca_file.is_some()),
+                ("cert_file", self.cert_file.is_some()),
+                ("key_file", self.key_file.is_some()),
+                ("server_name", self.server_name.is_some()),
+            ];
+            if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::invalid(
+                    key(name),
+                    "has no effect unless proxy.upstream_tls.enabled = true",
+                ));
+            }
+            return Ok(());
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    key("key_file"),
+                    "required with proxy.upstream_tls.cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    key("cert_file"),
+                    "required with proxy.upstream_tls.key_file",
+                ));
+            }
+            _ => {}
+        }
+        for (name, path) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if matches!(path, Some(p) if p.as_os_str().is_empty()) {
+                return Err(ConfigError::invalid(key(name), "must not be empty"));
+            }
+        }
+        if let Some(name) = &self.server_name {
+            let valid = rustls::pki_types::ServerName::try_from(name.as_str()).is_ok()
+                && name.parse::<http::uri::Authority>().is_ok()
+                && !name.contains(':');
+            if !valid {
+                return Err(ConfigError::invalid(
+                    key("server_name"),
+                    format!("{name:?} is not a DNS name or IPv4 address"),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for ProxyConfig {
@@ -63,6 +230,9 @@ impl Default for ProxyConfig {
             max_message_bytes: 128 * 1024 * 1024,
             connect_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
+            api_key_env: None,
+            tls: ServerTlsConfig::default(),
+            upstream_tls: UpstreamTlsConfig::default(),
         }
     }
 }
@@ -483,6 +653,14 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         validate_host_port("proxy.upstream", &self.proxy.upstream)?;
         self.codec_server.validate()?;
+        self.proxy.tls.validate()?;
+        self.proxy.upstream_tls.validate()?;
+        if matches!(&self.proxy.api_key_env, Some(v) if v.is_empty()) {
+            return Err(ConfigError::invalid(
+                "proxy.api_key_env",
+                "must name an environment variable",
+            ));
+        }
         if self.proxy.max_message_bytes < 4 * 1024 * 1024 {
             return Err(ConfigError::invalid(
                 "proxy.max_message_bytes",
@@ -736,6 +914,51 @@ mod tests {
         let err = Config::from_toml("", vec![("PGW__PROXY__NOPE".to_owned(), "1".to_owned())])
             .unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn tls_keys_are_validated_and_named() {
+        let err = parse("[proxy.tls]\nkey_file = \"k.pem\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("proxy.tls.cert_file"), "{err}");
+        let err = parse("[proxy.tls]\ncert_file = \"c.pem\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("proxy.tls.key_file"), "{err}");
+        let err = parse("[proxy.tls]\nclient_ca_file = \"ca.pem\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("proxy.tls.cert_file"), "{err}");
+        let err =
+            parse("[proxy.tls]\ncert_file = \"c\"\nkey_file = \"k\"\nrequire_client_cert = true\n")
+                .unwrap_err();
+        assert!(
+            err.to_string().starts_with("proxy.tls.client_ca_file"),
+            "{err}"
+        );
+        let err = parse("[proxy.upstream_tls]\nca_file = \"ca.pem\"\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("proxy.upstream_tls.ca_file"),
+            "{err}"
+        );
+        let err = parse("[proxy.upstream_tls]\nenabled = true\nkey_file = \"k\"\n").unwrap_err();
+        assert!(
+            err.to_string().starts_with("proxy.upstream_tls.cert_file"),
+            "{err}"
+        );
+        let err =
+            parse("[proxy.upstream_tls]\nenabled = true\nserver_name = \"a b\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("proxy.upstream_tls.server_name"),
+            "{err}"
+        );
+        let err = parse("[proxy]\napi_key_env = \"\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("proxy.api_key_env"), "{err}");
+        let err = parse("[proxy.tls]\ncertfile = \"c\"\n").unwrap_err();
+        assert!(err.to_string().contains("certfile"), "{err}");
+        let c = parse(
+            "[proxy.tls]\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"\n\
+             [proxy.upstream_tls]\nenabled = true\nserver_name = \"temporal.example\"\n",
+        )
+        .unwrap();
+        assert!(c.proxy.tls.enabled());
+        assert_eq!(c.proxy.tls.handshake_timeout_ms, 10_000);
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The client-facing gRPC listener: HTTP/2 cleartext connections served by hyper, each request
-//! handed to the gateway's tower service. Accepting is separate from serving a connection so TLS
-//! can wrap the stream in between.
+//! The client-facing gRPC listener: HTTP/2 connections (cleartext, or TLS with `[proxy.tls]`)
+//! served by hyper, each request handed to the gateway's tower service. Accepting is separate
+//! from serving a connection so the TLS handshake runs in between.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -14,12 +14,15 @@ use tokio::net::TcpListener;
 use tower::{Service, ServiceExt};
 
 use crate::grpc::GatewayBody;
+use crate::tls::TlsAcceptor;
 
 /// HTTP/2 settings toward clients.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// How long in-flight requests may run after shutdown begins.
     pub shutdown_grace: Duration,
+    /// TLS toward clients (`[proxy.tls]`); `None`: cleartext HTTP/2.
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Serves gRPC on `listener` until `shutdown` resolves, then lets in-flight requests finish for
@@ -65,6 +68,23 @@ pub async fn serve<S>(
         let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
             service.clone().oneshot(request.map(GatewayBody::new))
         });
+        if let Some(tls) = settings.tls.clone() {
+            // The handshake runs in the connection's task so a slow client never holds up the
+            // accept loop; the watcher keeps shutdown waiting for it (bounded by its timeout).
+            let watcher = graceful.watcher();
+            let http = http.clone();
+            tokio::spawn(async move {
+                let Some(stream) = tls.handshake(stream, peer).await else {
+                    return;
+                };
+                let connection =
+                    watcher.watch(http.serve_connection(TokioIo::new(stream), hyper_service));
+                if let Err(e) = connection.await {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+            });
+            continue;
+        }
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), hyper_service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {

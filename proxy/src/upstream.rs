@@ -1,6 +1,10 @@
 //! The connection to the Temporal frontend: pooled HTTP/2, reconnecting on its own, never one
 //! connection per request. Failures become gRPC statuses that name the upstream, so a client
 //! sees `UNAVAILABLE: upstream 127.0.0.1:7234 unreachable: ...` and retries.
+//!
+//! With `[proxy.upstream_tls]` connections are TLS (custom CA or the platform's roots, optional
+//! client certificate, optional server-name override, which is then also the `:authority`);
+//! with `proxy.api_key_env` requests without an `authorization` header get the API key.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -8,16 +12,21 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http::header::AUTHORIZATION;
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame};
 use hyper::body::Incoming;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tower::ServiceExt;
 
 use crate::config::{ConfigError, ProxyConfig};
 use crate::grpc::{BoxError, Code, GatewayBody, Status};
+use crate::tls::UpstreamTls;
 
 /// Headers that belong to one hop and must not be forwarded.
 const HOP_BY_HOP: [&str; 6] = [
@@ -32,9 +41,14 @@ const HOP_BY_HOP: [&str; 6] = [
 /// A cheap-to-clone handle on the upstream connection pool.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, GatewayBody>,
+    client: Client<UpstreamConnector, GatewayBody>,
     scheme: Scheme,
+    /// `proxy.upstream`: where connections go, and the name in messages and logs.
     authority: Authority,
+    /// The `:authority` of forwarded requests: `proxy.upstream_tls.server_name` when set.
+    request_authority: Authority,
+    /// `authorization: Bearer <key>` from `proxy.api_key_env` (marked sensitive).
+    api_key: Option<HeaderValue>,
 }
 
 impl Upstream {
@@ -43,9 +57,39 @@ impl Upstream {
         let authority: Authority = config.upstream.parse().map_err(|e| {
             ConfigError::invalid("proxy.upstream", format!("invalid authority: {e}"))
         })?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        let tls = UpstreamTls::from_config(&config.upstream_tls, authority.host())?;
+        let (scheme, request_authority) = match &config.upstream_tls.server_name {
+            Some(name) if tls.is_some() => (
+                Scheme::HTTPS,
+                name.parse::<Authority>().map_err(|e| {
+                    ConfigError::invalid("proxy.upstream_tls.server_name", e.to_string())
+                })?,
+            ),
+            _ if tls.is_some() => (Scheme::HTTPS, authority.clone()),
+            _ => (Scheme::HTTP, authority.clone()),
+        };
+        let api_key = match &config.api_key_env {
+            Some(var) => Some(api_key_header(var)?),
+            None => None,
+        };
+        if api_key.is_some() && tls.is_none() {
+            tracing::warn!(
+                upstream = %authority,
+                "proxy.api_key_env is set but proxy.upstream_tls is off: the API key travels in cleartext"
+            );
+        }
+        let dial: Uri = format!("http://{authority}").parse().map_err(|e| {
+            ConfigError::invalid("proxy.upstream", format!("invalid authority: {e}"))
+        })?;
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        let connector = UpstreamConnector {
+            http,
+            dial,
+            tls,
+            timeout: Duration::from_millis(config.connect_timeout_ms),
+        };
         let client = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .timer(TokioTimer::new())
@@ -61,8 +105,10 @@ impl Upstream {
             .build(connector);
         Ok(Self {
             client,
-            scheme: Scheme::HTTP,
+            scheme,
             authority,
+            request_authority,
+            api_key,
         })
     }
 
@@ -78,7 +124,7 @@ impl Upstream {
         let path_and_query = parts.uri.path_and_query().cloned();
         let mut uri = Uri::builder()
             .scheme(self.scheme.clone())
-            .authority(self.authority.clone());
+            .authority(self.request_authority.clone());
         if let Some(pq) = path_and_query {
             uri = uri.path_and_query(pq);
         }
@@ -90,6 +136,12 @@ impl Upstream {
             }
         };
         strip_hop_by_hop(&mut parts.headers);
+        if let Some(key) = &self.api_key {
+            // The client's own credentials win.
+            if !parts.headers.contains_key(AUTHORIZATION) {
+                parts.headers.insert(AUTHORIZATION, key.clone());
+            }
+        }
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) => response
                 .map(|body| GatewayBody::new(UpstreamBody::new(body, self.authority.clone()))),
@@ -121,6 +173,82 @@ impl tower::Service<Request<GatewayBody>> for Upstream {
     fn call(&mut self, request: Request<GatewayBody>) -> Self::Future {
         let upstream = self.clone();
         Box::pin(async move { Ok(upstream.forward(request).await) })
+    }
+}
+
+/// `Bearer <key>` from the environment variable `var`, marked sensitive (never logged).
+fn api_key_header(var: &str) -> Result<HeaderValue, ConfigError> {
+    let key = std::env::var(var).map_err(|e| {
+        ConfigError::invalid(
+            "proxy.api_key_env",
+            format!("environment variable {var}: {e}"),
+        )
+    })?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::invalid(
+            "proxy.api_key_env",
+            format!("environment variable {var} is empty"),
+        ));
+    }
+    let mut value = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+        ConfigError::invalid(
+            "proxy.api_key_env",
+            format!("environment variable {var} holds characters not allowed in a header"),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// Opens connections to the upstream: always to `proxy.upstream` (whatever the request URI's
+/// authority, which may be the TLS server name), TLS when configured, the whole of it bounded
+/// by `proxy.connect_timeout_ms`.
+#[derive(Clone, Debug)]
+pub struct UpstreamConnector {
+    http: HttpConnector,
+    dial: Uri,
+    tls: Option<UpstreamTls>,
+    timeout: Duration,
+}
+
+impl tower::Service<Uri> for UpstreamConnector {
+    type Response = MaybeHttpsStream<TokioIo<TcpStream>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let http = self.http.clone();
+        let dial = self.dial.clone();
+        let tls = self.tls.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            let connect = async move {
+                let tcp = http.oneshot(dial).await?;
+                let Some(tls) = tls else {
+                    return Ok::<_, BoxError>(MaybeHttpsStream::Http(tcp));
+                };
+                let stream = tls
+                    .connector
+                    .connect(tls.server_name.clone(), TokioIo::new(tcp))
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "TLS handshake with {} failed: {e}",
+                            tls.server_name.to_str()
+                        )
+                    })?;
+                Ok(MaybeHttpsStream::Https(TokioIo::new(stream)))
+            };
+            match tokio::time::timeout(timeout, connect).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("connect timed out after {} ms", timeout.as_millis()).into()),
+            }
+        })
     }
 }
 

@@ -1,0 +1,241 @@
+//! TLS on rustls with the aws-lc-rs provider (the same library the codec uses for AES-GCM):
+//! the client-facing acceptor (`[proxy.tls]`) and the client configuration toward the upstream
+//! (`[proxy.upstream_tls]`). Certificates and keys are PEM files, read once at start; a file
+//! that is missing or holds nothing usable is refused with a [`ConfigError`] naming its key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::TcpStream;
+
+use crate::config::{ConfigError, ServerTlsConfig, UpstreamTlsConfig};
+
+/// ALPN protocol of gRPC.
+const H2: &[u8] = b"h2";
+
+/// The crypto provider of every TLS configuration the gateway builds.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Accepts TLS on client connections, bounded by the handshake timeout.
+#[derive(Clone)]
+pub struct TlsAcceptor {
+    inner: tokio_rustls::TlsAcceptor,
+    handshake_timeout: Duration,
+}
+
+impl fmt::Debug for TlsAcceptor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsAcceptor")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsAcceptor {
+    /// Builds the acceptor for `[proxy.tls]`, `None` when TLS is off (no `cert_file`).
+    pub fn from_config(config: &ServerTlsConfig) -> Result<Option<Self>, ConfigError> {
+        let (Some(cert_file), Some(key_file)) = (&config.cert_file, &config.key_file) else {
+            return Ok(None);
+        };
+        let certs = load_certs("proxy.tls.cert_file", cert_file)?;
+        let key = load_key("proxy.tls.key_file", key_file)?;
+        let provider = provider();
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::invalid("proxy.tls", e.to_string()))?;
+        let builder = match &config.client_ca_file {
+            Some(ca_file) => {
+                let roots = load_roots("proxy.tls.client_ca_file", ca_file)?;
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let verifier = if config.require_client_cert.unwrap_or(true) {
+                    verifier
+                } else {
+                    verifier.allow_unauthenticated()
+                };
+                let verifier = verifier
+                    .build()
+                    .map_err(|e| ConfigError::invalid("proxy.tls.client_ca_file", e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut server = builder.with_single_cert(certs, key).map_err(|e| {
+            ConfigError::invalid(
+                "proxy.tls.key_file",
+                format!("does not fit proxy.tls.cert_file: {e}"),
+            )
+        })?;
+        server.alpn_protocols = vec![H2.to_vec()];
+        Ok(Some(Self {
+            inner: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),
+        }))
+    }
+
+    /// Runs the server side of the handshake on `stream`. A failed or too slow handshake is
+    /// logged at debug and yields `None` (the connection is dropped).
+    pub async fn handshake(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+        match tokio::time::timeout(self.handshake_timeout, self.inner.accept(stream)).await {
+            Ok(Ok(stream)) => Some(stream),
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(
+                    %peer,
+                    timeout_ms = self.handshake_timeout.as_millis() as u64,
+                    "TLS handshake timed out"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The upstream's TLS settings, ready for a connector.
+#[derive(Clone)]
+pub struct UpstreamTls {
+    /// Client configuration (ALPN `h2`).
+    pub connector: tokio_rustls::TlsConnector,
+    /// Name for SNI and certificate verification.
+    pub server_name: ServerName<'static>,
+}
+
+impl fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamTls {
+    /// Builds the client side for `[proxy.upstream_tls]`, `None` when disabled. `upstream_host`
+    /// is the host of `proxy.upstream`, the server name unless `server_name` overrides it.
+    pub fn from_config(
+        config: &UpstreamTlsConfig,
+        upstream_host: &str,
+    ) -> Result<Option<Self>, ConfigError> {
+        if !config.enabled {
+            return Ok(None);
+        }
+        let (name_key, name) = match &config.server_name {
+            Some(name) => ("proxy.upstream_tls.server_name", name.as_str()),
+            None => ("proxy.upstream", upstream_host),
+        };
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        let server_name = ServerName::try_from(name.to_owned()).map_err(|e| {
+            ConfigError::invalid(
+                name_key,
+                format!("{name:?} is not a valid TLS server name: {e}"),
+            )
+        })?;
+        let roots = match &config.ca_file {
+            Some(ca_file) => load_roots("proxy.upstream_tls.ca_file", ca_file)?,
+            None => platform_roots()?,
+        };
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ConfigError::invalid("proxy.upstream_tls", e.to_string()))?
+            .with_root_certificates(roots);
+        let mut client = match (&config.cert_file, &config.key_file) {
+            (Some(cert_file), Some(key_file)) => {
+                let certs = load_certs("proxy.upstream_tls.cert_file", cert_file)?;
+                let key = load_key("proxy.upstream_tls.key_file", key_file)?;
+                builder.with_client_auth_cert(certs, key).map_err(|e| {
+                    ConfigError::invalid(
+                        "proxy.upstream_tls.key_file",
+                        format!("does not fit proxy.upstream_tls.cert_file: {e}"),
+                    )
+                })?
+            }
+            _ => builder.with_no_client_auth(),
+        };
+        client.alpn_protocols = vec![H2.to_vec()];
+        Ok(Some(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            server_name,
+        }))
+    }
+}
+
+/// The platform's trust store (`rustls-native-certs`: the OS store, or `SSL_CERT_FILE` /
+/// `SSL_CERT_DIR`).
+fn platform_roots() -> Result<RootCertStore, ConfigError> {
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "cannot load some platform CA certificates");
+    }
+    let mut roots = RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        return Err(ConfigError::invalid(
+            "proxy.upstream_tls.ca_file",
+            "not set and the platform trust store holds no usable CA certificate",
+        ));
+    }
+    Ok(roots)
+}
+
+fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path)
+        .map_err(|e| ConfigError::invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// Every certificate in the PEM file at `path` (at least one).
+fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let pem = read_file(key, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            ConfigError::invalid(key, format!("{}: malformed PEM: {e}", path.display()))
+        })?;
+    if certs.is_empty() {
+        return Err(ConfigError::invalid(
+            key,
+            format!("{}: no PEM certificate found", path.display()),
+        ));
+    }
+    Ok(certs)
+}
+
+/// The first private key in the PEM file at `path`.
+fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
+    let pem = read_file(key, path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        ConfigError::invalid(
+            key,
+            format!("{}: no usable PEM private key: {e}", path.display()),
+        )
+    })
+}
+
+/// A trust store holding the CA certificates in the PEM file at `path`.
+fn load_roots(key: &str, path: &Path) -> Result<RootCertStore, ConfigError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(key, path)? {
+        roots.add(cert).map_err(|e| {
+            ConfigError::invalid(
+                key,
+                format!("{}: unusable CA certificate: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(roots)
+}
