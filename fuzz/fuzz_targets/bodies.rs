@@ -1,0 +1,128 @@
+//! Fuzz bodies shared by the cargo-fuzz targets (`grpc_frame`, `codec_json`) and the stable
+//! corpus replay in `proxy/tests/fuzz_corpus.rs` (both include this file with `#[path]`), so
+//! the checked-in corpora exercise exactly what the fuzzer runs.
+
+use std::io::Write;
+
+use bytes::Bytes;
+use payload_gateway::codec_server::json::{Payload, parse_payloads, write_payloads};
+use payload_gateway::grpc::frame::{self, Encoding, FrameError, PREFIX_LEN};
+
+/// `grpc_frame` input: byte 0 picks the mode and encoding, bytes 1..3 the message size limit
+/// (0..=65535 bytes), the rest is the body (modes 0-2) or a message to compress (mode 3).
+///
+/// Properties: `split` never panics and never returns a message above the limit; a body it
+/// accepts, re-framed uncompressed by `encode`, splits again to the same messages; with
+/// identity and only flag-0 frames, re-framing gives the body back byte for byte; a gzip (or
+/// zlib) frame of a message inflates to exactly that message when it fits the limit, and to
+/// `TooLarge` otherwise.
+pub fn grpc_frame(data: &[u8]) {
+    if data.len() < 3 {
+        return;
+    }
+    let selector = data[0];
+    let limit = u16::from_be_bytes([data[1], data[2]]) as usize;
+    let rest = &data[3..];
+    let encoding = match selector % 3 {
+        0 => Encoding::Identity,
+        1 => Encoding::Gzip,
+        _ => Encoding::Deflate,
+    };
+    if selector & 0x80 != 0 && encoding != Encoding::Identity {
+        compressed_frame(rest, encoding, limit);
+        return;
+    }
+    let body = Bytes::copy_from_slice(rest);
+    match frame::split(&body, encoding, limit) {
+        Ok(messages) => {
+            assert!(messages.iter().all(|m| m.len() <= limit), "message over the limit");
+            let total: usize = messages.iter().map(|m| m.len() + PREFIX_LEN).sum();
+            let reframed = frame::join(frame::encode(messages.clone()), total);
+            assert_eq!(reframed.len(), total);
+            let again = frame::split(&reframed, Encoding::Identity, limit).expect("re-framed body must split");
+            assert_eq!(again, messages, "re-framed body splits differently");
+            if frames_all_uncompressed(rest) {
+                assert_eq!(&reframed[..], rest, "identity re-framing must give the body back");
+            }
+        }
+        Err(FrameError::Truncated { .. } | FrameError::InvalidFlag(_) | FrameError::TooLarge { .. }) => {}
+        Err(FrameError::UnsupportedEncoding(_)) => {
+            assert_eq!(encoding, Encoding::Identity, "gzip/deflate are supported");
+        }
+        Err(FrameError::Corrupt { .. }) => assert_ne!(encoding, Encoding::Identity),
+    }
+}
+
+fn frames_all_uncompressed(body: &[u8]) -> bool {
+    let mut offset = 0;
+    while offset < body.len() {
+        if body[offset] != 0 {
+            return false;
+        }
+        let len = u32::from_be_bytes([body[offset + 1], body[offset + 2], body[offset + 3], body[offset + 4]]) as usize;
+        offset += PREFIX_LEN + len;
+    }
+    true
+}
+
+fn compressed_frame(message: &[u8], encoding: Encoding, limit: usize) {
+    let compressed = match encoding {
+        Encoding::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(message).unwrap();
+            e.finish().unwrap()
+        }
+        _ => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(message).unwrap();
+            e.finish().unwrap()
+        }
+    };
+    let mut body = vec![1u8];
+    body.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
+    body.extend_from_slice(&compressed);
+    match frame::split(&Bytes::from(body), encoding, limit) {
+        Ok(messages) => {
+            assert!(compressed.len() <= limit && message.len() <= limit, "accepted over the limit");
+            assert_eq!(messages.len(), 1);
+            assert_eq!(&messages[0][..], message, "inflated message differs");
+        }
+        Err(FrameError::TooLarge { .. }) => {
+            assert!(compressed.len() > limit || message.len() > limit, "refused a message within the limit");
+        }
+        Err(e) => panic!("a well-formed compressed frame failed: {e}"),
+    }
+}
+
+/// `codec_json` input: byte 0 < 0x80: the rest is a codec request body (proto3 JSON of
+/// `Payloads`); otherwise the rest is a serialized `Payload` (protobuf).
+///
+/// Properties: parsing never panics; whatever parses is written back as JSON that parses to
+/// the same payloads (write ∘ parse is a fixed point), and each payload survives the protobuf
+/// round trip the pipeline does (`to_bytes` / `from_bytes`); any protobuf `Payload` written as
+/// JSON parses back to itself (every metadata key and byte, `externalPayloads` sizes).
+pub fn codec_json(data: &[u8]) {
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
+    if selector < 0x80 {
+        let Ok(payloads) = parse_payloads(rest) else {
+            return;
+        };
+        check_round_trip(&payloads);
+    } else if let Ok(payload) = Payload::from_bytes(rest) {
+        check_round_trip(std::slice::from_ref(&payload));
+    }
+}
+
+fn check_round_trip(payloads: &[Payload]) {
+    let written = write_payloads(payloads);
+    let value: serde_json::Value = serde_json::from_slice(&written).expect("written body must be JSON");
+    assert_eq!(value["payloads"].as_array().map(Vec::len), Some(payloads.len()));
+    let parsed = parse_payloads(&written).expect("written body must parse");
+    assert_eq!(parsed, payloads, "JSON round trip changed the payloads");
+    for p in payloads {
+        let back = Payload::from_bytes(&p.to_bytes()).expect("protobuf round trip");
+        assert_eq!(&back, p, "protobuf round trip changed the payload");
+    }
+}
