@@ -138,3 +138,14 @@ def assert_bucket_ciphertext(s3: rig.S3Server, markers: Iterable[bytes]) -> None
         assert stored.metadata.get("encoding") == ENCRYPTED, f"{obj} holds a non-encrypted payload"
         for marker in markers:
             assert marker not in data, f"plaintext {marker!r} in {obj}"
+
+
+def b64_variants(marker: bytes) -> list[bytes]:
+    """The marker as it appears inside base64 text at each of the 3 alignments (Workflow Streams
+    items travel as base64 of a serialized Payload inside a JSON payload)."""
+    out = []
+    for pad in range(3):
+        enc = base64.b64encode(b"\0" * pad + marker)
+        start = (pad * 4 + 2) // 3 + 1   # skip characters touched by the padding bytes
+        out.append(enc[start:len(enc) - 4])
+    return [v for v in out if len(v) >= 8]
