@@ -324,6 +324,7 @@ def forwarding_config(upstream: str, proxy_port: int, codec_port: int, admin_por
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "encryption": {"enabled": False},
         "compression": {"enabled": False},
+        "storage": {"enabled": False},
     }
 
 
@@ -662,17 +663,3 @@ class Chromium:
             pass
         if self.proc is not None:
             self.proc.stop(timeout=5)
-
-
-# --------------------------------------------------------------------------- storage off when forwarding
-# `[storage]` is on by default (local filesystem). A forwarding-only gateway must not offload
-# either, so the forwarding config turns it off too (appended by the storage work; fold into
-# forwarding_config above when convenient).
-_forwarding_config_with_default_storage = forwarding_config
-
-
-def forwarding_config(upstream: str, proxy_port: int, codec_port: int, admin_port: int) -> dict:  # noqa: F811
-    """A config where the gateway only forwards: no encryption, no compression, no storage."""
-    config = _forwarding_config_with_default_storage(upstream, proxy_port, codec_port, admin_port)
-    config["storage"] = {"enabled": False}
-    return config
