@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import re
 import signal
 import time
@@ -79,6 +81,49 @@ def test_metrics_after_a_workflow(temporal_server, gateway_factory):
     assert metric(text, "pgw_payload_bytes_total", direction="encode", side="in") > 0
     assert metric(text, "pgw_encryptions_total", key_id="k1") >= 4
     assert "secret" not in text and "slow_double" not in text.replace("# ", "")  # no payload contents
+
+
+@activity.defn
+async def echo_len(text: str) -> str:
+    return f"{len(text)}:{text[-8:]}"
+
+
+@workflow.defn
+class BigInputWorkflow:
+    @workflow.run
+    async def run(self, text: str) -> str:
+        return await workflow.execute_activity(echo_len, text, start_to_close_timeout=timedelta(seconds=30))
+
+
+def test_storage_metrics_after_offload(temporal_server, gateway_factory):
+    gw = gateway_factory(temporal_server.address, config={}, start=False, name="gw-metrics-storage")
+    gw.config = {
+        "proxy": {"listen": f"127.0.0.1:{gw.port}", "upstream": gw.upstream},
+        "codec_server": {"enabled": False},
+        "admin": {"listen": f"127.0.0.1:{gw.admin_port}"},
+        "encryption": {"enabled": True, "dev_key_file": str(gw.workdir / "dev.key")},
+        "storage": {"enabled": True, "driver": "local", "threshold": 4096,
+                    "drivers": [{"name": "local", "kind": "filesystem", "root": str(gw.workdir / "payloads")}]},
+    }
+    gw.config_path.write_text(rig.render_toml(gw.config))
+    gw.start()
+    text = base64.b64encode(os.urandom(96 * 1024)).decode()  # 128 KiB, ~96 KiB after compression
+
+    async def run():
+        client = await Client.connect(gw.address)
+        tq = f"tq-storage-metrics-{uuid.uuid4().hex[:8]}"
+        async with Worker(client, task_queue=tq, workflows=[BigInputWorkflow], activities=[echo_len],
+                          workflow_runner=UnsandboxedWorkflowRunner()):
+            return await client.execute_workflow(BigInputWorkflow.run, text, id=f"sm-{tq}", task_queue=tq)
+
+    assert asyncio.run(run()) == f"{len(text)}:{text[-8:]}"
+    _, body = http_get(f"http://127.0.0.1:{gw.admin_port}/metrics")
+    assert metric(body, "pgw_payloads_total", namespace="default", operation="offloaded") >= 1
+    assert metric(body, "pgw_payloads_total", namespace="default", operation="resolved") >= 2
+    assert metric(body, "pgw_storage_duration_seconds_count", driver="local", operation="store") >= 1
+    assert metric(body, "pgw_storage_duration_seconds_count", driver="local", operation="retrieve") >= 1
+    lookups = metric(body, "pgw_cache_lookups_total")
+    assert lookups >= 2 and metric(body, "pgw_cache_lookups_total", result="hit") >= 1, body
 
 
 def test_readyz_follows_the_upstream(dedicated_temporal_server, gateway_factory):

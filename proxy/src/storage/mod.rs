@@ -18,6 +18,7 @@ use payload_gateway_drivers::{ClaimData, DriverError, StorageDriver, StoreContex
 
 use crate::config::{Config, ConfigError, DriverConfig, DriverKind};
 use crate::grpc::Code;
+use crate::metrics::{CacheLabels, StorageLabels, metrics};
 use cache::ByteLru;
 pub use reference::{Kind, Reference};
 
@@ -341,10 +342,10 @@ impl Storage {
             return Ok(out);
         }
         let batch = chosen.iter().map(|&i| payloads[i].clone()).collect();
-        let claims = driver
-            .store(context, batch)
+        let claims = observed(driver.name(), "store", driver.store(context, batch))
             .await
             .map_err(|e| StorageError::driver(chosen[0], driver.name(), e))?;
+        metrics().count_payloads(context.namespace.as_deref(), "offloaded", chosen.len());
         for (&i, claim) in chosen.iter().zip(claims) {
             tracing::debug!(
                 driver = driver.name(),
@@ -389,13 +390,24 @@ impl Storage {
             .validate(namespace, &r.claim)
             .map_err(|e| StorageError::driver(index, driver.name(), e))?;
         let cache_key = cache_key(&r.driver_name, &r.claim);
-        if let Some(hit) = self.cache.get(&cache_key) {
+        let hit = self.cache.get(&cache_key);
+        metrics()
+            .cache_lookups
+            .get_or_create(&CacheLabels {
+                result: if hit.is_some() { "hit" } else { "miss" },
+            })
+            .inc();
+        metrics().count_payloads(namespace, "resolved", 1);
+        if let Some(hit) = hit {
             return Ok(Some(hit));
         }
-        let mut got = driver
-            .retrieve(namespace, vec![r.claim])
-            .await
-            .map_err(|e| StorageError::driver(index, driver.name(), e))?;
+        let mut got = observed(
+            driver.name(),
+            "retrieve",
+            driver.retrieve(namespace, vec![r.claim]),
+        )
+        .await
+        .map_err(|e| StorageError::driver(index, driver.name(), e))?;
         let bytes = got.pop().ok_or_else(|| StorageError {
             index,
             code: Code::Internal,
@@ -404,6 +416,28 @@ impl Storage {
         self.cache.insert(cache_key, bytes.clone());
         Ok(Some(bytes))
     }
+}
+
+/// Runs a driver operation, recording its latency and, on failure, an error.
+async fn observed<T>(
+    driver: &str,
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T, DriverError>>,
+) -> Result<T, DriverError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    let labels = StorageLabels {
+        driver: driver.to_owned(),
+        operation,
+    };
+    metrics()
+        .storage_duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        metrics().storage_errors.get_or_create(&labels).inc();
+    }
+    result
 }
 
 fn cache_key(driver: &str, claim: &ClaimData) -> String {
