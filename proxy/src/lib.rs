@@ -15,6 +15,7 @@ pub mod drain;
 pub mod grpc;
 pub mod metrics;
 pub mod observe;
+pub mod payload;
 pub mod rewrite;
 pub mod server;
 pub mod storage;

@@ -20,6 +20,7 @@ fn user_payload(data: &[u8]) -> Vec<u8> {
     let mut out = WirePayload {
         metadata: BTreeMap::from([("encoding".to_owned(), b"json/plain".to_vec())]),
         data: Bytes::copy_from_slice(data),
+        ..Default::default()
     }
     .encode_to_vec();
     out.extend_from_slice(&[0x78, 0x2a]); // field 15, varint 42
@@ -136,6 +137,7 @@ fn independent_seal(key: &[u8; 32], key_id: &str, plain: &[u8]) -> Vec<u8> {
             ("encryption-key-id".to_owned(), key_id.as_bytes().to_vec()),
         ]),
         data: data.into(),
+        ..Default::default()
     }
     .encode_to_vec()
 }
@@ -395,6 +397,7 @@ fn zstd_payload(frame: Vec<u8>) -> Vec<u8> {
     WirePayload {
         metadata: BTreeMap::from([("encoding".to_owned(), b"binary/zstd".to_vec())]),
         data: frame.into(),
+        ..Default::default()
     }
     .encode_to_vec()
 }

@@ -9,8 +9,6 @@
 //! Reading uses [`scan`], a zero-copy pass that only looks at the two metadata entries the
 //! codec cares about and borrows `data`, so a payload that is not ours costs no allocation.
 
-use std::collections::BTreeMap;
-
 use bytes::Bytes;
 
 /// Metadata key of the encoding.
@@ -22,16 +20,7 @@ pub(crate) const ENCODING_ZSTD: &[u8] = b"binary/zstd";
 /// Encoding of the encryption layer (Temporal's sample encryption codec).
 pub(crate) const ENCODING_ENCRYPTED: &[u8] = b"binary/encrypted";
 
-/// `temporal.api.common.v1.Payload` reduced to the fields the codec writes.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct WirePayload {
-    /// `map<string, bytes> metadata = 1`.
-    #[prost(btree_map = "string, bytes", tag = "1")]
-    pub metadata: BTreeMap<String, Vec<u8>>,
-    /// `bytes data = 2`.
-    #[prost(bytes = "bytes", tag = "2")]
-    pub data: Bytes,
-}
+pub use crate::payload::Payload as WirePayload;
 
 /// Upper bound of [`data_header`]'s length: one key byte and a 10-byte varint.
 pub(crate) const DATA_HEADER_MAX: usize = 11;
@@ -45,6 +34,7 @@ pub(crate) fn metadata_prefix(entries: &[(&str, &[u8])]) -> Vec<u8> {
             .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
             .collect(),
         data: Bytes::new(),
+        external_payloads: Vec::new(),
     }
     .encode_to_vec()
 }

@@ -13,51 +13,11 @@ use std::collections::BTreeMap;
 
 use base64::Engine;
 use bytes::Bytes;
-use prost::Message;
 use serde::de::{self, Deserializer};
 use serde::ser::{SerializeMap, SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
 
-/// `temporal.api.common.v1.Payload`, the fields the codec protocol carries.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Payload {
-    /// `map<string, bytes> metadata = 1`.
-    #[prost(btree_map = "string, bytes", tag = "1")]
-    pub metadata: BTreeMap<String, Vec<u8>>,
-    /// `bytes data = 2`.
-    #[prost(bytes = "bytes", tag = "2")]
-    pub data: Bytes,
-    /// `repeated ExternalPayloadDetails external_payloads = 3`.
-    #[prost(message, repeated, tag = "3")]
-    pub external_payloads: Vec<ExternalPayloadDetails>,
-}
-
-/// `temporal.api.common.v1.Payload.ExternalPayloadDetails`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ExternalPayloadDetails {
-    /// `int64 size_bytes = 1`.
-    #[prost(int64, tag = "1")]
-    pub size_bytes: i64,
-}
-
-impl Payload {
-    /// The serialized protobuf form.
-    pub fn to_bytes(&self) -> Bytes {
-        Bytes::from(self.encode_to_vec())
-    }
-
-    /// Parses the serialized protobuf form.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
-        Self::decode(bytes).map_err(|e| format!("result is not a Payload message: {e}"))
-    }
-
-    /// The metadata value of `key` as text, when present and UTF-8.
-    pub fn meta_str(&self, key: &str) -> Option<&str> {
-        self.metadata
-            .get(key)
-            .and_then(|v| std::str::from_utf8(v).ok())
-    }
-}
+pub use crate::payload::{ExternalPayloadDetails, Payload};
 
 /// Parses a request body. Errors name what is wrong (never payload contents).
 pub fn parse_payloads(body: &[u8]) -> Result<Vec<Payload>, String> {

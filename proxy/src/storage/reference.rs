@@ -26,27 +26,7 @@ pub const ENCODING_LEGACY: &[u8] = b"json/external-storage-reference";
 /// Metadata key marking a (codec-encoded) reference.
 pub const MARKER_KEY: &str = "__temporal_external_storage_reference";
 
-/// `temporal.api.common.v1.Payload` with the fields a reference uses.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RefPayload {
-    /// `map<string, bytes> metadata = 1`.
-    #[prost(btree_map = "string, bytes", tag = "1")]
-    pub metadata: BTreeMap<String, Vec<u8>>,
-    /// `bytes data = 2`.
-    #[prost(bytes = "bytes", tag = "2")]
-    pub data: Bytes,
-    /// `repeated ExternalPayloadDetails external_payloads = 3`.
-    #[prost(message, repeated, tag = "3")]
-    pub external_payloads: Vec<ExternalPayloadDetails>,
-}
-
-/// `temporal.api.common.v1.Payload.ExternalPayloadDetails`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct ExternalPayloadDetails {
-    /// `int64 size_bytes = 1`.
-    #[prost(int64, tag = "1")]
-    pub size_bytes: i64,
-}
+use crate::payload::{ExternalPayloadDetails, Payload as RefPayload};
 
 /// Only the metadata of a payload: decoding skips `data` without copying it.
 #[derive(Clone, PartialEq, prost::Message)]
