@@ -35,17 +35,27 @@ pub fn grpc_frame(data: &[u8]) {
     let body = Bytes::copy_from_slice(rest);
     match frame::split(&body, encoding, limit) {
         Ok(messages) => {
-            assert!(messages.iter().all(|m| m.len() <= limit), "message over the limit");
+            assert!(
+                messages.iter().all(|m| m.len() <= limit),
+                "message over the limit"
+            );
             let total: usize = messages.iter().map(|m| m.len() + PREFIX_LEN).sum();
             let reframed = frame::join(frame::encode(messages.clone()), total);
             assert_eq!(reframed.len(), total);
-            let again = frame::split(&reframed, Encoding::Identity, limit).expect("re-framed body must split");
+            let again = frame::split(&reframed, Encoding::Identity, limit)
+                .expect("re-framed body must split");
             assert_eq!(again, messages, "re-framed body splits differently");
             if frames_all_uncompressed(rest) {
-                assert_eq!(&reframed[..], rest, "identity re-framing must give the body back");
+                assert_eq!(
+                    &reframed[..],
+                    rest,
+                    "identity re-framing must give the body back"
+                );
             }
         }
-        Err(FrameError::Truncated { .. } | FrameError::InvalidFlag(_) | FrameError::TooLarge { .. }) => {}
+        Err(
+            FrameError::Truncated { .. } | FrameError::InvalidFlag(_) | FrameError::TooLarge { .. },
+        ) => {}
         Err(FrameError::UnsupportedEncoding(_)) => {
             assert_eq!(encoding, Encoding::Identity, "gzip/deflate are supported");
         }
@@ -59,7 +69,12 @@ fn frames_all_uncompressed(body: &[u8]) -> bool {
         if body[offset] != 0 {
             return false;
         }
-        let len = u32::from_be_bytes([body[offset + 1], body[offset + 2], body[offset + 3], body[offset + 4]]) as usize;
+        let len = u32::from_be_bytes([
+            body[offset + 1],
+            body[offset + 2],
+            body[offset + 3],
+            body[offset + 4],
+        ]) as usize;
         offset += PREFIX_LEN + len;
     }
     true
@@ -83,12 +98,18 @@ fn compressed_frame(message: &[u8], encoding: Encoding, limit: usize) {
     body.extend_from_slice(&compressed);
     match frame::split(&Bytes::from(body), encoding, limit) {
         Ok(messages) => {
-            assert!(compressed.len() <= limit && message.len() <= limit, "accepted over the limit");
+            assert!(
+                compressed.len() <= limit && message.len() <= limit,
+                "accepted over the limit"
+            );
             assert_eq!(messages.len(), 1);
             assert_eq!(&messages[0][..], message, "inflated message differs");
         }
         Err(FrameError::TooLarge { .. }) => {
-            assert!(compressed.len() > limit || message.len() > limit, "refused a message within the limit");
+            assert!(
+                compressed.len() > limit || message.len() > limit,
+                "refused a message within the limit"
+            );
         }
         Err(e) => panic!("a well-formed compressed frame failed: {e}"),
     }
@@ -117,8 +138,12 @@ pub fn codec_json(data: &[u8]) {
 
 fn check_round_trip(payloads: &[Payload]) {
     let written = write_payloads(payloads);
-    let value: serde_json::Value = serde_json::from_slice(&written).expect("written body must be JSON");
-    assert_eq!(value["payloads"].as_array().map(Vec::len), Some(payloads.len()));
+    let value: serde_json::Value =
+        serde_json::from_slice(&written).expect("written body must be JSON");
+    assert_eq!(
+        value["payloads"].as_array().map(Vec::len),
+        Some(payloads.len())
+    );
     let parsed = parse_payloads(&written).expect("written body must parse");
     assert_eq!(parsed, payloads, "JSON round trip changed the payloads");
     for p in payloads {

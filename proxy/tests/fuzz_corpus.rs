@@ -10,18 +10,28 @@ use std::path::Path;
 mod bodies;
 
 fn replay(target: &str, body: fn(&[u8]), min: usize) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus").join(target);
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).expect("fuzz corpus directory") {
         let path = entry.unwrap().path();
         if path.is_file() {
             let data = std::fs::read(&path).unwrap();
             let outcome = std::panic::catch_unwind(|| body(&data));
-            assert!(outcome.is_ok(), "{target}: corpus file {} fails", path.display());
+            assert!(
+                outcome.is_ok(),
+                "{target}: corpus file {} fails",
+                path.display()
+            );
             n += 1;
         }
     }
-    assert!(n >= min, "expected a seeded corpus in {}, found {n} files", dir.display());
+    assert!(
+        n >= min,
+        "expected a seeded corpus in {}, found {n} files",
+        dir.display()
+    );
 }
 
 #[test]
