@@ -5,10 +5,10 @@ workflow-run operation (a workflow started in B for A: the cross-namespace "chil
 payloads both ways; both histories, read directly from the server, hold only ciphertext (and
 storage references for what B offloads inside B).
 
-Gateway bug (xfail test below): a payload offloaded in one namespace cannot cross to another
-through Nexus: the reference's key lies under `v0/ns/A/` and the gateway refuses to resolve it
-for a poll in namespace B ("claim refused: key ... lies outside the prefix of namespace"), so
-the handler never gets its task and the operation times out.
+Offloaded payloads cross namespaces too: a reference written in A lies under `v0/ns/A/`, and
+the gateway only resolves it for a request in B because the config grants it
+(`[namespaces.B] storage_read_namespaces = ["A"]`, and the reverse for results coming back);
+without the grant it is refused like any reference outside the requesting namespace.
 
 The Python SDK has no cross-namespace child workflows (Temporal deprecated cross-namespace
 commands); the workflow-run Nexus operation is the supported way to run a child workflow in
@@ -137,7 +137,8 @@ async def register_namespace(client: Client, name: str) -> None:
 def run_nexus(server, gateway_factory, s3, big: int, reply_len: int, timeout_s: int):
     ns_a, ns_b = uid("pgw-nx-a"), uid("pgw-nx-b")
     gw = full_gateway(gateway_factory, server.address, s3,
-                      namespaces={ns_a: {"active_key": "k1"}, ns_b: {"active_key": "k2"}})
+                      namespaces={ns_a: {"active_key": "k1", "storage_read_namespaces": [ns_b]},
+                                  ns_b: {"active_key": "k2", "storage_read_namespaces": [ns_a]}})
     endpoint = uid("pgw-ep")
     handler_tq, caller_tq, wf_id = uid("nx-handler"), uid("nx-caller"), uid("nx-caller-wf")
 
@@ -185,12 +186,6 @@ def test_nexus_cross_namespace_different_keys(nexus_server, gateway_factory, s3_
     print(f"\nnexus: caller history {caller}, handler history {handler}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway bug: an offloaded payload cannot cross namespaces through Nexus. The caller's 300 KB input is "
-    "offloaded under v0/ns/<A>/; the handler's PollNexusTaskQueue in namespace B fails with "
-    "'claim refused: key \"v0/ns/<A>/d/sha256/...\" lies outside the prefix of namespace \"<B>\"', so the "
-    "handler never receives the task and the operation times out (same for B's offloaded result reaching A "
-    "through the completion callback)."))
 def test_nexus_cross_namespace_offloaded_payloads(nexus_server, gateway_factory, s3_server):
     caller, handler = run_nexus(nexus_server, gateway_factory, s3_server, big=300_000, reply_len=150_000, timeout_s=10)
     assert caller["refs"] >= 3 and handler["refs"] >= 2

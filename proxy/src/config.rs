@@ -556,6 +556,12 @@ pub struct NamespaceConfig {
     pub storage_driver: Option<String>,
     /// The offload threshold for this namespace.
     pub storage_threshold: Option<usize>,
+    /// Other namespaces whose offloaded payloads requests in this namespace may resolve. A
+    /// reference is otherwise only resolved under the requesting namespace's own key prefix;
+    /// Temporal itself moves payloads across namespaces for Nexus operations (the caller's
+    /// input reaches the handler's namespace, the result comes back), so the caller's and the
+    /// handler's namespaces list each other here.
+    pub storage_read_namespaces: Vec<String>,
 }
 
 /// `[log]`: structured logs.

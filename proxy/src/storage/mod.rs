@@ -192,6 +192,9 @@ impl DriverSpec {
 struct Policy {
     driver: Option<Arc<dyn StorageDriver>>,
     threshold: usize,
+    /// Other namespaces whose objects this namespace may resolve (Nexus), percent-encoded
+    /// as in object keys.
+    read_namespaces: Vec<(String, String)>,
 }
 
 /// A storage failure for the payload at `index`.
@@ -256,15 +259,19 @@ impl Storage {
                 })?;
             drivers.insert(d.name.clone(), built);
         }
-        let policy = |enabled: bool, driver: &str, threshold: usize| Policy {
+        let policy = |enabled: bool, driver: &str, threshold: usize, reads: &[String]| Policy {
             driver: if enabled {
                 drivers.get(driver).cloned()
             } else {
                 None
             },
             threshold,
+            read_namespaces: reads
+                .iter()
+                .filter_map(|ns| Some((layout::percent_encode(Some(ns))?, ns.clone())))
+                .collect(),
         };
-        let default = policy(sc.enabled, &sc.driver, sc.threshold);
+        let default = policy(sc.enabled, &sc.driver, sc.threshold, &[]);
         let namespaces = config
             .namespaces
             .iter()
@@ -275,6 +282,7 @@ impl Storage {
                         o.storage.unwrap_or(sc.enabled),
                         o.storage_driver.as_deref().unwrap_or(&sc.driver),
                         o.storage_threshold.unwrap_or(sc.threshold),
+                        &o.storage_read_namespaces,
                     ),
                 )
             })
@@ -304,6 +312,7 @@ impl Storage {
             default: Policy {
                 driver: drivers.get(driver).cloned(),
                 threshold,
+                read_namespaces: Vec::new(),
             },
             drivers,
             namespaces: HashMap::new(),
@@ -386,6 +395,7 @@ impl Storage {
             return Ok(None);
         };
         // Validate before the cache: a cached object is only served to a claim that may read it.
+        let namespace = self.read_scope(namespace, &r.claim);
         driver
             .validate(namespace, &r.claim)
             .map_err(|e| StorageError::driver(index, driver.name(), e))?;
@@ -415,6 +425,27 @@ impl Storage {
         })?;
         self.cache.insert(cache_key, bytes.clone());
         Ok(Some(bytes))
+    }
+}
+
+impl Storage {
+    /// The namespace whose key prefix `claim` is checked against: the requesting namespace,
+    /// or the namespace the claim's key names when the requesting namespace may read it
+    /// (`[namespaces.<ns>] storage_read_namespaces`).
+    fn read_scope<'a>(&'a self, namespace: Option<&'a str>, claim: &ClaimData) -> Option<&'a str> {
+        let key_namespace = ["key", "object_name"]
+            .iter()
+            .find_map(|field| claim.get(*field))
+            .and_then(|key| key.strip_prefix("v0/ns/"))
+            .and_then(|rest| rest.split('/').next());
+        let Some(key_namespace) = key_namespace else {
+            return namespace;
+        };
+        self.policy(namespace)
+            .read_namespaces
+            .iter()
+            .find(|(encoded, _)| encoded == key_namespace)
+            .map_or(namespace, |(_, name)| Some(name.as_str()))
     }
 }
 
@@ -449,4 +480,50 @@ fn cache_key(driver: &str, claim: &ClaimData) -> String {
         key.push_str(v);
     }
     key
+}
+
+#[cfg(test)]
+mod read_scope_tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn storage(extra: &str) -> Storage {
+        let config = Config::from_toml(
+            &format!(
+                "[encryption]\nenabled = false\n[storage]\nenabled = true\ndriver = \"local\"\n\
+                 [[storage.drivers]]\nname = \"local\"\nkind = \"memory\"\n{extra}\n"
+            ),
+            Vec::new(),
+        )
+        .unwrap();
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(Storage::from_config(&config))
+            .unwrap()
+            .unwrap()
+    }
+
+    fn claim(key: &str) -> ClaimData {
+        ClaimData::from([("key".to_owned(), key.to_owned())])
+    }
+
+    #[test]
+    fn a_namespace_reads_only_its_own_prefix_unless_granted() {
+        let s = storage("[namespaces.b]\nstorage_read_namespaces = [\"a\", \"ops team\"]\n");
+        let a_key = claim("v0/ns/a/d/sha256/00");
+        // b may read a; c may not (it gets its own namespace back, which the driver refuses).
+        assert_eq!(s.read_scope(Some("b"), &a_key), Some("a"));
+        assert_eq!(s.read_scope(Some("c"), &a_key), Some("c"));
+        assert_eq!(
+            s.read_scope(Some("a"), &claim("v0/ns/b/d/sha256/00")),
+            Some("a")
+        );
+        // Names are compared in their percent-encoded key form.
+        assert_eq!(
+            s.read_scope(Some("b"), &claim("v0/ns/ops%20team/d/sha256/00")),
+            Some("ops team")
+        );
+        assert_eq!(s.read_scope(Some("b"), &claim("v0/d/sha256/00")), Some("b"));
+    }
 }
