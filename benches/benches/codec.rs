@@ -69,6 +69,7 @@ fn payload(len: usize) -> Vec<u8> {
     WirePayload {
         metadata: BTreeMap::from([("encoding".to_owned(), b"json/plain".to_vec())]),
         data: json_like(len).into(),
+        ..Default::default()
     }
     .encode_to_vec()
 }
