@@ -6,13 +6,9 @@
 #   scripts/test.sh -k transparency # extra arguments go to pytest
 #
 # Env: PGW_TOOLS_DIR (tool cache, default ~/.cache/payload-gateway), PGW_GATEWAY_BIN (gateway
-# binary to test, default target/release/payload-gateway), PGW_SKIP_CARGO_TEST=1 (skip the Rust
+# binary to test, default target/ci/payload-gateway), PGW_SKIP_CARGO_TEST=1 (skip the Rust
 # tests, for quick iterations on the suite).
 #
-# The Rust tests run with --release on purpose: the suite needs the release binary anyway, so
-# the test build reuses the release dependency artifacts instead of compiling the whole
-# dependency tree a second time in the debug profile (on 2 cores that second tree costs more
-# than the release optimizations slow down the tests themselves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,15 +25,18 @@ export PGW_TOOLS_DIR="$TOOLS_DIR"
 stage "setup"
 bash scripts/setup.sh
 
-stage "cargo build --release -p payload-gateway"
-cargo build --release -p payload-gateway
-
+# One cargo invocation builds the test binaries and, for the integration tests, the gateway
+# binary itself, so dependencies compile once (with dev-dependency features unified). The `ci`
+# profile is release without LTO: see Cargo.toml.
 if [[ "${PGW_SKIP_CARGO_TEST:-0}" != "1" ]]; then
-  stage "cargo test --workspace --release"
-  cargo test --workspace --release
+  stage "cargo test --workspace --profile ci"
+  cargo test --workspace --profile ci
+else
+  stage "cargo build --profile ci -p payload-gateway"
+  cargo build --profile ci -p payload-gateway
 fi
 
-export PGW_GATEWAY_BIN="${PGW_GATEWAY_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/release/payload-gateway}"
+export PGW_GATEWAY_BIN="${PGW_GATEWAY_BIN:-${CARGO_TARGET_DIR:-$PWD/target}/ci/payload-gateway}"
 stage "pytest (gateway: $PGW_GATEWAY_BIN)"
 status=0
 "$TOOLS_DIR/venv/bin/python" -m pytest tests -p no:cacheprovider -ra --timeout=300 --durations=20 "$@" || status=$?
