@@ -2,6 +2,8 @@
 //! corpus replay in `proxy/tests/fuzz_corpus.rs` (both include this file with `#[path]`), so
 //! the checked-in corpora exercise exactly what the fuzzer runs.
 
+#![allow(dead_code)] // each target uses one body
+
 use std::io::Write;
 
 use bytes::Bytes;
