@@ -44,7 +44,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
@@ -392,31 +392,31 @@ impl CodecServer {
                 format!("request body exceeds codec_server.max_body_bytes = {max} bytes"),
             )
         };
-        let declared = request
+        let preserve = preserve_storage_refs(request.uri().query());
+        // A declared length over the limit is refused whatever arrives.
+        let declared_too_large = request
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > max as u64) {
-            return too_large();
-        }
-        let preserve = preserve_storage_refs(request.uri().query());
-        let body = Limited::new(request.into_body(), max);
-        let body = match tokio::time::timeout_at(deadline, body.collect()).await {
-            Err(_) => {
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > max as u64);
+        let limit = if declared_too_large { 0 } else { max };
+        let body = match read_body(request.into_body(), limit, deadline).await {
+            Ok(_) if declared_too_large => return too_large(),
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => return too_large(),
+            Err(BodyError::Timeout) => {
                 return Answer::error(
                     StatusCode::REQUEST_TIMEOUT,
                     "request body not received within codec_server.request_timeout_ms",
                 );
             }
-            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(),
-            Ok(Err(e)) => {
+            Err(BodyError::Read(e)) => {
                 return Answer::error(
                     StatusCode::BAD_REQUEST,
                     format!("cannot read the request body: {e}"),
                 );
             }
-            Ok(Ok(collected)) => collected.to_bytes(),
         };
         let payloads = match json::parse_payloads(&body) {
             Ok(p) => p,
@@ -581,4 +581,61 @@ fn storage_unavailable() -> Answer {
         "cannot resolve external storage reference: external storage is not enabled in this \
          gateway ([storage] enabled = false) or no configured driver resolves it",
     )
+}
+
+/// How much of an oversized body is still read (and thrown away) before answering 413, so a
+/// client that sends its whole body before reading the answer gets the 413 instead of a
+/// connection reset. Beyond this the connection is dropped.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+
+/// Why a request body was not read.
+#[derive(Debug)]
+enum BodyError {
+    /// More than the configured maximum.
+    TooLarge,
+    /// Not received before the deadline.
+    Timeout,
+    /// The connection failed.
+    Read(String),
+}
+
+/// Reads a body of at most `max` bytes before `deadline`. An oversized body is drained (up to
+/// [`DRAIN_LIMIT`], within the deadline) before [`BodyError::TooLarge`] is returned.
+/// With `max` = 0 the body is only drained.
+async fn read_body<B>(
+    body: B,
+    max: usize,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, BodyError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: std::error::Error + Send + Sync + 'static,
+{
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut buf = bytes::BytesMut::new();
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            seen = seen.saturating_add(data.len());
+            if seen > max.saturating_add(DRAIN_LIMIT) {
+                break;
+            }
+            if seen <= max {
+                buf.extend_from_slice(&data);
+            }
+        }
+        if seen > max {
+            Err(BodyError::TooLarge)
+        } else {
+            Ok(buf.freeze())
+        }
+    };
+    match tokio::time::timeout_at(deadline, read).await {
+        Ok(result) => result,
+        Err(_) => Err(BodyError::Timeout),
+    }
 }
