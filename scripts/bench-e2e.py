@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import rig  # noqa: E402
 from sdk_codec import SdkCodec  # noqa: E402
 from temporalio import activity, workflow  # noqa: E402
+from temporalio.api.enums.v1 import EventType  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 from temporalio.converter import DataConverter  # noqa: E402
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker  # noqa: E402
@@ -99,8 +100,13 @@ async def run_mode(address: str, converter: DataConverter, n: int, concurrency: 
         await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), timeout)
         wall = time.monotonic() - t0
         cpu, gw = cpu_secs() - cpu0, (cpu_secs(gw_pid) - gw0 if gw_pid else None)
+        # after the timed part: task timeouts in the histories (lost or late tasks)
+        timeouts = 0
+        for i in range(n):
+            hist = await client.get_workflow_handle(f"{tq}-{i}").fetch_history()
+            timeouts += sum(1 for e in hist.events if "TIMED_OUT" in EventType.Name(e.event_type))
     return {"wf_per_s": n / wall, "wall_s": wall, "sdk_cpu_ms_per_wf": 1e3 * cpu / n,
-            "gw_cpu_ms_per_wf": (1e3 * gw / n) if gw is not None else None}
+            "gw_cpu_ms_per_wf": (1e3 * gw / n) if gw is not None else None, "task_timeouts": timeouts}
 
 
 def main() -> int:
@@ -109,6 +115,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--timeout", type=float, default=300.0, help="bound per mode and round, seconds")
+    ap.add_argument("--modes", default="direct,sdk-codec,gateway", help="comma-separated subset")
     ap.add_argument("--out", default="benches/results/e2e.json")
     args = ap.parse_args()
     rig.install_cleanup_handlers()
@@ -131,24 +138,36 @@ def main() -> int:
         "sdk-codec": (server.address, codec, None),
         "gateway": (gw.address, plain, gw.proc.pid),
     }
+    modes = {m: modes[m] for m in args.modes.split(",")}
+    failures: list[str] = []
     results: dict[str, list[dict]] = {m: [] for m in modes}
     try:
         for r in range(args.rounds):
             order_ = list(modes) if r % 2 == 0 else list(reversed(modes))
             for m in order_:
                 addr, conv, pid = modes[m]
-                res = asyncio.run(run_mode(addr, conv, args.workflows, args.concurrency, args.timeout, pid))
+                try:
+                    res = asyncio.run(run_mode(addr, conv, args.workflows, args.concurrency, args.timeout, pid))
+                except Exception as e:  # keep the other modes' figures; report the failure
+                    failures.append(f"round {r + 1} {m}: {type(e).__name__}: {e}")
+                    print(f"round {r + 1} {m:10} FAILED: {e}", file=sys.stderr, flush=True)
+                    continue
                 results[m].append(res)
                 print(f"round {r + 1} {m:10} {res['wf_per_s']:6.1f} wf/s  SDK CPU {res['sdk_cpu_ms_per_wf']:5.2f} ms/wf"
+                      + f"  task timeouts {res['task_timeouts']}"
                       + (f"  gateway CPU {res['gw_cpu_ms_per_wf']:5.2f} ms/wf" if res["gw_cpu_ms_per_wf"] is not None else ""),
                       file=sys.stderr, flush=True)
     finally:
         gw.stop()
         server.stop()
-    base = statistics.median(x["wf_per_s"] for x in results["direct"])
+    base = statistics.median(x["wf_per_s"] for x in results[next(iter(results))])
     print(f"\n| mode | workflows/s (median of {args.rounds}) | vs direct | SDK process CPU / workflow | gateway CPU / workflow |")
     print("| --- | --- | --- | --- | --- |")
+    for f in failures:
+        print(f"failed: {f}")
     for m, rs in results.items():
+        if not rs:
+            continue
         wps = statistics.median(x["wf_per_s"] for x in rs)
         cpu = statistics.median(x["sdk_cpu_ms_per_wf"] for x in rs)
         g = [x["gw_cpu_ms_per_wf"] for x in rs if x["gw_cpu_ms_per_wf"] is not None]
@@ -156,7 +175,7 @@ def main() -> int:
               else f"| {m} | {wps:.1f} | {100 * wps / base:.0f} % | {cpu:.2f} ms | — |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"workflows": args.workflows, "concurrency": args.concurrency,
-                                          "results": results}, indent=1))
+                                          "results": results, "failures": failures}, indent=1))
     return 0
 
 
