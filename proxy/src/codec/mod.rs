@@ -146,6 +146,13 @@ impl PayloadCodec {
     /// Builds the codec: loads every key (or the development key) and resolves the policy of
     /// each configured namespace.
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
+        // AWS-LC seeds its random generator on first use, which took 60-90 ms here: do it on a
+        // thread of its own now, so neither start-up nor (usually) the first encrypting RPC
+        // waits for it.
+        std::thread::spawn(|| {
+            use aws_lc_rs::rand::SecureRandom;
+            let _ = SystemRandom::new().fill(&mut [0u8; NONCE_LEN]);
+        });
         Self::with_nonce_limit(config, NONCE_LIMIT)
     }
 

@@ -33,10 +33,10 @@ impl GatewayBody {
         Self(body.map_err(Into::into).boxed())
     }
 
-    /// A body that yields `chunks` then `trailers`.
+    /// A body that yields `chunks` (empty ones skipped) then `trailers`.
     pub fn buffered(chunks: Vec<Bytes>, trailers: Option<HeaderMap>) -> Self {
         Self::new(BufferedBody {
-            chunks: chunks.into(),
+            chunks: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
             trailers,
         })
     }

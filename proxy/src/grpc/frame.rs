@@ -145,15 +145,28 @@ fn inflate(message: &[u8], encoding: Encoding, limit: usize) -> Result<Bytes, Fr
     Ok(Bytes::from(out))
 }
 
-/// Frames messages uncompressed, as body chunks (prefix, message, prefix, message, ...), so the
-/// message bytes are not copied.
+/// Messages up to this size are copied behind their prefix into one chunk: one DATA frame
+/// instead of two, and never an empty one.
+const COALESCE_MAX: usize = 16 * 1024;
+
+/// Frames messages uncompressed, as body chunks. A small message shares a chunk with its
+/// prefix; a large one follows its prefix as a chunk of its own, so its bytes are not copied.
+/// No chunk is ever empty: some peers (sdk-core's h2) count empty DATA frames as abuse and
+/// close the connection.
 pub fn encode(messages: Vec<Bytes>) -> Vec<Bytes> {
     let mut chunks = Vec::with_capacity(messages.len() * 2);
     for message in messages {
         let mut prefix = [0u8; PREFIX_LEN];
         prefix[1..].copy_from_slice(&(message.len() as u32).to_be_bytes());
-        chunks.push(Bytes::copy_from_slice(&prefix));
-        chunks.push(message);
+        if message.len() <= COALESCE_MAX {
+            let mut chunk = BytesMut::with_capacity(PREFIX_LEN + message.len());
+            chunk.extend_from_slice(&prefix);
+            chunk.extend_from_slice(&message);
+            chunks.push(chunk.freeze());
+        } else {
+            chunks.push(Bytes::copy_from_slice(&prefix));
+            chunks.push(message);
+        }
     }
     chunks
 }
@@ -192,6 +205,16 @@ mod tests {
         let body = join(chunks, 15);
         let messages = split(&body, Encoding::Identity, 1024).unwrap();
         assert_eq!(messages, vec![&b"abc"[..], b"de"]);
+    }
+
+    #[test]
+    fn no_chunk_is_empty_and_small_messages_share_their_prefix_chunk() {
+        let big = Bytes::from(vec![7u8; COALESCE_MAX + 1]);
+        let chunks = encode(vec![Bytes::new(), Bytes::from_static(b"ab"), big.clone()]);
+        assert!(chunks.iter().all(|c| !c.is_empty()));
+        assert_eq!(chunks[0], &[0, 0, 0, 0, 0][..]);
+        assert_eq!(chunks[1], &[0, 0, 0, 0, 2, b'a', b'b'][..]);
+        assert_eq!(chunks[3], big, "a large message is passed on, not copied");
     }
 
     #[test]
