@@ -91,6 +91,7 @@ impl Gateway {
             settings: ServerSettings {
                 shutdown_grace: Duration::from_millis(config.proxy.shutdown_grace_ms),
                 tls: crate::tls::TlsAcceptor::from_config(&config.proxy.tls)?,
+                first_request_timeout: Duration::from_millis(config.proxy.first_request_timeout_ms),
             },
             readiness: Readiness {
                 upstream: config.proxy.upstream.clone(),

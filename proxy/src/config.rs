@@ -53,6 +53,10 @@ pub struct ProxyConfig {
     pub connect_timeout_ms: u64,
     /// How long in-flight RPCs may run after a shutdown signal, in milliseconds.
     pub shutdown_grace_ms: u64,
+    /// A client connection that has sent no complete request within this many milliseconds
+    /// of connecting is closed (stalled handshakes, slow-loris). SDKs send their first RPC at
+    /// once and reconnect on their own.
+    pub first_request_timeout_ms: u64,
     /// Environment variable holding an API key sent upstream as `authorization: Bearer <key>`
     /// on requests that carry no `authorization` header of their own (Temporal Cloud API keys).
     /// When set, the variable must exist and be non-empty (refused at start otherwise).
@@ -230,6 +234,7 @@ impl Default for ProxyConfig {
             max_message_bytes: 128 * 1024 * 1024,
             connect_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
+            first_request_timeout_ms: 10_000,
             api_key_env: None,
             tls: ServerTlsConfig::default(),
             upstream_tls: UpstreamTlsConfig::default(),

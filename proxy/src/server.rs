@@ -4,6 +4,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -23,6 +25,43 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     /// TLS toward clients (`[proxy.tls]`); `None`: cleartext HTTP/2.
     pub tls: Option<TlsAcceptor>,
+    /// A connection that has sent no complete request by then is closed.
+    pub first_request_timeout: Duration,
+}
+
+/// Marks that a connection has delivered a request.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct FirstRequest(Arc<AtomicBool>);
+
+impl FirstRequest {
+    /// Called for every request the connection delivers.
+    pub(crate) fn seen(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Runs `connection`, but drops it (closing the socket) when no complete request has
+    /// arrived within `timeout`: a client that stalls inside the HTTP/2 preface, its SETTINGS
+    /// or a HEADERS block would otherwise hold a descriptor and a task forever (slow loris).
+    /// Connections that delivered a request are left to HTTP/2 keep-alive.
+    pub(crate) async fn deadline<F, E>(self, connection: F, timeout: Duration) -> Result<(), E>
+    where
+        F: Future<Output = Result<(), E>>,
+    {
+        tokio::pin!(connection);
+        tokio::select! {
+            result = &mut connection => return result,
+            () = tokio::time::sleep(timeout) => {}
+        }
+        if self.0.load(Ordering::Relaxed) {
+            connection.await
+        } else {
+            tracing::debug!(
+                timeout_ms = timeout.as_millis() as u64,
+                "closing a connection that sent no request in time"
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Serves gRPC on `listener` until `shutdown` resolves, then lets in-flight requests finish for
@@ -65,9 +104,13 @@ pub async fn serve<S>(
         };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
+        let first = FirstRequest::default();
+        let marker = first.clone();
         let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            marker.seen();
             service.clone().oneshot(request.map(GatewayBody::new))
         });
+        let timeout = settings.first_request_timeout;
         if let Some(tls) = settings.tls.clone() {
             // The handshake runs in the connection's task so a slow client never holds up the
             // accept loop; the watcher keeps shutdown waiting for it (bounded by its timeout).
@@ -79,7 +122,7 @@ pub async fn serve<S>(
                 };
                 let connection =
                     watcher.watch(http.serve_connection(TokioIo::new(stream), hyper_service));
-                if let Err(e) = connection.await {
+                if let Err(e) = first.deadline(connection, timeout).await {
                     tracing::debug!(%peer, error = %e, "client connection ended with an error");
                 }
             });
@@ -87,7 +130,7 @@ pub async fn serve<S>(
         }
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), hyper_service));
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            if let Err(e) = first.deadline(connection, timeout).await {
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }
         });

@@ -546,7 +546,10 @@ impl CodecServer {
                 () = &mut shutdown => break,
             };
             let server = self.clone();
+            let first = crate::server::FirstRequest::default();
+            let marker = first.clone();
             let service = hyper::service::service_fn(move |request| {
+                marker.seen();
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(request).await) }
             });
@@ -560,7 +563,9 @@ impl CodecServer {
                 .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                // HEADER_READ_TIMEOUT only covers HTTP/1 headers; this also covers a client
+                // stalling inside the HTTP/2 preface.
+                if let Err(e) = first.deadline(conn, HEADER_READ_TIMEOUT).await {
                     tracing::debug!(%peer, error = %e, "codec_server: connection ended");
                 }
             });
