@@ -683,9 +683,6 @@ def test_slow_loris_grpc_listener_keeps_serving(temporal_server, gateway_factory
             s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="gateway defect: the gRPC listener (proxy/src/server.rs) has no timeout for the HTTP/2 "
-                   "preface/SETTINGS or for a HEADERS block to complete: a client that connects and stalls holds its "
-                   "connection (a file descriptor and a task) forever, so enough of them exhaust the gateway's descriptors")
 def test_slow_loris_grpc_stalled_connections_are_closed(temporal_server, gateway_factory):
     gw = start_gateway(gateway_factory, temporal_server.address, None)
     socks = _stall(gw.port, 10, b"PRI * HTTP/2.0\r\n") + _stall(gw.port, 10, _h2_headers_partial())
@@ -700,10 +697,7 @@ def test_slow_loris_grpc_stalled_connections_are_closed(temporal_server, gateway
 
 @pytest.mark.parametrize("stall", [
     "partial-http1-headers",
-    pytest.param("partial-h2-preface", marks=pytest.mark.xfail(strict=True, reason=(
-        "gateway defect: the codec listener's header_read_timeout (10 s, proxy/src/codec_server/mod.rs) is an HTTP/1 "
-        "setting; a connection that stalls inside the HTTP/2 preface (hyper-util auto builder's version sniffing and "
-        "the h2 handshake have no timeout) stays open forever"))),
+    "partial-h2-preface",
 ])
 def test_slow_loris_codec_listener(temporal_server, gateway_factory, stall):
     """Stalled clients on the codec endpoint: others are served meanwhile, memory stays flat,
@@ -781,13 +775,6 @@ def h2_data_frames(address: str, path: str, message: bytes, extra_headers: dict[
         s.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "gateway defect: a rewritten response whose message is empty (an empty long-poll result: "
-    "PollActivityTaskQueue/PollWorkflowTaskQueue/PollNexusTaskQueue timing out) is sent as a 5-byte DATA frame plus an "
-    "EMPTY non-final DATA frame (proxy/src/grpc/frame.rs `encode` pushes the empty message as its own chunk). h2 0.4.20 "
-    "(in sdk-core's HTTP/2 stack, and in the gateway's Cargo.lock) allows 100 such frames per connection, then closes it with GOAWAY "
-    "ENHANCE_YOUR_CALM \"too_many_data_frames\": SDK workers see RESOURCE_EXHAUSTED on their polls and RPCs in flight "
-    "on that connection fail (seen in the soak). The server itself sends one 5-byte frame."))
 def test_empty_poll_response_has_no_empty_data_frames(temporal_server, gateway_factory):
     gw = start_gateway(gateway_factory, temporal_server.address, None)
     from temporalio.api.workflowservice.v1 import PollActivityTaskQueueRequest
