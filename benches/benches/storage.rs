@@ -109,14 +109,14 @@ fn bench(c: &mut Criterion) {
         };
         g.bench_function("offload (driver)", |b| {
             b.iter_batched(
-                || fresh(),
+                &mut fresh,
                 |p| rt.block_on(driver.store(&ctx, vec![p])).unwrap(),
                 BatchSize::PerIteration,
             )
         });
         g.bench_function("raw PutObject", |b| {
             b.iter_batched(
-                || fresh(),
+                &mut fresh,
                 |p| {
                     let key = format!("raw/{}", u64::from_le_bytes(p[..8].try_into().unwrap()));
                     rt.block_on(
