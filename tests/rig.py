@@ -259,7 +259,7 @@ class TemporalServer:
             "--port", str(self.port),
             "--http-port", str(self.http_port),
             "--metrics-port", str(self.metrics_port),
-            "--headless",
+            *self._ui_args(),
             "--db-filename", str(self.db),
             "--log-level", "error",
         ]
@@ -269,15 +269,21 @@ class TemporalServer:
         env.setdefault("TEMPORAL_CLI_SHOW_STACKS", "0")
         self.proc = ManagedProcess(f"{self.name}#{self.starts}", argv, self.workdir / f"server-{self.starts}.log", env=env)
         deadline = time.monotonic() + timeout
-        while not grpc_ready(self.address):
+        while not self._ready():
             if not self.proc.alive():
                 raise RuntimeError(f"temporal dev server exited early\n{self.proc.describe()}")
             if time.monotonic() > deadline:
                 out = self.proc.describe()
                 self.proc.stop()
-                raise TimeoutError(f"temporal dev server not ready in {timeout}s\n{out}")
+                raise TimeoutError(f"temporal dev server {self.name} not ready in {timeout}s\n{out}")
             time.sleep(0.3)
         return self
+
+    def _ui_args(self) -> list[str]:
+        return ["--headless"]
+
+    def _ready(self) -> bool:
+        return grpc_ready(self.address)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -536,32 +542,11 @@ class TemporalServerWithUI(TemporalServer):
         self.ui_origin = f"http://127.0.0.1:{self.ui_port}"
         self.codec_endpoint = codec_endpoint
 
-    def start(self, timeout: float = 90.0) -> "TemporalServerWithUI":
-        self.starts += 1
-        argv = [
-            temporal_bin(), "server", "start-dev",
-            "--ip", "127.0.0.1",
-            "--port", str(self.port),
-            "--http-port", str(self.http_port),
-            "--metrics-port", str(self.metrics_port),
-            "--ui-port", str(self.ui_port),
-            "--ui-codec-endpoint", self.codec_endpoint,
-            "--db-filename", str(self.db),
-            "--log-level", "error",
-        ]
-        env = dict(os.environ)
-        env.setdefault("TEMPORAL_CLI_SHOW_STACKS", "0")
-        self.proc = ManagedProcess(f"{self.name}#{self.starts}", argv, self.workdir / f"server-{self.starts}.log", env=env)
-        deadline = time.monotonic() + timeout
-        while not (grpc_ready(self.address) and port_accepts(self.ui_port)):
-            if not self.proc.alive():
-                raise RuntimeError(f"temporal dev server exited early\n{self.proc.describe()}")
-            if time.monotonic() > deadline:
-                out = self.proc.describe()
-                self.proc.stop()
-                raise TimeoutError(f"temporal dev server (with UI) not ready in {timeout}s\n{out}")
-            time.sleep(0.3)
-        return self
+    def _ui_args(self) -> list[str]:
+        return ["--ui-port", str(self.ui_port), "--ui-codec-endpoint", self.codec_endpoint]
+
+    def _ready(self) -> bool:
+        return grpc_ready(self.address) and port_accepts(self.ui_port)
 
 
 # --------------------------------------------------------------------------- headless Chromium (DevTools protocol)
