@@ -247,6 +247,19 @@ pub fn validate_claim(
     })
 }
 
+/// [`validate_claim`] for a whole batch: every claim is checked before anything is fetched.
+pub fn validate_claims(
+    claims: &[ClaimData],
+    key_field: KeyField,
+    buckets: &BucketPolicy,
+    namespace: Option<&str>,
+) -> Result<Vec<ValidClaim>, DriverError> {
+    claims
+        .iter()
+        .map(|c| validate_claim(c, key_field, buckets, namespace))
+        .collect()
+}
+
 fn check_key_shape(key: &str) -> Result<(), &'static str> {
     if key.len() > MAX_KEY_BYTES {
         return Err("is longer than 1024 bytes");

@@ -115,3 +115,20 @@ pub trait StorageDriver: Send + Sync + std::fmt::Debug {
         claims: Vec<ClaimData>,
     ) -> Result<Vec<Bytes>, DriverError>;
 }
+
+/// Runs `op` over `items`, at most `concurrency` at a time, returning the results in order;
+/// the first error wins. Every driver's batch calls go through here.
+pub(crate) async fn in_order<T, R, Fut>(
+    items: Vec<T>,
+    concurrency: usize,
+    op: impl FnMut(T) -> Fut,
+) -> Result<Vec<R>, DriverError>
+where
+    Fut: std::future::Future<Output = Result<R, DriverError>>,
+{
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(items.into_iter().map(op))
+        .buffered(concurrency.max(1))
+        .try_collect()
+        .await
+}

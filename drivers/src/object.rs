@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt, stream};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
@@ -129,10 +128,7 @@ impl StorageDriver for ObjectStoreDriver {
         context: &StoreContext,
         payloads: Vec<Bytes>,
     ) -> Result<Vec<ClaimData>, DriverError> {
-        stream::iter(payloads.into_iter().map(|p| self.store_one(context, p)))
-            .buffered(self.concurrency)
-            .try_collect()
-            .await
+        crate::in_order(payloads, self.concurrency, |p| self.store_one(context, p)).await
     }
 
     async fn retrieve(
@@ -140,14 +136,9 @@ impl StorageDriver for ObjectStoreDriver {
         namespace: Option<&str>,
         claims: Vec<ClaimData>,
     ) -> Result<Vec<Bytes>, DriverError> {
-        let valid = claims
-            .iter()
-            .map(|c| layout::validate_claim(c, KeyField::Key, &BucketPolicy::None, namespace))
-            .collect::<Result<Vec<_>, _>>()?;
-        stream::iter(valid.into_iter().map(|c| self.retrieve_one(c)))
-            .buffered(self.concurrency)
-            .try_collect()
-            .await
+        let valid =
+            layout::validate_claims(&claims, KeyField::Key, &BucketPolicy::None, namespace)?;
+        crate::in_order(valid, self.concurrency, |c| self.retrieve_one(c)).await
     }
 }
 

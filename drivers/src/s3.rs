@@ -21,7 +21,6 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
-use futures::{StreamExt, TryStreamExt, stream};
 
 use crate::layout::{self, BucketPolicy, KeyField, ValidClaim};
 use crate::{ClaimData, DriverError, StorageDriver, StoreContext};
@@ -214,10 +213,10 @@ impl StorageDriver for S3Driver {
         context: &StoreContext,
         payloads: Vec<Bytes>,
     ) -> Result<Vec<ClaimData>, DriverError> {
-        stream::iter(payloads.into_iter().map(|p| self.store_one(context, p)))
-            .buffered(self.config.concurrency.max(1))
-            .try_collect()
-            .await
+        crate::in_order(payloads, self.config.concurrency, |p| {
+            self.store_one(context, p)
+        })
+        .await
     }
 
     async fn retrieve(
@@ -225,13 +224,7 @@ impl StorageDriver for S3Driver {
         namespace: Option<&str>,
         claims: Vec<ClaimData>,
     ) -> Result<Vec<Bytes>, DriverError> {
-        let valid = claims
-            .iter()
-            .map(|c| layout::validate_claim(c, KeyField::Key, &self.buckets, namespace))
-            .collect::<Result<Vec<_>, _>>()?;
-        stream::iter(valid.into_iter().map(|c| self.retrieve_one(c)))
-            .buffered(self.config.concurrency.max(1))
-            .try_collect()
-            .await
+        let valid = layout::validate_claims(&claims, KeyField::Key, &self.buckets, namespace)?;
+        crate::in_order(valid, self.config.concurrency, |c| self.retrieve_one(c)).await
     }
 }
