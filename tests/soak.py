@@ -84,6 +84,36 @@ def make_blob(size: int, seed: int) -> bytes:
     return body
 
 
+class LoadProgress:
+    """How many workflows of a load have finished, shared with a fault running in another
+    thread, so a fault fires at a point in the load rather than after a wall-clock delay (a
+    fast machine can finish a small load before a fixed delay is over)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._done = 0
+        self._over = False
+
+    def finished_one(self) -> None:
+        with self._cond:
+            self._done += 1
+            self._cond.notify_all()
+
+    def load_over(self) -> None:
+        with self._cond:
+            self._over = True
+            self._cond.notify_all()
+
+    def wait_done(self, count: int, timeout_s: float = 240.0) -> None:
+        """Blocks until `count` workflows have finished. Raises if the load ended first or the
+        time ran out: the fault would then not have happened during the load."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done >= count or self._over, timeout=timeout_s):
+                raise TimeoutError(f"only {self._done} workflows finished in {timeout_s:.0f} s, waiting for {count}")
+            if self._done < count:
+                raise AssertionError(f"the load ended after {self._done} workflows, before {count}")
+
+
 @dataclass
 class LoadResult:
     workflows: int = 0
@@ -103,22 +133,25 @@ class LoadResult:
 
 
 def run_load_with(during, *args, **kwargs) -> LoadResult:
-    """`run_load(*args, **kwargs)` on an event loop in a helper thread while `during` (a fault:
-    a blocking callable) runs in the calling thread. Processes a fault (re)starts must be
+    """`run_load(*args, **kwargs)` on an event loop in a helper thread while `during(progress)`
+    (a fault: a blocking callable given the load's `LoadProgress`) runs in the calling thread. Processes a fault (re)starts must be
     spawned from the main thread: the rig's children get PR_SET_PDEATHSIG, which fires when the
     spawning *thread* exits."""
     box: dict = {}
+    progress = LoadProgress()
 
     def target():
         try:
-            box["result"] = asyncio.run(run_load(*args, **kwargs))
+            box["result"] = asyncio.run(run_load(*args, progress=progress, **kwargs))
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller
             box["error"] = err
+        finally:
+            progress.load_over()
 
     t = threading.Thread(target=target, name="soak-load")
     t.start()
     try:
-        during()
+        during(progress)
     finally:
         t.join()
     if "error" in box:
@@ -129,7 +162,7 @@ def run_load_with(during, *args, **kwargs) -> LoadResult:
 async def run_load(address: str, sizes: list[int], concurrency: int = 8, seed: int = 0, tag: Optional[str] = None,
                    timeout_s: float = 600.0, worker_address: Optional[str] = None,
                    progress_every: int = 0, activity_timeout_s: int = 20,
-                   shared_connection: bool = False) -> LoadResult:
+                   shared_connection: bool = False, progress: Optional[LoadProgress] = None) -> LoadResult:
     """Runs one workflow per size through `address` (worker on `worker_address`, default the
     same), `concurrency` at a time. A lost activity completion (a fault) costs
     `activity_timeout_s` before the retry. Returns what happened; every mismatch or failure is
@@ -166,6 +199,8 @@ async def run_load(address: str, sizes: list[int], concurrency: int = 8, seed: i
             out.bytes_sent += size
             out.ids.append(wf_id)
             done += 1
+            if progress is not None:
+                progress.finished_one()
             if progress_every and done % progress_every == 0:
                 print(f"[soak] {done}/{len(sizes)} done, {len(out.errors)} errors", flush=True)
 

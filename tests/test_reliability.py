@@ -276,14 +276,15 @@ def test_fault_s3_500_then_down_then_back(temporal_server, gateway_factory, s3_s
 
     fault_at = []
 
-    def faults():
-        time.sleep(1)
+    def faults(progress):
+        progress.wait_done(4)
         fault_at.append(time.monotonic())
         proxy.mode = "http500"
         time.sleep(2)
         proxy.mode = "refuse"
         time.sleep(1.5)
         proxy.mode = "pass"
+        progress.wait_done(16)  # 32 of 48 still to go
         fault_at.append(time.monotonic())
         s3_server.stop()
         time.sleep(2)
@@ -305,8 +306,8 @@ def test_fault_temporal_server_restarted(dedicated_temporal_server, gateway_fact
 
     fault_at = []
 
-    def restart():
-        time.sleep(2)
+    def restart(progress):
+        progress.wait_done(6)  # 18 of 24 still to go; none can finish while the server is down
         fault_at.append(time.monotonic())
         server.kill()
         time.sleep(2)
@@ -327,7 +328,7 @@ def test_fault_clients_cancel_large_requests(temporal_server, gateway_factory, s
     codes: dict[str, int] = {}
     before = proc_status(gw.proc.pid)
 
-    def cancel_storm():
+    def cancel_storm(_progress):
         blob = soak.make_blob(8 * MiB, 2)  # even seed: repetitive, marker-laden
         inner = Payload(metadata={"encoding": b"binary/plain"}, data=blob)
         with rig.channel(gw.address) as ch:
@@ -372,9 +373,9 @@ def test_fault_gateway_sigkilled_and_restarted(temporal_server, gateway_factory,
     gw = start_gateway(gateway_factory, temporal_server.address, s3_server)
     kills = []
 
-    def kill_and_restart():
-        for delay in (2, 3):
-            time.sleep(delay)
+    def kill_and_restart(progress):
+        for done in (4, 10):  # 14 of 24 still to go at the second kill
+            progress.wait_done(done)
             kills.append(time.monotonic())
             os.kill(gw.proc.pid, signal.SIGKILL)
             gw.proc.proc.wait(timeout=10)
