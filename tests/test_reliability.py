@@ -696,6 +696,39 @@ def test_slow_loris_grpc_stalled_connections_are_closed(temporal_server, gateway
             s.close()
 
 
+def test_connection_limits_hold_new_clients_in_the_backlog(temporal_server, gateway_factory):
+    """At `max_connections` a listener stops accepting: the next client is not served (it waits
+    in the kernel's backlog) until an open connection closes; then it is."""
+    gw = start_gateway(gateway_factory, temporal_server.address, None,
+                       proxy={"max_connections": 3}, codec_server={"max_connections": 2})
+    grpc_socks = _stall(gw.port, 3, b"PRI * HTTP/2.0\r\n")
+    codec_socks = _stall(gw.codec_port, 2, b"PRI * HTTP/2.0\r\n")
+    body = json.dumps({"payloads": []}).encode()
+
+    def decode(timeout: float) -> int:
+        req = urllib.request.Request(f"http://127.0.0.1:{gw.codec_port}/decode", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status
+
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            assert_served(gw, timeout=1.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value
+        with pytest.raises(OSError):  # socket.timeout / URLError(timeout)
+            decode(timeout=1.5)
+        grpc_socks.pop().close()
+        codec_socks.pop().close()
+        assert assert_served(gw, timeout=5) < 5
+        assert decode(timeout=5) == 200
+        log = gw.proc.output()
+        assert "proxy.max_connections" in log and "codec_server.max_connections" in log, log[-2000:]
+    finally:
+        for s in grpc_socks + codec_socks:
+            s.close()
+    assert gw.proc.alive()
+
+
 @pytest.mark.parametrize("stall", [
     "partial-http1-headers",
     "partial-h2-preface",

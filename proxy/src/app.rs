@@ -92,6 +92,10 @@ impl Gateway {
                 shutdown_grace: Duration::from_millis(config.proxy.shutdown_grace_ms),
                 tls: crate::tls::TlsAcceptor::from_config(&config.proxy.tls)?,
                 first_request_timeout: Duration::from_millis(config.proxy.first_request_timeout_ms),
+                connection_limit: server::ConnectionLimit::new(
+                    config.proxy.max_connections,
+                    "proxy.max_connections",
+                ),
             },
             readiness: Readiness {
                 upstream: config.proxy.upstream.clone(),

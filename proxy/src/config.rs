@@ -57,6 +57,12 @@ pub struct ProxyConfig {
     /// of connecting is closed (stalled handshakes, slow-loris). SDKs send their first RPC at
     /// once and reconnect on their own.
     pub first_request_timeout_ms: u64,
+    /// Threads of the async runtime that serves RPCs; `0`: one per CPU. A sidecar under a
+    /// CPU limit of one core serves with lower latency on `1` (no cross-thread wake-ups).
+    pub worker_threads: usize,
+    /// Most client connections held open at once; at the cap the listener stops accepting
+    /// (new clients wait in the kernel's backlog) until one closes. `0`: no cap.
+    pub max_connections: usize,
     /// Environment variable holding an API key sent upstream as `authorization: Bearer <key>`
     /// on requests that carry no `authorization` header of their own (Temporal Cloud API keys).
     /// When set, the variable must exist and be non-empty (refused at start otherwise).
@@ -235,6 +241,8 @@ impl Default for ProxyConfig {
             connect_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
             first_request_timeout_ms: 10_000,
+            worker_threads: 0,
+            max_connections: 10_000,
             api_key_env: None,
             tls: ServerTlsConfig::default(),
             upstream_tls: UpstreamTlsConfig::default(),
@@ -282,6 +290,8 @@ pub struct CodecServerConfig {
     /// Time allowed for reading a request and answering it, in milliseconds (reading too
     /// slowly: 408; encoding/decoding too slowly: 504).
     pub request_timeout_ms: u64,
+    /// Most connections held open at once (as `proxy.max_connections`). `0`: no cap.
+    pub max_connections: usize,
 }
 
 /// One `[[codec_server.tokens]]` entry: tokens valid only for some namespaces.
@@ -312,6 +322,7 @@ impl Default for CodecServerConfig {
             max_body_bytes: 32 * 1024 * 1024,
             max_payloads: 1_000,
             request_timeout_ms: 30_000,
+            max_connections: 1_024,
         }
     }
 }

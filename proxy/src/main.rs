@@ -76,10 +76,11 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.proxy.worker_threads > 0 {
+        runtime.worker_threads(config.proxy.worker_threads);
+    }
+    let runtime = match runtime.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("payload-gateway: cannot start the runtime: {e}");

@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
 use crate::grpc::GatewayBody;
@@ -27,6 +28,52 @@ pub struct ServerSettings {
     pub tls: Option<TlsAcceptor>,
     /// A connection that has sent no complete request by then is closed.
     pub first_request_timeout: Duration,
+    /// Caps the connections open at once.
+    pub connection_limit: ConnectionLimit,
+}
+
+/// Caps how many connections a listener holds open at once. At the cap the listener stops
+/// accepting, so new clients wait in the kernel's backlog (and time out there) instead of
+/// taking descriptors, tasks and buffers without bound.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimit {
+    permits: Arc<Semaphore>,
+    max: usize,
+    /// The config key, for the log line at the cap.
+    key: &'static str,
+}
+
+impl ConnectionLimit {
+    /// At most `max` connections (`0`: no cap); `key` names the setting in logs.
+    pub fn new(max: usize, key: &'static str) -> Self {
+        let max = if max == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            max
+        };
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            key,
+        }
+    }
+
+    /// Waits for room for one more connection; the connection holds the permit until it ends.
+    pub(crate) async fn admit(&self) -> OwnedSemaphorePermit {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return permit;
+        }
+        tracing::warn!(
+            max = self.max,
+            setting = self.key,
+            "connection limit reached: not accepting until a connection closes"
+        );
+        self.permits
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
 }
 
 /// Marks that a connection has delivered a request.
@@ -90,6 +137,10 @@ pub async fn serve<S>(
         .keep_alive_timeout(Duration::from_secs(20));
     tokio::pin!(shutdown);
     loop {
+        let permit = tokio::select! {
+            permit = settings.connection_limit.admit() => permit,
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -117,6 +168,7 @@ pub async fn serve<S>(
             let watcher = graceful.watcher();
             let http = http.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let Some(stream) = tls.handshake(stream, peer).await else {
                     return;
                 };
@@ -130,6 +182,7 @@ pub async fn serve<S>(
         }
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), hyper_service));
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = first.deadline(connection, timeout).await {
                 tracing::debug!(%peer, error = %e, "client connection ended with an error");
             }

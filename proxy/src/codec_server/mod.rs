@@ -155,6 +155,7 @@ struct Inner {
     max_body_bytes: usize,
     max_payloads: usize,
     request_timeout: Duration,
+    connection_limit: crate::server::ConnectionLimit,
 }
 
 /// A finished answer: status and plain-text message or JSON body, plus what the access log
@@ -225,6 +226,10 @@ impl CodecServer {
                 max_body_bytes: config.max_body_bytes,
                 max_payloads: config.max_payloads,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
+                connection_limit: crate::server::ConnectionLimit::new(
+                    config.max_connections,
+                    "codec_server.max_connections",
+                ),
             }),
         })
     }
@@ -534,6 +539,10 @@ impl CodecServer {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
+            let permit = tokio::select! {
+                permit = self.inner.connection_limit.admit() => permit,
+                () = &mut shutdown => break,
+            };
             let (stream, peer): (_, SocketAddr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -563,6 +572,7 @@ impl CodecServer {
                 .into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
+                let _permit = permit;
                 // HEADER_READ_TIMEOUT only covers HTTP/1 headers; this also covers a client
                 // stalling inside the HTTP/2 preface.
                 if let Err(e) = first.deadline(conn, HEADER_READ_TIMEOUT).await {
