@@ -13,6 +13,7 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use base64::Engine;
 
 use super::CodecError;
+use super::nonce::NonceSource;
 use super::wire::{self, ENCODING_ENCRYPTED, ENCODING_KEY, KEY_ID_KEY};
 use crate::config::{Config, ConfigError};
 
@@ -110,14 +111,13 @@ impl KeyEntry {
     /// `buf[start - 12..start]` and appends the tag.
     pub(crate) fn seal(
         &self,
-        rng: &SystemRandom,
+        nonces: &NonceSource,
         limit: u64,
         buf: &mut Vec<u8>,
         start: usize,
     ) -> Result<(), CodecError> {
         self.counter.reserve(&self.id, limit)?;
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill(&mut nonce).map_err(|_| CodecError::Random)?;
+        let nonce = nonces.nonce()?;
         buf[start - NONCE_LEN..start].copy_from_slice(&nonce);
         let tag = self
             .aead

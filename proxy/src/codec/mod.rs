@@ -39,7 +39,8 @@
 //! [`PayloadCodec::reload`] swaps the whole keyring and policy atomically: in-flight work
 //! finishes with the keyring it started with; a failed reload keeps the old one.
 //!
-//! Nonces are 96 random bits from the operating system's CSPRNG (`aws_lc_rs::rand::SystemRandom`).
+//! Nonces are 96 random bits from AWS-LC's generator (seeded from the operating system), or the
+//! kernel's `getrandom` while that is still seeding after start (`nonce.rs`).
 //! NIST SP 800-38D §8.3 limits random-nonce AES-GCM to 2^32 messages per key (collision
 //! probability ≤ 2^-32). The codec counts encryptions per key (across reloads, as long as the
 //! id keeps the same key material), warns once at 50 %, 75 % and 90 % of 2^32, and refuses to
@@ -65,6 +66,7 @@
 
 mod error;
 mod keys;
+mod nonce;
 mod wire;
 mod zstd_layer;
 
@@ -102,7 +104,9 @@ pub struct PayloadCodec {
 struct Inner {
     state: ArcSwap<State>,
     counters: CounterRegistry,
+    /// Key generation (the development key).
     rng: SystemRandom,
+    nonces: nonce::NonceSource,
     nonce_limit: u64,
     parallel_threshold: AtomicUsize,
 }
@@ -146,13 +150,6 @@ impl PayloadCodec {
     /// Builds the codec: loads every key (or the development key) and resolves the policy of
     /// each configured namespace.
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
-        // AWS-LC seeds its random generator on first use, which took 60-90 ms here: do it on a
-        // thread of its own now, so neither start-up nor (usually) the first encrypting RPC
-        // waits for it.
-        std::thread::spawn(|| {
-            use aws_lc_rs::rand::SecureRandom;
-            let _ = SystemRandom::new().fill(&mut [0u8; NONCE_LEN]);
-        });
         Self::with_nonce_limit(config, NONCE_LIMIT)
     }
 
@@ -165,6 +162,7 @@ impl PayloadCodec {
                 state: ArcSwap::from_pointee(state),
                 counters,
                 rng,
+                nonces: nonce::NonceSource::new(),
                 nonce_limit,
                 parallel_threshold: AtomicUsize::new(DEFAULT_PARALLEL_THRESHOLD),
             }),
@@ -257,7 +255,7 @@ impl PayloadCodec {
         let start = nonce_start - dh_len - key.header.len();
         buf[start..start + key.header.len()].copy_from_slice(&key.header);
         buf[nonce_start - dh_len..nonce_start].copy_from_slice(&dh[..dh_len]);
-        key.seal(&self.inner.rng, self.inner.nonce_limit, buf, inner_start)?;
+        key.seal(&self.inner.nonces, self.inner.nonce_limit, buf, inner_start)?;
         Ok(start)
     }
 
