@@ -4,6 +4,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -12,7 +14,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
@@ -43,6 +45,13 @@ pub struct ConnectionLimit {
     key: &'static str,
 }
 
+/// A connection accepted under a [`ConnectionLimit`]: it holds its place until `permit` drops.
+pub(crate) struct Admitted {
+    pub(crate) stream: TcpStream,
+    pub(crate) peer: SocketAddr,
+    pub(crate) permit: OwnedSemaphorePermit,
+}
+
 impl ConnectionLimit {
     /// At most `max` connections (`0`: no cap); `key` names the setting in logs.
     pub fn new(max: usize, key: &'static str) -> Self {
@@ -58,8 +67,37 @@ impl ConnectionLimit {
         }
     }
 
+    /// Waits for room under the cap, then for the next connection on `listener`; `None` once
+    /// `shutdown` resolves. Accept errors (out of file descriptors and the like) back off for
+    /// 50 ms instead of spinning.
+    pub(crate) async fn accept<F>(
+        &self,
+        listener: &TcpListener,
+        mut shutdown: Pin<&mut F>,
+    ) -> Option<Admitted>
+    where
+        F: Future<Output = ()>,
+    {
+        loop {
+            let permit = tokio::select! {
+                permit = self.admit() => permit,
+                () = shutdown.as_mut() => return None,
+            };
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => return Some(Admitted { stream, peer, permit }),
+                    Err(e) => {
+                        tracing::warn!(listener = self.key, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = shutdown.as_mut() => return None,
+            }
+        }
+    }
+
     /// Waits for room for one more connection; the connection holds the permit until it ends.
-    pub(crate) async fn admit(&self) -> OwnedSemaphorePermit {
+    async fn admit(&self) -> OwnedSemaphorePermit {
         if let Ok(permit) = self.permits.clone().try_acquire_owned() {
             return permit;
         }
@@ -136,23 +174,15 @@ pub async fn serve<S>(
         .keep_alive_interval(Some(Duration::from_secs(60)))
         .keep_alive_timeout(Duration::from_secs(20));
     tokio::pin!(shutdown);
-    loop {
-        let permit = tokio::select! {
-            permit = settings.connection_limit.admit() => permit,
-            () = &mut shutdown => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
+    while let Some(Admitted {
+        stream,
+        peer,
+        permit,
+    }) = settings
+        .connection_limit
+        .accept(&listener, shutdown.as_mut())
+        .await
+    {
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let first = FirstRequest::default();

@@ -36,7 +36,6 @@ mod tests;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -538,22 +537,16 @@ impl CodecServer {
     ) {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         tokio::pin!(shutdown);
-        loop {
-            let permit = tokio::select! {
-                permit = self.inner.connection_limit.admit() => permit,
-                () = &mut shutdown => break,
-            };
-            let (stream, peer): (_, SocketAddr) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "codec_server: accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = &mut shutdown => break,
-            };
+        while let Some(crate::server::Admitted {
+            stream,
+            peer,
+            permit,
+        }) = self
+            .inner
+            .connection_limit
+            .accept(&listener, shutdown.as_mut())
+            .await
+        {
             let server = self.clone();
             let first = crate::server::FirstRequest::default();
             let marker = first.clone();
