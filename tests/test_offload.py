@@ -16,19 +16,17 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
-import grpc
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio import activity, workflow
-from temporalio.api.common.v1 import Payload, Payloads, WorkflowExecution, WorkflowType
-from temporalio.api.taskqueue.v1 import TaskQueue
-from temporalio.api.workflowservice.v1 import GetWorkflowExecutionHistoryRequest, StartWorkflowExecutionRequest
+from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 from temporalio.converter import DataConverter, ExternalStorage, PayloadCodec
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 import rig
+from raw_rpc import history_raw, start_raw
 
 KEY = bytes(range(32))
 KEY_ID = "k1"
@@ -238,20 +236,6 @@ def _reference(claim: dict) -> Payload:
     return p
 
 
-async def _start_raw(address: str, wf_id: str, payload: Payload) -> None:
-    client = await Client.connect(address, namespace="default")
-    await client.workflow_service.start_workflow_execution(StartWorkflowExecutionRequest(
-        namespace="default", workflow_id=wf_id, workflow_type=WorkflowType(name="Nobody"),
-        task_queue=TaskQueue(name=f"none-{uuid.uuid4().hex[:6]}"), input=Payloads(payloads=[payload]),
-        request_id=str(uuid.uuid4())))
-
-
-async def _history_raw(address: str, wf_id: str):
-    client = await Client.connect(address, namespace="default")
-    return await client.workflow_service.get_workflow_execution_history(GetWorkflowExecutionHistoryRequest(
-        namespace="default", execution=WorkflowExecution(workflow_id=wf_id)))
-
-
 def test_forged_references_are_refused(temporal_server, gateway_factory, s3_server):
     gw = start_gateway(gateway_factory, temporal_server.address, s3_server)
     secret = Payload(metadata={"encoding": b"json/plain"}, data=json.dumps(MARKER + " secret").encode()).SerializeToString()
@@ -269,9 +253,9 @@ def test_forged_references_are_refused(temporal_server, gateway_factory, s3_serv
     for what, (bucket, key) in placed.items():
         wf_id = f"forged-{uuid.uuid4().hex[:8]}"
         ref = _reference({"bucket": bucket, "key": key, "hash_algorithm": "sha256", "hash_value": h})
-        asyncio.run(_start_raw(temporal_server.address, wf_id, ref))
+        asyncio.run(start_raw(temporal_server.address, wf_id, ref))
         with pytest.raises(RPCError) as err:
-            asyncio.run(_history_raw(gw.address, wf_id))
+            asyncio.run(history_raw(gw.address, wf_id))
         assert err.value.status == RPCStatusCode.PERMISSION_DENIED, f"{what}: {err.value.status} {err.value}"
         assert MARKER not in str(err.value) and MARKER not in repr(err.value.raw_grpc_status)
 
@@ -290,7 +274,7 @@ def test_tampered_object_is_a_hash_mismatch(temporal_server, gateway_factory, s3
     data[len(data) // 2] ^= 0x01
     obj.write_bytes(bytes(data))
     with pytest.raises(RPCError) as err:
-        asyncio.run(_history_raw(gw.address, wf_id))
+        asyncio.run(history_raw(gw.address, wf_id))
     assert err.value.status == RPCStatusCode.DATA_LOSS, err.value
     assert "hash mismatch" in str(err.value)
 

@@ -35,11 +35,10 @@ import grpc
 import pytest
 import zstandard
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from temporalio.api.common.v1 import Payload, Payloads, WorkflowExecution, WorkflowType
+from temporalio.api.common.v1 import Payload, Payloads, WorkflowType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (
     DescribeNamespaceRequest,
-    GetWorkflowExecutionHistoryRequest,
     StartWorkflowExecutionRequest,
 )
 from temporalio.api.workflowservice.v1 import service_pb2_grpc
@@ -47,6 +46,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
 import rig
+from raw_rpc import history_raw, start_raw
 import soak
 
 KEY = hashlib.sha256(b"pgw-reliability-key").digest()
@@ -108,20 +108,6 @@ def encrypt(inner: Payload) -> Payload:
     nonce = os.urandom(12)
     ct = AESGCM(KEY).encrypt(nonce, inner.SerializeToString(), None)
     return Payload(metadata={"encoding": b"binary/encrypted", "encryption-key-id": KEY_ID.encode()}, data=nonce + ct)
-
-
-async def start_raw(address: str, wf_id: str, payload: Payload) -> None:
-    client = await Client.connect(address, namespace="default")
-    await client.workflow_service.start_workflow_execution(StartWorkflowExecutionRequest(
-        namespace="default", workflow_id=wf_id, workflow_type=WorkflowType(name="Nobody"),
-        task_queue=TaskQueue(name=f"none-{uuid.uuid4().hex[:6]}"), input=Payloads(payloads=[payload]),
-        request_id=str(uuid.uuid4())))
-
-
-async def history_raw(address: str, wf_id: str):
-    client = await Client.connect(address, namespace="default")
-    return await client.workflow_service.get_workflow_execution_history(GetWorkflowExecutionHistoryRequest(
-        namespace="default", execution=WorkflowExecution(workflow_id=wf_id)))
 
 
 def assert_served(gw: rig.Gateway, timeout: float = 5.0) -> float:
