@@ -8,6 +8,7 @@ and is killed by fixture finalizers, an atexit hook and SIGTERM/SIGHUP handlers.
 from __future__ import annotations
 
 import atexit
+import base64
 import ctypes
 import os
 import shutil
@@ -334,6 +335,17 @@ def forwarding_config(upstream: str, proxy_port: int, codec_port: int, admin_por
     }
 
 
+def key_files(workdir: Path, keys: dict[str, bytes]) -> list[dict]:
+    """Writes each key base64-encoded to `{workdir}/{id}.key`; returns the `encryption.keys`
+    entries naming those files."""
+    entries = []
+    for key_id, key in keys.items():
+        path = Path(workdir) / f"{key_id}.key"
+        path.write_text(base64.b64encode(key).decode() + "\n")
+        entries.append({"id": key_id, "file": str(path)})
+    return entries
+
+
 class Gateway:
     def __init__(self, workdir: Path, upstream: str, config: Optional[dict] = None, extra_env: Optional[dict] = None, name: str = "gateway"):
         self.workdir = Path(workdir)
@@ -349,6 +361,23 @@ class Gateway:
         self.config_path.write_text(render_toml(self.config))
         self.extra_env = extra_env or {}
         self.proc: Optional[ManagedProcess] = None
+
+    def listener_sections(self, codec_server: bool = False) -> dict:
+        """`[proxy]` (toward `upstream`), `[codec_server]` (enabled or not) and `[admin]` on
+        this gateway's ports: the start of a config that the caller completes."""
+        return {
+            "proxy": {"listen": f"127.0.0.1:{self.port}", "upstream": self.upstream},
+            "codec_server": {"enabled": codec_server, "listen": f"127.0.0.1:{self.codec_port}"},
+            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+        }
+
+    def configure(self, config: Optional[dict] = None) -> "Gateway":
+        """Replaces the config with `config` (or keeps the edited `self.config`) and writes it
+        for the next start or SIGHUP."""
+        if config is not None:
+            self.config = config
+        self.config_path.write_text(render_toml(self.config))
+        return self
 
     def start(self, timeout: float = 30.0) -> "Gateway":
         binary = gateway_bin()

@@ -37,17 +37,15 @@ def json_payload(value) -> dict:
 
 
 def codec_config(gw: rig.Gateway, workdir, cors_origins: list[str], max_body_bytes: int = 1024 * 1024) -> dict:
+    sections = gw.listener_sections(codec_server=True)
+    sections["codec_server"].update(
+        cors_origins=cors_origins,
+        bearer_tokens_env="PGW_TEST_CODEC_TOKENS",
+        max_body_bytes=max_body_bytes,
+        max_payloads=50,
+    )
     return {
-        "proxy": {"listen": f"127.0.0.1:{gw.port}", "upstream": gw.upstream},
-        "codec_server": {
-            "enabled": True,
-            "listen": f"127.0.0.1:{gw.codec_port}",
-            "cors_origins": cors_origins,
-            "bearer_tokens_env": "PGW_TEST_CODEC_TOKENS",
-            "max_body_bytes": max_body_bytes,
-            "max_payloads": 50,
-        },
-        "admin": {"listen": f"127.0.0.1:{gw.admin_port}"},
+        **sections,
         "encryption": {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "env": "PGW_TEST_CODEC_KEY"}]},
         "compression": {"enabled": True},
         "storage": {
@@ -62,8 +60,7 @@ def codec_config(gw: rig.Gateway, workdir, cors_origins: list[str], max_body_byt
 def start_gateway(gateway_factory, upstream: str, cors_origins: list[str], **kw) -> rig.Gateway:
     gw = gateway_factory(upstream, config={}, start=False, name="codec-gw",
                          extra_env={"PGW_TEST_CODEC_KEY": b64(KEY), "PGW_TEST_CODEC_TOKENS": ",".join(TOKENS)})
-    gw.config = codec_config(gw, gw.workdir, cors_origins, **kw)
-    gw.config_path.write_text(rig.render_toml(gw.config))
+    gw.configure(codec_config(gw, gw.workdir, cors_origins, **kw))
     return gw.start()
 
 
@@ -292,7 +289,7 @@ def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path):
         gw.config = codec_config(gw, gw.workdir, [server.ui_origin])
         # The browser cannot be given a token without an https endpoint: this gateway runs without auth.
         del gw.config["codec_server"]["bearer_tokens_env"]
-        gw.config_path.write_text(rig.render_toml(gw.config))
+        gw.configure()
         gw.start()
         x = 7373
         wf_id = asyncio.run(run_child_workflow(gw.address, x))

@@ -7,7 +7,6 @@ checks it with a reflective payload walk that is independent of the gateway's ow
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import os
 import signal
@@ -43,21 +42,14 @@ def encrypting_gateway(gateway_factory, upstream: str, active: str = "k1", key_i
                        compression: bool = True, extra: dict | None = None) -> rig.Gateway:
     """A started gateway with keys from files (base64), encryption and compression on."""
     gw = gateway_factory(upstream, config={}, start=False, name=f"gw-enc-{active}")
-    gw.config = encryption_config(gw, active, key_ids, compression, extra)
-    gw.config_path.write_text(rig.render_toml(gw.config))
+    gw.configure(encryption_config(gw, active, key_ids, compression, extra))
     return gw.start()
 
 
 def encryption_config(gw: rig.Gateway, active: str, key_ids, compression: bool = True, extra: dict | None = None) -> dict:
-    keys = []
-    for key_id in key_ids:
-        path = gw.workdir / f"{key_id}.key"
-        path.write_text(base64.b64encode(KEYS[key_id]).decode() + "\n")
-        keys.append({"id": key_id, "file": str(path)})
+    keys = rig.key_files(gw.workdir, {key_id: KEYS[key_id] for key_id in key_ids})
     config = {
-        "proxy": {"listen": f"127.0.0.1:{gw.port}", "upstream": gw.upstream},
-        "codec_server": {"enabled": False, "listen": f"127.0.0.1:{gw.codec_port}"},
-        "admin": {"listen": f"127.0.0.1:{gw.admin_port}"},
+        **gw.listener_sections(),
         "encryption": {"enabled": True, "active_key": active, "keys": keys},
         "compression": {"enabled": compression, "min_size": 64},
         "storage": {"enabled": False},
@@ -261,7 +253,7 @@ def test_key_rotation_with_sighup_under_load(temporal_server, gateway_factory):
                     await asyncio.sleep(0.1)
             # Rotate while the workflows run: k2 becomes active, k1 stays to decrypt.
             gw.config["encryption"]["active_key"] = "k2"
-            gw.config_path.write_text(rig.render_toml(gw.config))
+            gw.configure()
             os.kill(gw.proc.pid, signal.SIGHUP)
             await asyncio.sleep(0.5)
             await asyncio.gather(*(h.signal(RotationWorkflow.step, f"after-{i}") for i, h in enumerate(handles)))

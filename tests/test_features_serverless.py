@@ -85,8 +85,7 @@ def test_serverless_20_gateway_and_worker_cold_starts(temporal_server, gateway_f
     for i in range(20):
         c0 = time.perf_counter()
         gw = gateway_factory(temporal_server.address, config={}, start=False, name=f"gw-cold{i}", extra_env=s3_env(s3_server))
-        gw.config = gateway_config(gw, s3_server)
-        gw.config_path.write_text(rig.render_toml(gw.config))
+        gw.configure(gateway_config(gw, s3_server))
         t_tcp, t_rpc = start_timed(gw)
         tcp_ms.append(t_tcp)
         rpc_ms.append(t_rpc)

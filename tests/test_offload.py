@@ -94,9 +94,7 @@ class GatewayCodec(PayloadCodec):
 
 def gateway_config(gw: rig.Gateway, s3: rig.S3Server, compression: bool = True) -> dict:
     return {
-        "proxy": {"listen": f"127.0.0.1:{gw.port}", "upstream": gw.upstream},
-        "codec_server": {"enabled": False, "listen": f"127.0.0.1:{gw.codec_port}"},
-        "admin": {"listen": f"127.0.0.1:{gw.admin_port}"},
+        **gw.listener_sections(),
         "encryption": {"enabled": True, "active_key": KEY_ID, "keys": [{"id": KEY_ID, "env": "PGW_TEST_OFFLOAD_KEY"}]},
         "compression": {"enabled": compression},
         "storage": {
@@ -113,9 +111,7 @@ def start_gateway(gateway_factory, upstream: str, s3: rig.S3Server, compression:
     gw = gateway_factory(upstream, config={}, start=False,
                          extra_env={"PGW_TEST_OFFLOAD_KEY": base64.b64encode(KEY).decode(),
                                     "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
-    gw.config = gateway_config(gw, s3, compression)
-    gw.config_path.write_text(rig.render_toml(gw.config))
-    return gw.start()
+    return gw.configure(gateway_config(gw, s3, compression)).start()
 
 
 def objects(s3: rig.S3Server) -> list[Path]:

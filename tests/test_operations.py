@@ -97,16 +97,12 @@ class BigInputWorkflow:
 
 def test_storage_metrics_after_offload(temporal_server, gateway_factory):
     gw = gateway_factory(temporal_server.address, config={}, start=False, name="gw-metrics-storage")
-    gw.config = {
-        "proxy": {"listen": f"127.0.0.1:{gw.port}", "upstream": gw.upstream},
-        "codec_server": {"enabled": False},
-        "admin": {"listen": f"127.0.0.1:{gw.admin_port}"},
+    gw.configure({
+        **gw.listener_sections(),
         "encryption": {"enabled": True, "dev_key_file": str(gw.workdir / "dev.key")},
         "storage": {"enabled": True, "driver": "local", "threshold": 4096,
                     "drivers": [{"name": "local", "kind": "filesystem", "root": str(gw.workdir / "payloads")}]},
-    }
-    gw.config_path.write_text(rig.render_toml(gw.config))
-    gw.start()
+    }).start()
     text = base64.b64encode(os.urandom(96 * 1024)).decode()  # 128 KiB, ~96 KiB after compression
 
     async def run():
@@ -157,9 +153,8 @@ def test_sigterm_under_load_then_a_new_gateway_finishes_the_work(temporal_server
             # A new gateway on the same address, same keys: the SDK reconnects by itself.
             second = gateway_factory(temporal_server.address, config={}, start=False, name="gw-second")
             second.port, second.address = first.port, first.address
-            second.config = dict(first.config, admin={"listen": f"127.0.0.1:{second.admin_port}"},
-                                 codec_server={"enabled": False})
-            second.config_path.write_text(rig.render_toml(second.config))
+            second.configure(dict(first.config, admin={"listen": f"127.0.0.1:{second.admin_port}"},
+                                  codec_server={"enabled": False}))
             for key_file in first.workdir.glob("*.key"):
                 (second.workdir / key_file.name).write_bytes(key_file.read_bytes())
             await asyncio.to_thread(second.start)

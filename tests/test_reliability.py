@@ -60,9 +60,7 @@ MiB = 1024 * 1024
 
 def config_for(gw: rig.Gateway, s3_endpoint: Optional[str], **overrides) -> dict:
     config = {
-        "proxy": {"listen": f"127.0.0.1:{gw.port}", "upstream": gw.upstream},
-        "codec_server": {"enabled": True, "listen": f"127.0.0.1:{gw.codec_port}"},
-        "admin": {"listen": f"127.0.0.1:{gw.admin_port}"},
+        **gw.listener_sections(codec_server=True),
         "encryption": {"enabled": True, "active_key": KEY_ID, "keys": [{"id": KEY_ID, "env": "PGW_TEST_RELIABILITY_KEY"}]},
         "compression": {"enabled": True},
         "storage": {"enabled": False},
@@ -85,9 +83,7 @@ def start_gateway(gateway_factory, upstream: str, s3: Optional[rig.S3Server], s3
         env.update({"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
         s3_endpoint = s3_endpoint or s3.endpoint
     gw = gateway_factory(upstream, config={}, start=False, extra_env=env, name="gw-rel")
-    gw.config = config_for(gw, s3_endpoint, **overrides)
-    gw.config_path.write_text(rig.render_toml(gw.config))
-    return gw.start()
+    return gw.configure(config_for(gw, s3_endpoint, **overrides)).start()
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -48,16 +48,9 @@ def sha(s) -> str:
 
 def gateway_config(gw: rig.Gateway, s3: Optional[rig.S3Server], active: str = "k1", namespaces: Optional[dict] = None,
                    threshold: int = THRESHOLD, extra: Optional[dict] = None) -> dict:
-    keys = []
-    for key_id, key in KEYS.items():
-        path = gw.workdir / f"{key_id}.key"
-        path.write_text(base64.b64encode(key).decode() + "\n")
-        keys.append({"id": key_id, "file": str(path)})
     config = {
-        "proxy": {"listen": f"127.0.0.1:{gw.port}", "upstream": gw.upstream},
-        "codec_server": {"enabled": False, "listen": f"127.0.0.1:{gw.codec_port}"},
-        "admin": {"listen": f"127.0.0.1:{gw.admin_port}"},
-        "encryption": {"enabled": True, "active_key": active, "keys": keys},
+        **gw.listener_sections(),
+        "encryption": {"enabled": True, "active_key": active, "keys": rig.key_files(gw.workdir, KEYS)},
         "compression": {"enabled": True, "min_size": 64},
     }
     if s3 is not None:
@@ -85,8 +78,7 @@ def s3_env(s3: Optional[rig.S3Server]) -> dict:
 def full_gateway(gateway_factory, upstream: str, s3: Optional[rig.S3Server], name: str = "gw-feat", **kw) -> rig.Gateway:
     """A started gateway: encryption (keys k1, k2), compression, offload to s3s-fs at `threshold`."""
     gw = gateway_factory(upstream, config={}, start=False, name=name, extra_env=s3_env(s3))
-    gw.config = gateway_config(gw, s3, **kw)
-    gw.config_path.write_text(rig.render_toml(gw.config))
+    gw.configure(gateway_config(gw, s3, **kw))
     return gw.start()
 
 
