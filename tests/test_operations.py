@@ -6,7 +6,6 @@ import asyncio
 import base64
 import os
 import re
-import signal
 import time
 import urllib.error
 import urllib.request

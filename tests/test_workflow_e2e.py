@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import uuid
 
-import pytest
 from temporalio.client import Client, WorkflowFailureError, WorkflowUpdateFailedError
 from temporalio.worker import Worker
 

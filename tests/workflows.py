@@ -6,10 +6,8 @@ server directly and a run through the gateway must produce equal results.
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
 
 from temporalio import activity, workflow
 from temporalio.common import RetryPolicy
