@@ -7,13 +7,17 @@
 use std::io::Write;
 
 use bytes::Bytes;
+use payload_gateway::budget::{MessageBudget, ProcessBudget};
 use payload_gateway::codec_server::json::{Payload, parse_payloads, write_payloads};
 use payload_gateway::grpc::frame::{self, Encoding, FrameError, PREFIX_LEN};
 
-/// `grpc_frame` input: byte 0 picks the mode and encoding, bytes 1..3 the message size limit
-/// (0..=65535 bytes), the rest is the body (modes 0-2) or a message to compress (mode 3).
+/// `grpc_frame` input: byte 0 picks the mode and encoding (bit 0x40: a unary call, whose
+/// second message is refused), bytes 1..3 the message size limit (0..=65535 bytes), which is
+/// also the inflation budget, the rest is the body (modes 0-2) or a message to compress
+/// (mode 3).
 ///
-/// Properties: `split` never panics and never returns a message above the limit; a body it
+/// Properties: `split` never panics and never returns a message above the limit; a unary
+/// split returns at most one message and never inflates past the budget; a body it
 /// accepts, re-framed uncompressed by `encode`, splits again to the same messages; with
 /// identity and only flag-0 frames, re-framing gives the body back byte for byte; a gzip (or
 /// zlib) frame of a message inflates to exactly that message when it fits the limit, and to
@@ -35,17 +39,31 @@ pub fn grpc_frame(data: &[u8]) {
         return;
     }
     let body = Bytes::copy_from_slice(rest);
-    match frame::split(&body, encoding, limit) {
+    let unary = selector & 0x40 != 0;
+    let budget = MessageBudget::new(ProcessBudget::unlimited(), limit);
+    let result = frame::split(&body, encoding, limit, unary, &budget);
+    assert!(budget.used() <= limit, "inflated past the budget");
+    match result {
         Ok(messages) => {
             assert!(
                 messages.iter().all(|m| m.len() <= limit),
                 "message over the limit"
             );
+            assert!(
+                !unary || messages.len() <= 1,
+                "unary split returned two messages"
+            );
             let total: usize = messages.iter().map(|m| m.len() + PREFIX_LEN).sum();
-            let reframed = frame::join(frame::encode(messages.clone()), total);
+            let reframed = frame::join(frame::encode(messages.clone()).expect("small"), total);
             assert_eq!(reframed.len(), total);
-            let again = frame::split(&reframed, Encoding::Identity, limit)
-                .expect("re-framed body must split");
+            let again = frame::split(
+                &reframed,
+                Encoding::Identity,
+                limit,
+                false,
+                &MessageBudget::unlimited(),
+            )
+            .expect("re-framed body must split");
             assert_eq!(again, messages, "re-framed body splits differently");
             if frames_all_uncompressed(rest) {
                 assert_eq!(
@@ -56,8 +74,13 @@ pub fn grpc_frame(data: &[u8]) {
             }
         }
         Err(
-            FrameError::Truncated { .. } | FrameError::InvalidFlag(_) | FrameError::TooLarge { .. },
+            FrameError::Truncated { .. }
+            | FrameError::InvalidFlag(_)
+            | FrameError::TooLarge { .. }
+            | FrameError::Budget(_),
         ) => {}
+        Err(FrameError::NotUnary) => assert!(unary, "only unary splits refuse a second message"),
+        Err(FrameError::Unframeable(_)) => panic!("split never frames"),
         Err(FrameError::UnsupportedEncoding(_)) => {
             assert_eq!(encoding, Encoding::Identity, "gzip/deflate are supported");
         }
@@ -98,7 +121,13 @@ fn compressed_frame(message: &[u8], encoding: Encoding, limit: usize) {
     let mut body = vec![1u8];
     body.extend_from_slice(&(compressed.len() as u32).to_be_bytes());
     body.extend_from_slice(&compressed);
-    match frame::split(&Bytes::from(body), encoding, limit) {
+    match frame::split(
+        &Bytes::from(body),
+        encoding,
+        limit,
+        true,
+        &MessageBudget::unlimited(),
+    ) {
         Ok(messages) => {
             assert!(
                 compressed.len() <= limit && message.len() <= limit,

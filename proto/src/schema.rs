@@ -105,6 +105,12 @@ impl MessageType {
         (n.0 != 0).then_some(n)
     }
 
+    /// Whether messages of this type have a singular string field called `name` (e.g. whether
+    /// a request names its `namespace` at all).
+    pub fn has_string_field(self, name: &str) -> bool {
+        self.string_field(name).is_some()
+    }
+
     pub(crate) fn string_field(self, name: &str) -> Option<u32> {
         let (a, b) = MESSAGES[self.0 as usize].strings;
         let fs = &STRING_FIELDS[a as usize..b as usize];

@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
+use crate::budget::ProcessBudget;
 use crate::codec::PayloadCodec;
 use crate::codec_server::CodecServer;
 use crate::config::{Config, ConfigError};
@@ -48,6 +49,49 @@ pub struct Gateway {
     readiness: Readiness,
 }
 
+/// What `check-config` found: the configuration loads as start would load it.
+#[derive(Debug, serde::Serialize)]
+pub struct CheckReport {
+    /// The effective policy per namespace (first entry: the default).
+    pub policies: Vec<crate::codec::EffectivePolicy>,
+    /// Whether the rewrite layer would run (some namespace encrypts, compresses or offloads).
+    pub rewrites: bool,
+    /// Whether start would generate a development key (none configured, none on disk yet).
+    pub would_generate_dev_key: bool,
+}
+
+/// Loads everything start loads — key files and variables, certificates, storage drivers,
+/// codec endpoint tokens and JWKS — without binding a listener or writing a development key.
+pub async fn check(config: &Config) -> Result<CheckReport, StartError> {
+    refuse_unsupported(config)?;
+    Upstream::new(&config.proxy)?;
+    crate::tls::TlsAcceptor::from_config(&config.proxy.tls)?;
+    let storage = Storage::from_config(config).await?;
+    let dev_key = &config.encryption.dev_key_file;
+    let would_generate_dev_key = config.encryption.keys.is_empty() && !dev_key.exists();
+    let codec = if would_generate_dev_key {
+        // Load with a throwaway development key so the policy can be shown; start writes the
+        // real one.
+        let mut probe = config.clone();
+        probe.encryption.dev_key_file =
+            std::env::temp_dir().join(format!("pgw-check-{}.key", std::process::id()));
+        let codec = PayloadCodec::from_config(&probe);
+        let _ = std::fs::remove_file(&probe.encryption.dev_key_file);
+        codec?
+    } else {
+        PayloadCodec::from_config(config)?
+    };
+    let rewrites = codec.is_active_anywhere() || storage.is_some();
+    if config.codec_server.enabled {
+        CodecServer::from_config(&config.codec_server, None)?;
+    }
+    Ok(CheckReport {
+        policies: codec.effective_policies(),
+        rewrites,
+        would_generate_dev_key,
+    })
+}
+
 /// Signals every listener to stop when set to `true`.
 pub type ShutdownSender = watch::Sender<bool>;
 
@@ -57,17 +101,22 @@ impl Gateway {
         refuse_unsupported(config)?;
         let upstream = Upstream::new(&config.proxy)?;
         let storage = Storage::from_config(config).await?.map(Arc::new);
-        let rewrite =
-            if config.encryption.enabled || config.compression.enabled || storage.is_some() {
-                let codec = Arc::new(PayloadCodec::from_config(config)?);
-                crate::metrics::observe_codec(&codec);
-                Some(RewriteLayer::new(
-                    Pipeline::new(codec).with_storage(storage),
-                    config.proxy.max_message_bytes,
-                ))
-            } else {
-                None
-            };
+        // The policy is per namespace: the rewrite layer exists whenever any namespace needs
+        // any stage (a namespace that alone turns encryption on must not be forwarded as is).
+        let codec = Arc::new(PayloadCodec::from_config(config)?);
+        let process_budget = ProcessBudget::new(config.proxy.max_inflight_bytes);
+        let rewrite = if codec.is_active_anywhere() || storage.is_some() {
+            crate::metrics::observe_codec(&codec);
+            log_policy(&codec);
+            Some(RewriteLayer::new(
+                Pipeline::new(codec).with_storage(storage),
+                config.proxy.max_message_bytes,
+                process_budget,
+            ))
+        } else {
+            tracing::info!("no namespace encrypts, compresses or offloads: forwarding only");
+            None
+        };
         let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
         let codec_server = if config.codec_server.enabled {
             let pipeline = rewrite.as_ref().map(|r| r.pipeline().clone());
@@ -181,6 +230,23 @@ impl Gateway {
         }
         if let Some(codec_server) = codec_server {
             let _ = codec_server.await;
+        }
+    }
+}
+
+/// Logs what applies to which namespace, so an exemption is never a surprise.
+fn log_policy(codec: &PayloadCodec) {
+    for p in codec.effective_policies() {
+        let namespace = p.namespace.as_deref().unwrap_or("(default)");
+        match &p.encrypt_key {
+            Some(key) => {
+                tracing::info!(namespace, key = %key, compress = p.compress, "policy: encrypt")
+            }
+            None => tracing::warn!(
+                namespace,
+                compress = p.compress,
+                "policy: NOT encrypted (exempt by configuration)"
+            ),
         }
     }
 }

@@ -63,6 +63,11 @@ pub struct ProxyConfig {
     /// Most client connections held open at once; at the cap the listener stops accepting
     /// (new clients wait in the kernel's backlog) until one closes. `0`: no cap.
     pub max_connections: usize,
+    /// Process-wide budget, in bytes, for what all RPCs in flight hold at once: bodies as
+    /// received plus everything inflated from them (gzip frames, zstd payloads, resolved
+    /// storage references). Past it an RPC is answered `RESOURCE_EXHAUSTED` instead of the
+    /// process growing. `0`: unlimited. Size it below the container's memory limit.
+    pub max_inflight_bytes: usize,
     /// Environment variable holding an API key sent upstream as `authorization: Bearer <key>`
     /// on requests that carry no `authorization` header of their own (Temporal Cloud API keys).
     /// When set, the variable must exist and be non-empty (refused at start otherwise).
@@ -243,6 +248,7 @@ impl Default for ProxyConfig {
             first_request_timeout_ms: 10_000,
             worker_threads: 0,
             max_connections: 10_000,
+            max_inflight_bytes: 384 * 1024 * 1024,
             api_key_env: None,
             tls: ServerTlsConfig::default(),
             upstream_tls: UpstreamTlsConfig::default(),
@@ -440,6 +446,15 @@ pub struct EncryptionConfig {
     pub keys: Vec<KeySpec>,
     /// Where the development key lives when `enabled` and no keys are configured.
     pub dev_key_file: PathBuf,
+    /// gRPC methods (full paths, `/temporal.api.x.v1.Service/Method`) that the gateway's
+    /// descriptors do not know and that may nevertheless be forwarded untouched where
+    /// encryption applies. Without an entry such a method is refused (`UNIMPLEMENTED`),
+    /// because the gateway cannot see whether it carries payloads. Namespaces may override.
+    pub forward_unknown_methods: Vec<String>,
+    /// `google.protobuf.Any` type names (`pkg.Message`) unknown to the descriptors that may be
+    /// forwarded untouched inside requests where encryption applies; without an entry such a
+    /// request is refused (`FAILED_PRECONDITION`). Namespaces may override.
+    pub forward_unknown_any_types: Vec<String>,
 }
 
 impl Default for EncryptionConfig {
@@ -449,6 +464,8 @@ impl Default for EncryptionConfig {
             active_key: None,
             keys: Vec::new(),
             dev_key_file: PathBuf::from("./data/dev.key"),
+            forward_unknown_methods: Vec::new(),
+            forward_unknown_any_types: Vec::new(),
         }
     }
 }
@@ -578,6 +595,10 @@ pub struct NamespaceConfig {
     /// input reaches the handler's namespace, the result comes back), so the caller's and the
     /// handler's namespaces list each other here.
     pub storage_read_namespaces: Vec<String>,
+    /// This namespace's own list instead of `encryption.forward_unknown_methods`.
+    pub forward_unknown_methods: Option<Vec<String>>,
+    /// This namespace's own list instead of `encryption.forward_unknown_any_types`.
+    pub forward_unknown_any_types: Option<Vec<String>>,
 }
 
 /// `[log]`: structured logs.

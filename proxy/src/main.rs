@@ -38,20 +38,65 @@ fn main() -> ExitCode {
     }
 }
 
+/// Validates `file` the way start does (every key, certificate, token variable, JWKS and
+/// storage driver is loaded) and prints the effective configuration and, per namespace, the
+/// effective policy.
 fn check_config(file: &std::path::Path) -> ExitCode {
-    match Config::load(Some(file)) {
-        Ok(config) => {
-            match toml::to_string_pretty(&config) {
-                Ok(text) => print!("{text}"),
-                Err(e) => eprintln!("payload-gateway: cannot render config: {e}"),
-            }
-            ExitCode::SUCCESS
-        }
+    let config = match Config::load(Some(file)) {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("payload-gateway: config error: {e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("payload-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = match runtime.block_on(payload_gateway::app::check(&config)) {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("payload-gateway: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match toml::to_string_pretty(&config) {
+        Ok(text) => print!("{text}"),
+        Err(e) => eprintln!("payload-gateway: cannot render config: {e}"),
     }
+    println!("\n# Effective policy per namespace (what start would apply)");
+    if !report.rewrites {
+        println!(
+            "# no namespace encrypts, compresses or offloads: payloads are forwarded as they are"
+        );
+    }
+    if report.would_generate_dev_key {
+        println!(
+            "# no keys configured: start generates a development key at {}",
+            config.encryption.dev_key_file.display()
+        );
+    }
+    for p in &report.policies {
+        let namespace = p
+            .namespace
+            .as_deref()
+            .unwrap_or("(default: every other namespace and requests without one)");
+        let encryption = match &p.encrypt_key {
+            Some(key) => format!("encrypt with key {key:?}"),
+            None => "NOT ENCRYPTED (exempt)".to_owned(),
+        };
+        println!(
+            "# {namespace}: {encryption}; compress: {}; unknown methods forwarded: {:?}; unknown Any types forwarded: {:?}",
+            p.compress, p.forward_unknown_methods, p.forward_unknown_any_types
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn keygen() -> ExitCode {

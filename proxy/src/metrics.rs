@@ -1,7 +1,9 @@
 //! Prometheus metrics, served by the admin listener at `/metrics` (OpenMetrics text).
 //!
 //! One process-wide registry: every layer records into [`metrics()`]. Labels never carry
-//! payload contents; namespaces and key ids are the only user-chosen label values.
+//! payload contents; namespaces and key ids are the only user-chosen label values, and both
+//! are bounded: methods the descriptors do not know share the label `unknown`, namespaces
+//! past the first [`MAX_NAMESPACE_LABELS`] share `other`.
 
 use std::sync::{Arc, LazyLock, RwLock, Weak};
 
@@ -64,6 +66,71 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+/// Labels of a policy decision on something the gateway cannot see inside.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyLabels {
+    /// `refused_unknown_method`, `forwarded_unknown_method`, `refused_unknown_any`,
+    /// `forwarded_unknown_any`.
+    pub action: &'static str,
+}
+
+/// At most this many distinct namespaces get a label value of their own; the rest share
+/// `other`, so a client inventing namespaces cannot grow the registry without bound.
+pub const MAX_NAMESPACE_LABELS: usize = 256;
+
+/// The label value of a method: `Service/Method` for methods the descriptors know (a fixed
+/// set), `unknown` for every other path, so invented paths cannot grow the registry.
+pub fn method_label(path: &str) -> String {
+    if payload_gateway_proto::method(path).is_some() || is_well_known_service(path) {
+        short_method(path)
+    } else {
+        "unknown".to_owned()
+    }
+}
+
+/// gRPC's own services that clients call through the gateway (health checks, reflection).
+fn is_well_known_service(path: &str) -> bool {
+    [
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+    ]
+    .contains(&path)
+}
+
+/// `/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution` →
+/// `WorkflowService/StartWorkflowExecution`.
+pub fn short_method(path: &str) -> String {
+    let path = path.trim_start_matches('/');
+    match path.split_once('/') {
+        Some((service, method)) => {
+            let service = service.rsplit('.').next().unwrap_or(service);
+            format!("{service}/{method}")
+        }
+        None => path.to_owned(),
+    }
+}
+
+/// The label value of a namespace: its name for the first [`MAX_NAMESPACE_LABELS`] seen,
+/// `other` after that, `unknown` for none.
+pub fn namespace_label(namespace: Option<&str>) -> String {
+    static SEEN: LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+        LazyLock::new(Default::default);
+    let Some(ns) = namespace else {
+        return "unknown".to_owned();
+    };
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.contains(ns) {
+        return ns.to_owned();
+    }
+    if seen.len() < MAX_NAMESPACE_LABELS {
+        seen.insert(ns.to_owned());
+        return ns.to_owned();
+    }
+    "other".to_owned()
+}
+
 /// Every metric the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -83,6 +150,8 @@ pub struct Metrics {
     pub cache_lookups: Family<CacheLabels, Counter>,
     /// `google.protobuf.Any` values of types the descriptors don't know (passed through).
     pub unknown_any: Counter,
+    /// Policy decisions on methods and types the gateway cannot see inside.
+    pub policy: Family<PolicyLabels, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -148,6 +217,12 @@ impl Metrics {
             "google.protobuf.Any values of unknown types passed through untouched",
             unknown_any.clone(),
         );
+        let policy = Family::<PolicyLabels, Counter>::default();
+        registry.register(
+            "policy_decisions",
+            "requests refused or forwarded untouched because the gateway cannot see inside them",
+            policy.clone(),
+        );
         registry.register_collector(Box::new(EncryptionCounts));
         Self {
             registry,
@@ -159,7 +234,13 @@ impl Metrics {
             storage_errors,
             cache_lookups,
             unknown_any,
+            policy,
         }
+    }
+
+    /// Counts one policy decision.
+    pub fn count_policy(&self, action: &'static str) {
+        self.policy.get_or_create(&PolicyLabels { action }).inc();
     }
 
     /// Counts `count` payloads of `operation` in `namespace`.
@@ -169,7 +250,7 @@ impl Metrics {
         }
         self.payloads
             .get_or_create(&PayloadLabels {
-                namespace: namespace.unwrap_or("unknown").to_owned(),
+                namespace: namespace_label(namespace),
                 operation,
             })
             .inc_by(count as u64);

@@ -52,7 +52,7 @@ where
 
     fn call(&mut self, mut request: Request<GatewayBody>) -> Self::Future {
         let started = Instant::now();
-        let method = short_method(request.uri().path());
+        let method = crate::metrics::method_label(request.uri().path());
         let request_id = match request
             .headers()
             .get(REQUEST_ID)
@@ -197,19 +197,6 @@ fn status_of(headers: &HeaderMap) -> Option<u32> {
         .ok()
 }
 
-/// `/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution` →
-/// `WorkflowService/StartWorkflowExecution`.
-fn short_method(path: &str) -> String {
-    let path = path.trim_start_matches('/');
-    match path.split_once('/') {
-        Some((service, method)) => {
-            let service = service.rsplit('.').next().unwrap_or(service);
-            format!("{service}/{method}")
-        }
-        None => path.to_owned(),
-    }
-}
-
 /// A request id unique within this process and unlikely to repeat across restarts.
 fn new_request_id() -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -230,11 +217,13 @@ mod tests {
     #[test]
     fn method_names_are_shortened() {
         assert_eq!(
-            short_method("/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution"),
+            crate::metrics::short_method(
+                "/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution"
+            ),
             "WorkflowService/StartWorkflowExecution"
         );
-        assert_eq!(short_method("/made.up.Svc/M"), "Svc/M");
-        assert_eq!(short_method("/odd"), "odd");
+        assert_eq!(crate::metrics::short_method("/made.up.Svc/M"), "Svc/M");
+        assert_eq!(crate::metrics::short_method("/odd"), "odd");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body_util::BodyExt;
+use payload_gateway::budget::ProcessBudget;
 use payload_gateway::codec::PayloadCodec;
 use payload_gateway::config::Config;
 use payload_gateway::grpc::GatewayBody;
@@ -146,7 +147,11 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 #[tokio::test]
 async fn request_payloads_are_encrypted_and_everything_else_kept() {
-    let layer = RewriteLayer::new(Pipeline::new(codec("PGW_TEST_KEY_A")), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec("PGW_TEST_KEY_A")),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let secret = b"\"top secret input that must never reach the server\"";
     let original = start_request(secret);
@@ -214,7 +219,11 @@ async fn query(layer: &RewriteLayer, upstream: &Upstream) -> Response<GatewayBod
 #[tokio::test]
 async fn responses_come_back_byte_identical_after_a_round_trip() {
     let codec = codec("PGW_TEST_KEY_B");
-    let layer = RewriteLayer::new(Pipeline::new(codec.clone()), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec.clone()),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let mut original =
         temporalio_protos::temporal::api::workflowservice::v1::QueryWorkflowResponse {
@@ -252,7 +261,11 @@ async fn failure_details_in_status_trailers_are_decoded() {
     };
 
     let codec = codec("PGW_TEST_KEY_I");
-    let layer = RewriteLayer::new(Pipeline::new(codec.clone()), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec.clone()),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let failure = Failure {
         message: "boom".to_owned(),
@@ -329,7 +342,11 @@ fn prost_wkt_types_any(type_name: &str, value: Vec<u8>) -> prost_wkt_types::Any 
 
 #[tokio::test]
 async fn malformed_request_is_invalid_argument_and_nothing_is_forwarded() {
-    let layer = RewriteLayer::new(Pipeline::new(codec("PGW_TEST_KEY_C")), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec("PGW_TEST_KEY_C")),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let mut bad = start_request(b"\"x\"");
     bad.truncate(bad.len() - 20);
@@ -348,7 +365,11 @@ async fn malformed_request_is_invalid_argument_and_nothing_is_forwarded() {
 
 #[tokio::test]
 async fn truncated_frame_is_invalid_argument() {
-    let layer = RewriteLayer::new(Pipeline::new(codec("PGW_TEST_KEY_D")), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec("PGW_TEST_KEY_D")),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let mut body = frame(&start_request(b"\"x\"")).to_vec();
     body.truncate(body.len() - 1);
@@ -359,7 +380,11 @@ async fn truncated_frame_is_invalid_argument() {
 
 #[tokio::test]
 async fn gzip_frames_are_inflated_and_rewritten() {
-    let layer = RewriteLayer::new(Pipeline::new(codec("PGW_TEST_KEY_E")), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec("PGW_TEST_KEY_E")),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let original = start_request(b"\"gzipped secret\"");
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -388,7 +413,11 @@ async fn gzip_frames_are_inflated_and_rewritten() {
 
 #[tokio::test]
 async fn oversized_message_is_resource_exhausted() {
-    let layer = RewriteLayer::new(Pipeline::new(codec("PGW_TEST_KEY_F")), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec("PGW_TEST_KEY_F")),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let big = start_request(&vec![b'a'; 5 << 20]);
     let response = call(&layer, &upstream, frame(&big), &[]).await;
@@ -399,7 +428,11 @@ async fn oversized_message_is_resource_exhausted() {
 #[tokio::test]
 async fn undecodable_response_names_key_and_path() {
     // The upstream answers with a payload encrypted under a key this gateway doesn't have.
-    let layer = RewriteLayer::new(Pipeline::new(codec("PGW_TEST_KEY_G")), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec("PGW_TEST_KEY_G")),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let foreign = Payload {
         metadata: HashMap::from([
@@ -451,7 +484,11 @@ async fn undecodable_response_names_key_and_path() {
 
 #[tokio::test]
 async fn start_response_without_payloads_passes_unchanged() {
-    let layer = RewriteLayer::new(Pipeline::new(codec("PGW_TEST_KEY_H")), 4 << 20);
+    let layer = RewriteLayer::new(
+        Pipeline::new(codec("PGW_TEST_KEY_H")),
+        4 << 20,
+        ProcessBudget::unlimited(),
+    );
     let upstream = Upstream::default();
     let answer = StartWorkflowExecutionResponse {
         run_id: "run-1".to_owned(),

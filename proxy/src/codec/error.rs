@@ -63,6 +63,9 @@ pub enum CodecError {
     /// zstd refused to compress (should not happen).
     #[error("compression failed: {0}")]
     Compress(String),
+    /// Decompressing would pass the message's or the process's memory budget.
+    #[error("{0}")]
+    Budget(#[from] crate::budget::Exhausted),
     /// A worker thread of a batch failed (panicked or was cancelled).
     #[error("codec worker failed: {0}")]
     Worker(String),

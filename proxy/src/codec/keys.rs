@@ -182,6 +182,7 @@ pub(crate) fn load_keys(
     let mut keys = HashMap::new();
     for (i, spec) in config.encryption.keys.iter().enumerate() {
         let raw = if let Some(file) = &spec.file {
+            warn_if_readable_by_others(file, &spec.id);
             std::fs::read(file).map_err(|e| {
                 ConfigError::invalid(
                     format!("encryption.keys[{i}].file"),
@@ -260,6 +261,24 @@ pub fn generate_key_base64() -> Result<String, aws_lc_rs::error::Unspecified> {
 }
 
 /// Reads the development key, or generates it (once, atomically) when the file is missing.
+/// Key files readable by group or others are accepted (Kubernetes mounts secrets 0644 by
+/// default, inside a pod-private volume) but never silently: a warning names the file and mode.
+fn warn_if_readable_by_others(file: &Path, id: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(file) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                key_id = id,
+                file = %file.display(),
+                mode = format!("{mode:o}"),
+                "key file is readable or writable by group or others: chmod 600 it (or keep it in a \
+                 volume only the gateway can read)"
+            );
+        }
+    }
+}
+
 fn load_or_create_dev_key(path: &Path, rng: &SystemRandom) -> Result<[u8; 32], ConfigError> {
     const KEY: &str = "encryption.dev_key_file";
     let shown = path.display().to_string();
@@ -295,13 +314,21 @@ fn load_or_create_dev_key(path: &Path, rng: &SystemRandom) -> Result<[u8; 32], C
     }
     // Write a private temporary file, then hard-link it into place: the link fails if another
     // process created the key meanwhile, so the key is never overwritten or read half-written.
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let suffix = u64::from_le_bytes(
+        random_key(rng).map_err(|_| ConfigError::invalid(KEY, "random number generator failed"))?
+            [..8]
+            .try_into()
+            .expect("8 bytes"),
+    );
+    let tmp = path.with_extension(format!("tmp.{}.{suffix:016x}", std::process::id()));
     let write = || -> std::io::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
+        // O_EXCL: never reuse (or follow a symlink planted at) an existing path; O_NOFOLLOW
+        // as well, for file systems where that matters.
         let mut f = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
             .open(&tmp)?;
         let mut text = base64::engine::general_purpose::STANDARD.encode(key);

@@ -83,6 +83,7 @@ use aws_lc_rs::aead::NONCE_LEN;
 use aws_lc_rs::rand::SystemRandom;
 use bytes::Bytes;
 
+use crate::budget::MessageBudget;
 use crate::config::{Config, ConfigError};
 pub use error::{BatchError, CodecError};
 pub use keys::generate_key_base64;
@@ -128,6 +129,26 @@ struct Policy {
     /// The active key when encryption is on.
     encrypt: Option<Arc<KeyEntry>>,
     compress: bool,
+    /// Unknown methods that may pass untouched where encryption applies.
+    forward_methods: Arc<[String]>,
+    /// Unknown `Any` types that may pass untouched where encryption applies.
+    forward_any: Arc<[String]>,
+}
+
+/// What the codec does for one namespace (or, with `namespace: None`, for every namespace
+/// without a section of its own and for requests that name none).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct EffectivePolicy {
+    /// The namespace, or `None` for the default.
+    pub namespace: Option<String>,
+    /// The key that encrypts new payloads; `None`: this namespace is exempt from encryption.
+    pub encrypt_key: Option<String>,
+    /// Whether new payloads are compressed.
+    pub compress: bool,
+    /// Unknown methods forwarded untouched although encryption applies.
+    pub forward_unknown_methods: Vec<String>,
+    /// Unknown `Any` types forwarded untouched although encryption applies.
+    pub forward_unknown_any_types: Vec<String>,
 }
 
 impl fmt::Debug for PayloadCodec {
@@ -185,6 +206,60 @@ impl PayloadCodec {
         let state = self.inner.state.load();
         let policy = state.policy(namespace);
         policy.encrypt.is_some() || policy.compress
+    }
+
+    /// Whether encryption or compression applies to any namespace at all: the gateway then
+    /// needs its rewrite layer, whatever the top-level switches say.
+    pub fn is_active_anywhere(&self) -> bool {
+        let state = self.inner.state.load();
+        std::iter::once(&state.default_policy)
+            .chain(state.namespaces.values())
+            .any(|p| p.encrypt.is_some() || p.compress)
+    }
+
+    /// Whether new payloads of `namespace` are encrypted (`None`: requests that name no
+    /// namespace, which follow the top-level `[encryption]` setting).
+    pub fn encrypts(&self, namespace: Option<&str>) -> bool {
+        self.inner.state.load().policy(namespace).encrypt.is_some()
+    }
+
+    /// Whether the unknown method `path` may be forwarded untouched for `namespace`: always
+    /// where encryption does not apply, else only when listed in `forward_unknown_methods`.
+    pub fn forwards_unknown_method(&self, namespace: Option<&str>, path: &str) -> bool {
+        let state = self.inner.state.load();
+        let policy = state.policy(namespace);
+        policy.encrypt.is_none() || policy.forward_methods.iter().any(|m| m == path)
+    }
+
+    /// Whether an `Any` of the unknown type `type_name` may pass untouched in a request of
+    /// `namespace`: always where encryption does not apply, else only when listed in
+    /// `forward_unknown_any_types`.
+    pub fn forwards_unknown_any(&self, namespace: Option<&str>, type_name: &str) -> bool {
+        let state = self.inner.state.load();
+        let policy = state.policy(namespace);
+        policy.encrypt.is_none() || policy.forward_any.iter().any(|t| t == type_name)
+    }
+
+    /// The effective policy of every configured namespace and of the rest (`None`), for
+    /// `check-config` and the start-up log.
+    pub fn effective_policies(&self) -> Vec<EffectivePolicy> {
+        let state = self.inner.state.load();
+        let describe = |namespace: Option<&String>, p: &Policy| EffectivePolicy {
+            namespace: namespace.cloned(),
+            encrypt_key: p.encrypt.as_ref().map(|k| k.id.clone()),
+            compress: p.compress,
+            forward_unknown_methods: p.forward_methods.to_vec(),
+            forward_unknown_any_types: p.forward_any.to_vec(),
+        };
+        let mut out = vec![describe(None, &state.default_policy)];
+        let mut names: Vec<&String> = state.namespaces.keys().collect();
+        names.sort();
+        out.extend(
+            names
+                .into_iter()
+                .map(|n| describe(Some(n), &state.namespaces[n])),
+        );
+        out
     }
 
     /// Sets the total batch size (bytes) from which batches run in parallel; `0` always,
@@ -259,8 +334,19 @@ impl PayloadCodec {
         Ok(start)
     }
 
-    /// Decodes one serialized payload. `Ok(None)`: not ours (leave it unchanged).
+    /// Decodes one serialized payload of trusted size. `Ok(None)`: not ours (leave it
+    /// unchanged). Input from peers goes through [`decode_within`](Self::decode_within).
     pub fn decode(&self, payload: &[u8]) -> Result<Option<Bytes>, CodecError> {
+        self.decode_within(payload, &MessageBudget::unlimited())
+    }
+
+    /// Decodes one serialized payload, charging what decompression allocates to `budget`.
+    /// `Ok(None)`: not ours (leave it unchanged).
+    pub fn decode_within(
+        &self,
+        payload: &[u8],
+        budget: &MessageBudget,
+    ) -> Result<Option<Bytes>, CodecError> {
         let state = self.inner.state.load();
         let outer = wire::scan(payload).map_err(CodecError::Malformed)?;
         match outer.encoding {
@@ -290,14 +376,14 @@ impl PayloadCodec {
                 // compressed, it is returned exactly as decrypted.
                 match wire::scan(&inner) {
                     Ok(scan) if scan.encoding == Some(ENCODING_ZSTD) => {
-                        zstd_layer::decompress_bounded(scan.data, state.max_decompressed)
+                        zstd_layer::decompress_bounded(scan.data, state.max_decompressed, budget)
                             .map(|v| Some(Bytes::from(v)))
                     }
                     _ => Ok(Some(inner)),
                 }
             }
             Some(ENCODING_ZSTD) => {
-                zstd_layer::decompress_bounded(outer.data, state.max_decompressed)
+                zstd_layer::decompress_bounded(outer.data, state.max_decompressed, budget)
                     .map(|v| Some(Bytes::from(v)))
             }
             _ => Ok(None),
@@ -322,7 +408,19 @@ impl PayloadCodec {
         &self,
         payloads: Vec<Bytes>,
     ) -> Result<Vec<Option<Bytes>>, BatchError> {
-        self.run_batch(payloads, |codec, p| codec.decode(p)).await
+        self.decode_batch_within(payloads, MessageBudget::unlimited())
+            .await
+    }
+
+    /// [`decode_within`](Self::decode_within) for every payload of one message, all drawing
+    /// on one `budget`; concurrently when large.
+    pub async fn decode_batch_within(
+        &self,
+        payloads: Vec<Bytes>,
+        budget: MessageBudget,
+    ) -> Result<Vec<Option<Bytes>>, BatchError> {
+        self.run_batch(payloads, move |codec, p| codec.decode_within(p, &budget))
+            .await
     }
 
     async fn run_batch<F>(
@@ -477,6 +575,8 @@ impl State {
                 None
             },
             compress: config.compression.enabled,
+            forward_methods: config.encryption.forward_unknown_methods.clone().into(),
+            forward_any: config.encryption.forward_unknown_any_types.clone().into(),
         };
         let mut namespaces = HashMap::new();
         for (name, ns) in &config.namespaces {
@@ -492,6 +592,14 @@ impl State {
                     None
                 },
                 compress: ns.compression.unwrap_or(config.compression.enabled),
+                forward_methods: ns
+                    .forward_unknown_methods
+                    .clone()
+                    .map_or_else(|| default_policy.forward_methods.clone(), Into::into),
+                forward_any: ns
+                    .forward_unknown_any_types
+                    .clone()
+                    .map_or_else(|| default_policy.forward_any.clone(), Into::into),
             };
             namespaces.insert(name.clone(), policy);
         }

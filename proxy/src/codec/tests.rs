@@ -472,7 +472,7 @@ fn decompression_bomb_is_refused_with_bounded_memory() {
     // A frame that declares its size is refused from the header alone.
     let declared = zstd::bulk::compress(&vec![0u8; 64 << 20], 1).unwrap();
     assert!(matches!(
-        zstd_layer::decompress_bounded(&declared, 1 << 20).unwrap_err(),
+        zstd_layer::decompress_bounded(&declared, 1 << 20, &crate::budget::MessageBudget::unlimited()).unwrap_err(),
         CodecError::DecompressedTooLarge { limit } if limit == 1 << 20
     ));
     // Never anywhere near the 1 GiB the frame inflates to (other tests share the process).
@@ -492,11 +492,21 @@ fn decompression_limit_is_exact() {
     let unsized_frame = enc.finish().unwrap();
     for frame in [&sized, &unsized_frame] {
         assert_eq!(
-            zstd_layer::decompress_bounded(frame, 100_000).unwrap(),
+            zstd_layer::decompress_bounded(
+                frame,
+                100_000,
+                &crate::budget::MessageBudget::unlimited()
+            )
+            .unwrap(),
             data
         );
         assert!(matches!(
-            zstd_layer::decompress_bounded(frame, 99_999).unwrap_err(),
+            zstd_layer::decompress_bounded(
+                frame,
+                99_999,
+                &crate::budget::MessageBudget::unlimited()
+            )
+            .unwrap_err(),
             CodecError::DecompressedTooLarge { limit: 99_999 }
         ));
     }
@@ -504,7 +514,9 @@ fn decompression_limit_is_exact() {
     let mut two = sized.clone();
     two.extend_from_slice(&sized);
     assert_eq!(
-        zstd_layer::decompress_bounded(&two, 200_000).unwrap().len(),
+        zstd_layer::decompress_bounded(&two, 200_000, &crate::budget::MessageBudget::unlimited())
+            .unwrap()
+            .len(),
         200_000
     );
 }
@@ -885,5 +897,36 @@ async fn batch_reports_lowest_failing_index() {
         ok.push(plain.clone());
         let out = codec.decode_batch(ok).await.unwrap();
         assert!(out[3].is_none() && out[7].is_none() && out[0].is_some());
+    }
+}
+
+#[test]
+fn decompression_draws_from_the_message_budget() {
+    use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
+    let zeros = vec![0u8; 4 << 20];
+    let declared = zstd::bulk::compress(&zeros, 3).unwrap();
+    let mut streamed = Vec::new();
+    {
+        // Without a content size: the streaming path grows the output step by step.
+        let mut encoder = zstd::stream::write::Encoder::new(&mut streamed, 3).unwrap();
+        encoder.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut encoder, &zeros).unwrap();
+        encoder.finish().unwrap();
+    }
+    for frame in [&declared, &streamed] {
+        let budget = MessageBudget::new(ProcessBudget::unlimited(), 3 << 20);
+        let err = zstd_layer::decompress_bounded(frame, 64 << 20, &budget).unwrap_err();
+        assert!(
+            matches!(err, CodecError::Budget(Exhausted::Message { .. })),
+            "{err}"
+        );
+        assert!(budget.used() <= 3 << 20);
+        let roomy = MessageBudget::new(ProcessBudget::unlimited(), 5 << 20);
+        assert_eq!(
+            zstd_layer::decompress_bounded(frame, 64 << 20, &roomy)
+                .unwrap()
+                .len(),
+            4 << 20
+        );
     }
 }

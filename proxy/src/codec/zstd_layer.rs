@@ -9,6 +9,7 @@ use zstd::zstd_safe::{
 };
 
 use super::CodecError;
+use crate::budget::MessageBudget;
 
 thread_local! {
     static CCTX: RefCell<Option<CCtx<'static>>> = const { RefCell::new(None) };
@@ -64,7 +65,12 @@ fn window_log_max(limit: usize) -> u32 {
 /// The output grows geometrically up to `limit` and never past it; a frame whose header
 /// declares more than `limit`, or that produces one byte more, is refused. zstd's own window
 /// buffer is capped by [`window_log_max`], so memory stays below `limit` plus that window.
-pub(crate) fn decompress_bounded(frame: &[u8], limit: usize) -> Result<Vec<u8>, CodecError> {
+/// Every byte of output capacity is charged to `budget` before it is allocated.
+pub(crate) fn decompress_bounded(
+    frame: &[u8],
+    limit: usize,
+    budget: &MessageBudget,
+) -> Result<Vec<u8>, CodecError> {
     if frame.is_empty() {
         return Err(CodecError::CorruptFrame("empty".to_owned()));
     }
@@ -88,7 +94,9 @@ pub(crate) fn decompress_bounded(frame: &[u8], limit: usize) -> Result<Vec<u8>, 
             return Err(CodecError::CorruptFrame("invalid frame header".to_owned()));
         }
     };
-    let mut out: Vec<u8> = Vec::with_capacity(initial.min(limit));
+    let initial = initial.min(limit);
+    budget.charge(initial)?;
+    let mut out: Vec<u8> = Vec::with_capacity(initial);
     DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         let dctx = slot.get_or_insert_with(DCtx::create);
@@ -122,6 +130,7 @@ pub(crate) fn decompress_bounded(frame: &[u8], limit: usize) -> Result<Vec<u8>, 
             } else {
                 if out.len() == out.capacity() {
                     let grow = out.capacity().max(64 * 1024).min(limit - out.len());
+                    budget.charge(grow)?;
                     out.reserve_exact(grow);
                 }
                 let pos = out.len();

@@ -111,8 +111,13 @@ pub struct TooLarge {
     pub limit: usize,
 }
 
-/// Reads `body` to its end, refusing more than `limit` data bytes.
-pub async fn collect<B>(mut body: B, limit: usize) -> Result<Collected, BoxError>
+/// Reads `body` to its end, refusing more than `limit` data bytes and holding every chunk
+/// against the process memory budget (through `budget`) as it arrives.
+pub async fn collect<B>(
+    mut body: B,
+    limit: usize,
+    budget: &crate::budget::MessageBudget,
+) -> Result<Collected, BoxError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
@@ -126,6 +131,7 @@ where
                 if collected.len > limit {
                     return Err(Box::new(TooLarge { limit }));
                 }
+                budget.hold(data.len())?;
                 collected.chunks.push(data);
             }
             Err(frame) => {

@@ -7,6 +7,8 @@ use std::io::Read;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::budget::{Exhausted, MessageBudget};
+
 /// Length of the prefix before each message.
 pub const PREFIX_LEN: usize = 5;
 
@@ -35,6 +37,15 @@ pub enum FrameError {
     /// A compressed message arrived with an encoding the gateway cannot inflate.
     #[error("unsupported grpc-encoding {0:?}")]
     UnsupportedEncoding(String),
+    /// A unary call's body holds more than one message.
+    #[error("unary call carries more than one gRPC message; refused before inflating the second")]
+    NotUnary,
+    /// A rewritten message does not fit the 4-byte length prefix.
+    #[error("message of {0} bytes does not fit a gRPC length prefix (4 GiB)")]
+    Unframeable(usize),
+    /// Inflating would pass the message or process memory budget.
+    #[error("{0}")]
+    Budget(#[from] Exhausted),
     /// Inflating failed.
     #[error("corrupt {encoding} message: {reason}")]
     Corrupt {
@@ -81,10 +92,23 @@ pub fn join(chunks: Vec<Bytes>, len: usize) -> Bytes {
 }
 
 /// Splits a complete gRPC body into its messages, inflating compressed ones.
-pub fn split(body: &Bytes, encoding: Encoding, limit: usize) -> Result<Vec<Bytes>, FrameError> {
+///
+/// `unary`: the call sends one message at most, and a second one is refused before it is
+/// inflated. Inflated bytes are charged to `budget` as they are produced, in addition to
+/// `limit` per message.
+pub fn split(
+    body: &Bytes,
+    encoding: Encoding,
+    limit: usize,
+    unary: bool,
+    budget: &MessageBudget,
+) -> Result<Vec<Bytes>, FrameError> {
     let mut messages = Vec::new();
     let mut offset = 0;
     while offset < body.len() {
+        if unary && !messages.is_empty() {
+            return Err(FrameError::NotUnary);
+        }
         let available = body.len() - offset;
         if available < PREFIX_LEN {
             return Err(FrameError::Truncated {
@@ -112,7 +136,7 @@ pub fn split(body: &Bytes, encoding: Encoding, limit: usize) -> Result<Vec<Bytes
         let message = body.slice(start..start + len);
         messages.push(match flag {
             0 => message,
-            1 => inflate(&message, encoding, limit)?,
+            1 => inflate(&message, encoding, limit, budget)?,
             other => return Err(FrameError::InvalidFlag(other)),
         });
         offset = start + len;
@@ -120,9 +144,15 @@ pub fn split(body: &Bytes, encoding: Encoding, limit: usize) -> Result<Vec<Bytes
     Ok(messages)
 }
 
-/// Inflates one compressed message, reading at most `limit` bytes of output.
-fn inflate(message: &[u8], encoding: Encoding, limit: usize) -> Result<Bytes, FrameError> {
-    let (name, reader): (&'static str, Box<dyn Read + '_>) = match encoding {
+/// Inflates one compressed message, reading at most `limit` bytes of output and charging
+/// every byte of capacity it allocates to `budget` first.
+fn inflate(
+    message: &[u8],
+    encoding: Encoding,
+    limit: usize,
+    budget: &MessageBudget,
+) -> Result<Bytes, FrameError> {
+    let (name, mut reader): (&'static str, Box<dyn Read + '_>) = match encoding {
         Encoding::Gzip => ("gzip", Box::new(flate2::read::GzDecoder::new(message))),
         Encoding::Deflate => ("deflate", Box::new(flate2::read::ZlibDecoder::new(message))),
         Encoding::Identity => {
@@ -131,18 +161,28 @@ fn inflate(message: &[u8], encoding: Encoding, limit: usize) -> Result<Bytes, Fr
             ));
         }
     };
-    let mut out = Vec::with_capacity(message.len().saturating_mul(2).min(limit));
-    let read = reader
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| FrameError::Corrupt {
-            encoding: name,
-            reason: e.to_string(),
-        })?;
-    if read > limit {
-        return Err(FrameError::TooLarge { size: read, limit });
+    let corrupt = |e: std::io::Error| FrameError::Corrupt {
+        encoding: name,
+        reason: e.to_string(),
+    };
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let n = reader.read(&mut chunk).map_err(corrupt)?;
+        if n == 0 {
+            return Ok(Bytes::from(out));
+        }
+        let size = out.len() + n;
+        if size > limit {
+            return Err(FrameError::TooLarge { size, limit });
+        }
+        if size > out.capacity() {
+            let capacity = size.max(out.capacity() * 2).min(limit);
+            budget.charge(capacity - out.capacity())?;
+            out.reserve_exact(capacity - out.len());
+        }
+        out.extend_from_slice(&chunk[..n]);
     }
-    Ok(Bytes::from(out))
 }
 
 /// Messages up to this size are copied behind their prefix into one chunk: one DATA frame
@@ -153,9 +193,12 @@ const COALESCE_MAX: usize = 16 * 1024;
 /// prefix; a large one follows its prefix as a chunk of its own, so its bytes are not copied.
 /// No chunk is ever empty: some peers (sdk-core's h2) count empty DATA frames as abuse and
 /// close the connection.
-pub fn encode(messages: Vec<Bytes>) -> Vec<Bytes> {
+pub fn encode(messages: Vec<Bytes>) -> Result<Vec<Bytes>, FrameError> {
     let mut chunks = Vec::with_capacity(messages.len() * 2);
     for message in messages {
+        if u32::try_from(message.len()).is_err() {
+            return Err(FrameError::Unframeable(message.len()));
+        }
         let mut prefix = [0u8; PREFIX_LEN];
         prefix[1..].copy_from_slice(&(message.len() as u32).to_be_bytes());
         if message.len() <= COALESCE_MAX {
@@ -168,7 +211,7 @@ pub fn encode(messages: Vec<Bytes>) -> Vec<Bytes> {
             chunks.push(message);
         }
     }
-    chunks
+    Ok(chunks)
 }
 
 #[cfg(test)]
@@ -195,22 +238,36 @@ mod tests {
         let mut body = frame(0, b"hello");
         body.extend(frame(0, b""));
         body.extend(frame(1, &gzip(b"world")));
-        let messages = split(&Bytes::from(body), Encoding::Gzip, 1024).unwrap();
+        let messages = split(
+            &Bytes::from(body),
+            Encoding::Gzip,
+            1024,
+            false,
+            &MessageBudget::unlimited(),
+        )
+        .unwrap();
         assert_eq!(messages, vec![&b"hello"[..], b"", b"world"]);
     }
 
     #[test]
     fn round_trips_through_encode() {
-        let chunks = encode(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]);
+        let chunks = encode(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de")]).unwrap();
         let body = join(chunks, 15);
-        let messages = split(&body, Encoding::Identity, 1024).unwrap();
+        let messages = split(
+            &body,
+            Encoding::Identity,
+            1024,
+            false,
+            &MessageBudget::unlimited(),
+        )
+        .unwrap();
         assert_eq!(messages, vec![&b"abc"[..], b"de"]);
     }
 
     #[test]
     fn no_chunk_is_empty_and_small_messages_share_their_prefix_chunk() {
         let big = Bytes::from(vec![7u8; COALESCE_MAX + 1]);
-        let chunks = encode(vec![Bytes::new(), Bytes::from_static(b"ab"), big.clone()]);
+        let chunks = encode(vec![Bytes::new(), Bytes::from_static(b"ab"), big.clone()]).unwrap();
         assert!(chunks.iter().all(|c| !c.is_empty()));
         assert_eq!(chunks[0], &[0, 0, 0, 0, 0][..]);
         assert_eq!(chunks[1], &[0, 0, 0, 0, 2, b'a', b'b'][..]);
@@ -220,13 +277,25 @@ mod tests {
     #[test]
     fn truncated_prefix_and_message_are_errors() {
         assert!(matches!(
-            split(&Bytes::from_static(&[0, 0, 0]), Encoding::Identity, 10),
+            split(
+                &Bytes::from_static(&[0, 0, 0]),
+                Encoding::Identity,
+                10,
+                false,
+                &MessageBudget::unlimited()
+            ),
             Err(FrameError::Truncated { .. })
         ));
         let mut body = frame(0, b"hello");
         body.truncate(7);
         assert!(matches!(
-            split(&Bytes::from(body), Encoding::Identity, 10),
+            split(
+                &Bytes::from(body),
+                Encoding::Identity,
+                10,
+                false,
+                &MessageBudget::unlimited()
+            ),
             Err(FrameError::Truncated { .. })
         ));
     }
@@ -235,7 +304,13 @@ mod tests {
     fn absurd_length_is_refused_before_reading() {
         let body = Bytes::from(vec![0, 0xff, 0xff, 0xff, 0xff]);
         assert_eq!(
-            split(&body, Encoding::Identity, 1024),
+            split(
+                &body,
+                Encoding::Identity,
+                1024,
+                false,
+                &MessageBudget::unlimited()
+            ),
             Err(FrameError::TooLarge {
                 size: u32::MAX as usize,
                 limit: 1024
@@ -248,7 +323,13 @@ mod tests {
         let bomb = gzip(&vec![0u8; 10 * 1024 * 1024]);
         let body = Bytes::from(frame(1, &bomb));
         assert!(matches!(
-            split(&body, Encoding::Gzip, 1024 * 1024),
+            split(
+                &body,
+                Encoding::Gzip,
+                1024 * 1024,
+                false,
+                &MessageBudget::unlimited()
+            ),
             Err(FrameError::TooLarge { .. })
         ));
     }
@@ -256,7 +337,13 @@ mod tests {
     #[test]
     fn bad_flag_and_unknown_encoding_are_errors() {
         assert_eq!(
-            split(&Bytes::from(frame(7, b"x")), Encoding::Identity, 10),
+            split(
+                &Bytes::from(frame(7, b"x")),
+                Encoding::Identity,
+                10,
+                false,
+                &MessageBudget::unlimited()
+            ),
             Err(FrameError::InvalidFlag(7))
         );
         assert!(matches!(
@@ -264,8 +351,43 @@ mod tests {
             Err(FrameError::UnsupportedEncoding(_))
         ));
         assert!(matches!(
-            split(&Bytes::from(frame(1, b"x")), Encoding::Identity, 10),
+            split(
+                &Bytes::from(frame(1, b"x")),
+                Encoding::Identity,
+                10,
+                false,
+                &MessageBudget::unlimited()
+            ),
             Err(FrameError::UnsupportedEncoding(_))
         ));
+    }
+
+    #[test]
+    fn unary_body_with_a_second_message_is_refused_before_inflating_it() {
+        let bomb = gzip(&vec![0u8; 4 * 1024 * 1024]);
+        let mut body = frame(0, b"first");
+        body.extend(frame(1, &bomb));
+        let budget = MessageBudget::unlimited();
+        assert_eq!(
+            split(&Bytes::from(body), Encoding::Gzip, 8 << 20, true, &budget),
+            Err(FrameError::NotUnary)
+        );
+        assert_eq!(budget.used(), 0, "the second message was never inflated");
+    }
+
+    #[test]
+    fn inflation_draws_from_the_message_budget() {
+        use crate::budget::ProcessBudget;
+        let mut body = Vec::new();
+        for _ in 0..4 {
+            body.extend(frame(1, &gzip(&vec![1u8; 1024 * 1024])));
+        }
+        let budget = MessageBudget::new(ProcessBudget::unlimited(), 3 * 1024 * 1024);
+        let err = split(&Bytes::from(body), Encoding::Gzip, 8 << 20, false, &budget).unwrap_err();
+        assert!(
+            matches!(err, FrameError::Budget(Exhausted::Message { .. })),
+            "{err}"
+        );
+        assert!(budget.used() <= 3 * 1024 * 1024);
     }
 }

@@ -3,8 +3,10 @@
 //! `payload_gateway_proto::fuzzing::fuzz_types()`, then the message), so the fuzzer starts from
 //! real traffic.
 //!
-//! Enabled only by the environment variable [`CAPTURE_ENV`]. The files hold payloads as they
-//! cross the gateway, **plaintext included**: never set it outside a test setup.
+//! Compiled in only with the cargo feature `debug-capture` (never in release builds), then
+//! enabled by the environment variable [`CAPTURE_ENV`]. The files hold payloads as they cross
+//! the gateway, **plaintext included**. A build without the feature ignores the variable and
+//! logs an error saying so.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +28,13 @@ impl Capture {
     /// A capture into `$PGW_DEBUG_CAPTURE_PLAINTEXT_DIR`, when set.
     pub fn from_env() -> Option<Self> {
         let dir = PathBuf::from(std::env::var_os(CAPTURE_ENV)?);
+        if !cfg!(feature = "debug-capture") {
+            tracing::error!(
+                "{CAPTURE_ENV} is set but this build has no plaintext capture (cargo feature \
+                 `debug-capture`): ignored, nothing is written"
+            );
+            return None;
+        }
         if let Err(e) = std::fs::create_dir_all(&dir) {
             tracing::error!(dir = %dir.display(), error = %e, "cannot create the capture directory; not capturing");
             return None;

@@ -19,12 +19,14 @@ use std::task::{Context, Poll};
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
-use payload_gateway_proto::{MessageType, method, top_level_string};
+use payload_gateway_proto::{MessageType, Method, method, top_level_string};
 use tower::{Layer, Service, ServiceExt};
 
+use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
 use crate::grpc::body::{self, TooLarge};
 use crate::grpc::frame::{self, Encoding};
 use crate::grpc::{Code, GatewayBody, Status};
+use crate::metrics::metrics;
 use capture::Capture;
 pub use pipeline::{CallContext, Direction, Pipeline};
 
@@ -44,17 +46,29 @@ const STATUS_DETAILS_BASE64: base64::engine::GeneralPurpose = base64::engine::Ge
 pub struct RewriteLayer {
     pipeline: Pipeline,
     max_message_bytes: usize,
+    process_budget: Arc<ProcessBudget>,
     capture: Option<Arc<Capture>>,
 }
 
 impl RewriteLayer {
-    /// Rewrites with `pipeline`, refusing messages over `max_message_bytes`.
-    pub fn new(pipeline: Pipeline, max_message_bytes: usize) -> Self {
+    /// Rewrites with `pipeline`, refusing messages over `max_message_bytes` (on the wire and
+    /// inflated) and holding what RPCs in flight allocate against `process_budget`.
+    pub fn new(
+        pipeline: Pipeline,
+        max_message_bytes: usize,
+        process_budget: Arc<ProcessBudget>,
+    ) -> Self {
         Self {
             pipeline,
             max_message_bytes,
+            process_budget,
             capture: Capture::from_env().map(Arc::new),
         }
+    }
+
+    /// A fresh budget for one message.
+    fn message_budget(&self) -> MessageBudget {
+        MessageBudget::new(self.process_budget.clone(), self.max_message_bytes)
     }
 }
 
@@ -104,48 +118,100 @@ where
     fn call(&mut self, request: Request<GatewayBody>) -> Self::Future {
         let inner = self.inner.clone();
         let layer = self.layer.clone();
-        let known = method(request.uri().path())
-            .filter(|m| m.request.can_hold_payloads() || m.response.can_hold_payloads());
-        match known {
-            None => Box::pin(inner.oneshot(request)),
-            Some(m) => Box::pin(async move {
-                Ok(layer
-                    .round_trip(inner, request, m.request, m.response)
-                    .await
-                    .unwrap_or_else(Status::into_response))
-            }),
+        let path = request.uri().path();
+        let Some(m) = method(path) else {
+            if let Some(refusal) = layer.refuse_unknown_method(&request) {
+                return Box::pin(async move { Ok(refusal.into_response()) });
+            }
+            return Box::pin(inner.oneshot(request));
+        };
+        if !(m.request.can_hold_payloads() || m.response.can_hold_payloads()) {
+            return Box::pin(inner.oneshot(request));
         }
+        Box::pin(async move {
+            Ok(layer
+                .round_trip(inner, request, m)
+                .await
+                .unwrap_or_else(Status::into_response))
+        })
     }
 }
 
 impl RewriteLayer {
+    /// A method of a Temporal service that the descriptors do not know may carry payloads
+    /// the walker cannot see: where encryption applies it is refused unless the namespace's
+    /// policy lists it (`forward_unknown_methods`). Methods of other services (health checks,
+    /// reflection) and namespaces without encryption pass. The namespace is the
+    /// `temporal-namespace` header, else the default policy.
+    fn refuse_unknown_method(&self, request: &Request<GatewayBody>) -> Option<Status> {
+        let path = request.uri().path();
+        if !path.starts_with("/temporal.") {
+            return None;
+        }
+        let namespace = header_str(request.headers(), "temporal-namespace");
+        let codec = self.pipeline.codec();
+        if codec.forwards_unknown_method(namespace, path) {
+            if codec.encrypts(namespace) {
+                tracing::warn!(method = %path, namespace = namespace.unwrap_or("-"), "unknown method forwarded untouched by policy (forward_unknown_methods)");
+                metrics().count_policy("forwarded_unknown_method");
+            }
+            return None;
+        }
+        tracing::warn!(method = %path, namespace = namespace.unwrap_or("-"), "unknown method refused: encryption applies and the gateway cannot see its payloads");
+        metrics().count_policy("refused_unknown_method");
+        Some(Status::new(
+            Code::Unimplemented,
+            format!(
+                "method {path} is unknown to the gateway, which cannot see whether it carries \
+                 payloads; refused because encryption applies (list it in \
+                 encryption.forward_unknown_methods or namespaces.<ns>.forward_unknown_methods \
+                 to forward it untouched)"
+            ),
+        ))
+    }
+
     /// Rewrites the request, forwards it, rewrites the response.
     async fn round_trip<S>(
         &self,
         inner: S,
         request: Request<GatewayBody>,
-        request_type: MessageType,
-        response_type: MessageType,
+        m: Method,
     ) -> Result<Response<GatewayBody>, Status>
     where
         S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>,
     {
+        let (request_type, response_type) = (m.request, m.response);
         let (mut parts, body) = request.into_parts();
         let encoding = encoding_of(&parts.headers)
             .map_err(|e| Status::new(Code::Unimplemented, e.to_string()))?;
+        let budget = self.message_budget();
         let messages = self
-            .read_messages(body, encoding, Code::InvalidArgument)
+            .read_messages(
+                body,
+                encoding,
+                Code::InvalidArgument,
+                !m.client_streaming,
+                &budget,
+            )
             .await?
             .0;
-        let ctx = CallContext::new(
-            parts.uri.path(),
-            messages
-                .first()
-                .and_then(|m| top_level_string(request_type, m, "namespace"))
-                .map(str::to_owned)
-                .or_else(|| header_str(&parts.headers, "temporal-namespace").map(str::to_owned)),
-        )
-        .with_request(request_type, messages.first());
+        // The namespace the server will act on: the request's own field. A request type
+        // without one (OperatorService Nexus endpoints, ...) follows the default policy: a
+        // client-chosen header never picks the policy.
+        let namespace = if request_type.has_string_field("namespace") {
+            Some(
+                messages
+                    .first()
+                    .and_then(|m| top_level_string(request_type, m, "namespace"))
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        } else {
+            None
+        };
+        let ctx = CallContext::new(parts.uri.path(), namespace)
+            .with_request(request_type, messages.first())
+            .with_budget(budget);
         let messages = if self.pipeline.applies(Direction::Encode, &ctx) {
             self.rewrite_all(Direction::Encode, &ctx, request_type, messages)
                 .await?
@@ -154,13 +220,16 @@ impl RewriteLayer {
         };
         parts.headers.remove(http::header::CONTENT_LENGTH);
         let request =
-            Request::from_parts(parts, GatewayBody::buffered(frame::encode(messages), None));
+            Request::from_parts(parts, GatewayBody::buffered(encode_frames(messages)?, None));
 
         let response = inner
             .oneshot(request)
             .await
             .unwrap_or_else(|never| match never {});
-        self.rewrite_response(&ctx, response_type, response).await
+        // The response gets a budget of its own; the request's is released with `ctx`.
+        let ctx = ctx.with_budget(self.message_budget());
+        self.rewrite_response(&ctx, response_type, response, !m.server_streaming)
+            .await
     }
 
     async fn rewrite_response(
@@ -168,6 +237,7 @@ impl RewriteLayer {
         ctx: &CallContext,
         response_type: MessageType,
         response: Response<GatewayBody>,
+        unary: bool,
     ) -> Result<Response<GatewayBody>, Status> {
         let (mut parts, body) = response.into_parts();
         // Trailers-only: the status (and its details) travel in the headers.
@@ -177,7 +247,9 @@ impl RewriteLayer {
         }
         let encoding =
             encoding_of(&parts.headers).map_err(|e| Status::new(Code::Internal, e.to_string()))?;
-        let (messages, trailers) = self.read_messages(body, encoding, Code::Internal).await?;
+        let (messages, trailers) = self
+            .read_messages(body, encoding, Code::Internal, unary, &ctx.budget)
+            .await?;
         let messages = self
             .rewrite_all(Direction::Decode, ctx, response_type, messages)
             .await?;
@@ -191,7 +263,7 @@ impl RewriteLayer {
         parts.headers.remove(http::header::CONTENT_LENGTH);
         Ok(Response::from_parts(
             parts,
-            GatewayBody::buffered(frame::encode(messages), trailers),
+            GatewayBody::buffered(encode_frames(messages)?, trailers),
         ))
     }
 
@@ -229,11 +301,13 @@ impl RewriteLayer {
         body: GatewayBody,
         encoding: Encoding,
         code: Code,
+        unary: bool,
+        budget: &MessageBudget,
     ) -> Result<(Vec<Bytes>, Option<HeaderMap>), Status> {
         // The body limit allows for framing around a maximal message.
         let limit = self.max_message_bytes.saturating_add(frame::PREFIX_LEN);
-        let collected = body::collect(body, limit).await.map_err(|e| {
-            if e.is::<TooLarge>() {
+        let collected = body::collect(body, limit, budget).await.map_err(|e| {
+            if e.is::<TooLarge>() || e.is::<Exhausted>() {
                 Status::new(Code::ResourceExhausted, e.to_string())
             } else {
                 Status::new(
@@ -243,13 +317,19 @@ impl RewriteLayer {
             }
         })?;
         let joined = frame::join(collected.chunks, collected.len);
-        let messages = frame::split(&joined, encoding, self.max_message_bytes).map_err(|e| {
-            let code = match e {
-                frame::FrameError::TooLarge { .. } => Code::ResourceExhausted,
-                _ => code,
-            };
-            Status::new(code, e.to_string())
-        })?;
+        let messages = frame::split(&joined, encoding, self.max_message_bytes, unary, budget)
+            .map_err(|e| {
+                let code = match e {
+                    frame::FrameError::TooLarge { .. } | frame::FrameError::Budget(_) => {
+                        Code::ResourceExhausted
+                    }
+                    frame::FrameError::NotUnary if code == Code::InvalidArgument => {
+                        Code::InvalidArgument
+                    }
+                    _ => code,
+                };
+                Status::new(code, e.to_string())
+            })?;
         Ok((messages, collected.trailers))
     }
 
@@ -279,6 +359,12 @@ impl RewriteLayer {
         );
         Ok(())
     }
+}
+
+/// Frames rewritten messages; a message that no longer fits a length prefix is an error,
+/// never a wrapped length.
+fn encode_frames(messages: Vec<Bytes>) -> Result<Vec<Bytes>, Status> {
+    frame::encode(messages).map_err(|e| Status::new(Code::ResourceExhausted, e.to_string()))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

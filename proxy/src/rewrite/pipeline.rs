@@ -5,7 +5,11 @@
 //!
 //! Payloads that already are external storage references (an SDK with its own external
 //! storage) pass the encode stages untouched, as the SDKs themselves leave references
-//! unencoded.
+//! unencoded — but only when they are *exactly* a reference of a configured driver with a
+//! claim that driver accepts for the namespace ([`reference::strict_reference`],
+//! [`Storage::accepts_reference`]). Anything that merely looks like one (metadata alone,
+//! extra JSON or protobuf fields, an unknown driver, a forged claim) is encoded like every
+//! other payload: metadata never decides on its own what may leave unencrypted.
 
 use std::sync::Arc;
 
@@ -13,6 +17,7 @@ use bytes::Bytes;
 use payload_gateway_drivers::{StoreContext, StoreTarget};
 use payload_gateway_proto::{MessageType, top_level_string};
 
+use crate::budget::MessageBudget;
 use crate::codec::PayloadCodec;
 use crate::grpc::{Code, Status};
 use crate::storage::{Kind, Storage, StorageError, reference};
@@ -39,6 +44,8 @@ pub struct CallContext {
     pub run_id: Option<String>,
     /// The request's top-level `activity_id`.
     pub activity_id: Option<String>,
+    /// What the message's inflations may still allocate (see [`crate::budget`]).
+    pub budget: MessageBudget,
 }
 
 impl CallContext {
@@ -50,7 +57,14 @@ impl CallContext {
             workflow_id: None,
             run_id: None,
             activity_id: None,
+            budget: MessageBudget::unlimited(),
         }
+    }
+
+    /// Charges this context's inflations to `budget`.
+    pub fn with_budget(mut self, budget: MessageBudget) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// Adds the identity fields found at the top level of the request `message` of type `ty`.
@@ -166,9 +180,10 @@ impl Pipeline {
         payloads: Vec<Bytes>,
     ) -> Result<Vec<Option<Bytes>>, StageError> {
         let ns = ctx.namespace.as_deref();
-        // References stay as they are; everything else goes through the codec.
+        // Exact references of configured drivers stay as they are; everything else goes
+        // through the codec.
         let todo: Vec<usize> = (0..payloads.len())
-            .filter(|&i| self.storage.is_none() || !reference::is_reference(&payloads[i]))
+            .filter(|&i| !self.is_forwardable_reference(ns, &payloads[i]))
             .collect();
         let mut out: Vec<Option<Bytes>> = vec![None; payloads.len()];
         let batch: Vec<Bytes> = todo.iter().map(|&i| payloads[i].clone()).collect();
@@ -199,6 +214,23 @@ impl Pipeline {
         Ok(out)
     }
 
+    /// Whether `payload` is a storage reference that may leave untouched (see the module docs).
+    fn is_forwardable_reference(&self, namespace: Option<&str>, payload: &[u8]) -> bool {
+        let Some(storage) = &self.storage else {
+            return false;
+        };
+        match reference::strict_reference(payload) {
+            Some(r) => {
+                let ok = storage.accepts_reference(namespace, &r);
+                if !ok {
+                    tracing::debug!(driver = %r.driver_name, "reference-shaped payload of an unconfigured driver or with a refused claim: encoded like any payload");
+                }
+                ok
+            }
+            None => false,
+        }
+    }
+
     async fn decode(
         &self,
         ctx: &CallContext,
@@ -218,7 +250,7 @@ impl Pipeline {
                     Kind::Marked(encoded) => {
                         let decoded = self
                             .codec
-                            .decode(&encoded)
+                            .decode_within(&encoded, &ctx.budget)
                             .map_err(|e| codec_error(i, e))?
                             .unwrap_or(encoded);
                         match reference::classify(&decoded) {
@@ -242,7 +274,7 @@ impl Pipeline {
             }
             if !refs.is_empty() {
                 let found = storage
-                    .resolve(ctx.namespace.as_deref(), refs)
+                    .resolve(ctx.namespace.as_deref(), refs, &ctx.budget)
                     .await
                     .map_err(|e| StageError {
                         index: e.index,
@@ -262,7 +294,7 @@ impl Pipeline {
             .collect();
         let decoded = self
             .codec
-            .decode_batch(current)
+            .decode_batch_within(current, ctx.budget.clone())
             .await
             .map_err(|e| codec_error(e.index, e.error))?;
         Ok(decoded
@@ -274,9 +306,13 @@ impl Pipeline {
 }
 
 fn codec_error(index: usize, error: crate::codec::CodecError) -> StageError {
+    let code = match error {
+        crate::codec::CodecError::Budget(_) => Code::ResourceExhausted,
+        _ => Code::Internal,
+    };
     StageError {
         index,
-        code: Code::Internal,
+        code,
         reason: error.to_string(),
     }
 }

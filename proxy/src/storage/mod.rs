@@ -16,6 +16,7 @@ use payload_gateway_drivers::object::ObjectStoreDriver;
 use payload_gateway_drivers::s3::{S3Config, S3Driver};
 use payload_gateway_drivers::{ClaimData, DriverError, StorageDriver, StoreContext, layout};
 
+use crate::budget::MessageBudget;
 use crate::config::{Config, ConfigError, DriverConfig, DriverKind};
 use crate::grpc::Code;
 use crate::metrics::{CacheLabels, StorageLabels, metrics};
@@ -369,19 +370,81 @@ impl Storage {
     /// Resolves `refs` (index in the batch, reference) for a request in `namespace`, with
     /// bounded concurrency. References naming a driver that is not configured are left as
     /// they are (`None`): an SDK with its own driver may resolve them.
+    ///
+    /// Memory: the sizes the references declare are charged to `budget` before anything is
+    /// fetched (a fan-out of references to large objects is refused up front); an object
+    /// larger than its reference declared is refused (`DATA_LOSS`), and what was not declared
+    /// is charged once fetched. The same claim is fetched once per call.
     pub async fn resolve(
         &self,
         namespace: Option<&str>,
         refs: Vec<(usize, Reference)>,
+        budget: &MessageBudget,
     ) -> Result<Vec<(usize, Option<Bytes>)>, StorageError> {
-        stream::iter(refs.into_iter().map(|(index, r)| async move {
-            self.resolve_one(namespace, index, r)
-                .await
-                .map(|b| (index, b))
-        }))
+        let declared: u64 = refs
+            .iter()
+            .filter(|(_, r)| self.drivers.contains_key(&r.driver_name))
+            .map(|(_, r)| r.declared_size.unwrap_or(0))
+            .fold(0u64, u64::saturating_add);
+        if let Some(&(first, _)) = refs.first() {
+            budget
+                .charge(usize::try_from(declared).unwrap_or(usize::MAX))
+                .map_err(|e| StorageError {
+                    index: first,
+                    code: Code::ResourceExhausted,
+                    reason: format!(
+                        "{} storage references declaring {declared} bytes in total: {e}",
+                        refs.len()
+                    ),
+                })?;
+        }
+        // One fetch per distinct claim; duplicates share the bytes.
+        let mut unique: HashMap<String, usize> = HashMap::new();
+        let mut order = Vec::with_capacity(refs.len());
+        let mut fetch = Vec::new();
+        for (index, r) in refs {
+            let key = cache_key(&r.driver_name, &r.claim);
+            let slot = *unique.entry(key).or_insert_with(|| {
+                fetch.push((index, r.clone()));
+                fetch.len() - 1
+            });
+            order.push((index, slot, r.declared_size));
+        }
+        let fetched: Vec<Option<Bytes>> = stream::iter(
+            fetch
+                .into_iter()
+                .map(|(index, r)| async move { self.resolve_one(namespace, index, r).await }),
+        )
         .buffered(self.concurrency)
         .try_collect()
-        .await
+        .await?;
+        let mut out = Vec::with_capacity(order.len());
+        for (index, slot, declared) in order {
+            let bytes = fetched[slot].clone();
+            if let Some(b) = &bytes {
+                let len = b.len() as u64;
+                match declared {
+                    Some(d) if len > d => {
+                        return Err(StorageError {
+                            index,
+                            code: Code::DataLoss,
+                            reason: format!(
+                                "stored object of {len} bytes is larger than the {d} bytes \
+                                 its reference declares"
+                            ),
+                        });
+                    }
+                    Some(_) => {}
+                    None => budget.charge(b.len()).map_err(|e| StorageError {
+                        index,
+                        code: Code::ResourceExhausted,
+                        reason: e.to_string(),
+                    })?,
+                }
+            }
+            out.push((index, bytes));
+        }
+        Ok(out)
     }
 
     async fn resolve_one(
@@ -429,6 +492,17 @@ impl Storage {
 }
 
 impl Storage {
+    /// Whether `r` names a configured driver and carries a claim that driver accepts for a
+    /// request in `namespace`: the only references the encode direction forwards untouched.
+    pub fn accepts_reference(&self, namespace: Option<&str>, r: &Reference) -> bool {
+        let Some(driver) = self.drivers.get(&r.driver_name) else {
+            return false;
+        };
+        driver
+            .validate(self.read_scope(namespace, &r.claim), &r.claim)
+            .is_ok()
+    }
+
     /// The namespace whose key prefix `claim` is checked against: the requesting namespace,
     /// or the namespace the claim's key names when the requesting namespace may read it
     /// (`[namespaces.<ns>] storage_read_namespaces`).

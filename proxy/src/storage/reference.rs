@@ -42,6 +42,9 @@ pub struct Reference {
     pub driver_name: String,
     /// Its claim.
     pub claim: ClaimData,
+    /// The stored size the reference declares (`external_payloads[0].size_bytes`), if any.
+    /// Untrusted: used to refuse a fan-out before fetching, then checked against the object.
+    pub declared_size: Option<u64>,
 }
 
 /// What a payload is, as far as storage is concerned.
@@ -129,15 +132,28 @@ pub fn classify(payload: &Bytes) -> Result<Kind, String> {
         kind => {
             let full = RefPayload::decode(payload.as_ref())
                 .map_err(|e| format!("malformed reference payload: {e}"))?;
-            parse_json(&full.data, kind == MetaKind::Legacy).map(Kind::Reference)
+            let mut r = parse_json(&full.data, kind == MetaKind::Legacy, false)?;
+            r.declared_size = full
+                .external_payloads
+                .first()
+                .and_then(|d| u64::try_from(d.size_bytes).ok());
+            Ok(Kind::Reference(r))
         }
     }
 }
 
-fn parse_json(data: &[u8], legacy: bool) -> Result<Reference, String> {
+/// Parses the reference JSON. `strict`: unknown fields are refused (what may pass the
+/// encode direction untouched must hold nothing but a reference).
+fn parse_json(data: &[u8], legacy: bool, strict: bool) -> Result<Reference, String> {
     if legacy {
         #[derive(Deserialize)]
         struct Claim {
+            claim_data: ClaimData,
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct StrictClaim {
+            #[allow(dead_code)]
             claim_data: ClaimData,
         }
         #[derive(Deserialize)]
@@ -145,11 +161,24 @@ fn parse_json(data: &[u8], legacy: bool) -> Result<Reference, String> {
             driver_name: String,
             driver_claim: Claim,
         }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct StrictLegacy {
+            #[allow(dead_code)]
+            driver_name: String,
+            #[allow(dead_code)]
+            driver_claim: StrictClaim,
+        }
+        if strict {
+            serde_json::from_slice::<StrictLegacy>(data)
+                .map_err(|e| format!("not exactly a legacy storage reference: {e}"))?;
+        }
         let l: Legacy = serde_json::from_slice(data)
             .map_err(|e| format!("malformed legacy storage reference: {e}"))?;
         return Ok(Reference {
             driver_name: l.driver_name,
             claim: l.driver_claim.claim_data,
+            declared_size: None,
         });
     }
     // proto3 JSON: parsers accept the lowerCamelCase and the original field names.
@@ -160,12 +189,59 @@ fn parse_json(data: &[u8], legacy: bool) -> Result<Reference, String> {
         #[serde(rename = "claimData", alias = "claim_data", default)]
         claim_data: ClaimData,
     }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct StrictCurrent {
+        #[serde(rename = "driverName", alias = "driver_name")]
+        #[allow(dead_code)]
+        driver_name: String,
+        #[serde(rename = "claimData", alias = "claim_data")]
+        #[allow(dead_code)]
+        claim_data: ClaimData,
+    }
+    if strict {
+        serde_json::from_slice::<StrictCurrent>(data)
+            .map_err(|e| format!("not exactly a storage reference: {e}"))?;
+    }
     let c: Current =
         serde_json::from_slice(data).map_err(|e| format!("malformed storage reference: {e}"))?;
     Ok(Reference {
         driver_name: c.driver_name,
         claim: c.claim_data,
+        declared_size: None,
     })
+}
+
+/// Strict recognition for the encode direction: `payload` is a reference that may be
+/// forwarded untouched only if it is *exactly* one — metadata holds only `encoding` and
+/// `messageType` (current form) or `encoding` (legacy form), the JSON has no other fields,
+/// at most one `external_payloads` entry, and no unknown protobuf fields anywhere. Whether
+/// the driver is configured and the claim valid is the caller's check. `None`: not a
+/// forwardable reference (the payload is then encoded like any other).
+pub fn strict_reference(payload: &[u8]) -> Option<Reference> {
+    let full = RefPayload::decode(payload).ok()?;
+    let kind = meta_kind(&full.metadata);
+    let allowed: &[&str] = match kind {
+        MetaKind::Current => &["encoding", "messageType"],
+        MetaKind::Legacy => &["encoding"],
+        MetaKind::Plain | MetaKind::Marked => return None,
+    };
+    if full.metadata.len() != allowed.len()
+        || !full.metadata.keys().all(|k| allowed.contains(&k.as_str()))
+        || full.external_payloads.len() > 1
+    {
+        return None;
+    }
+    // No bytes outside the fields parsed above (unknown fields could carry anything).
+    if full.encode_to_vec().len() != payload.len() {
+        return None;
+    }
+    let mut r = parse_json(&full.data, kind == MetaKind::Legacy, true).ok()?;
+    r.declared_size = full
+        .external_payloads
+        .first()
+        .and_then(|d| u64::try_from(d.size_bytes).ok());
+    Some(r)
 }
 
 #[cfg(test)]

@@ -1,0 +1,241 @@
+//! Memory budgets: what one message may inflate to, and what the whole process may hold.
+//!
+//! # Invariants
+//!
+//! - Every allocation the gateway makes *because of what a peer sent* — collected bodies,
+//!   inflated gRPC frames, decompressed zstd payloads, objects fetched for storage references —
+//!   is charged before (or, where the size is only known afterwards, as soon as) it is made.
+//! - One message's inflations ([`MessageBudget`]) never total more than its limit
+//!   (`proxy.max_message_bytes`): a decompression bomb, many gzip frames or a fan-out of storage
+//!   references stop at the limit, not at the sum of what they claim.
+//! - All charges of all messages in flight ([`ProcessBudget`]) never total more than
+//!   `proxy.max_inflight_bytes`; past it a request is answered `RESOURCE_EXHAUSTED` instead of
+//!   the process growing (and being OOM-killed in a sidecar with a memory limit).
+//! - Charges are released when the budget that took them is dropped (the end of the RPC, also
+//!   when it is cancelled), never earlier, so a budget over-counts at worst.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// A budget ran out. The message names the config key that sets the limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Exhausted {
+    /// One message's inflations would pass its limit.
+    #[error(
+        "message would inflate past {limit} bytes (proxy.max_message_bytes); refused before \
+         allocating more"
+    )]
+    Message {
+        /// The per-message limit.
+        limit: usize,
+    },
+    /// All messages in flight together would pass the process budget.
+    #[error(
+        "gateway in-flight memory budget of {limit} bytes (proxy.max_inflight_bytes) is \
+         exhausted; retry later"
+    )]
+    Process {
+        /// The process-wide limit.
+        limit: usize,
+    },
+}
+
+/// The process-wide in-flight byte budget, shared by every RPC and the codec endpoint.
+#[derive(Debug)]
+pub struct ProcessBudget {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl ProcessBudget {
+    /// A budget of `limit` bytes (`0`: unlimited).
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit: if limit == 0 { usize::MAX } else { limit },
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// An unlimited budget (tests, tools).
+    pub fn unlimited() -> Arc<Self> {
+        Self::new(0)
+    }
+
+    /// Bytes currently charged.
+    pub fn in_use(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// The limit in bytes.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn try_take(&self, n: usize) -> Result<(), Exhausted> {
+        let mut current = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = current
+                .checked_add(n)
+                .filter(|&next| next <= self.limit)
+                .ok_or(Exhausted::Process { limit: self.limit })?;
+            match self.used.compare_exchange_weak(
+                current,
+                next,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(seen) => current = seen,
+            }
+        }
+    }
+
+    fn give_back(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// The budget of one message (one direction of one RPC, or one codec endpoint request).
+///
+/// Cheap to clone: clones share the same account, so parallel codec workers of one batch draw
+/// from one remaining amount.
+#[derive(Debug, Clone)]
+pub struct MessageBudget {
+    inner: Arc<Account>,
+}
+
+#[derive(Debug)]
+struct Account {
+    process: Arc<ProcessBudget>,
+    limit: usize,
+    /// Inflations, limited by `limit`.
+    used: AtomicUsize,
+    /// Bytes held as received (bodies), charged to the process budget only.
+    held: AtomicUsize,
+}
+
+impl MessageBudget {
+    /// A budget of `limit` bytes for one message, drawing on `process`.
+    pub fn new(process: Arc<ProcessBudget>, limit: usize) -> Self {
+        Self {
+            inner: Arc::new(Account {
+                process,
+                limit,
+                used: AtomicUsize::new(0),
+                held: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// A budget that never runs out (tests and tools that decode trusted input).
+    pub fn unlimited() -> Self {
+        Self::new(ProcessBudget::unlimited(), usize::MAX)
+    }
+
+    /// Charges `n` bytes, or refuses without charging anything.
+    pub fn charge(&self, n: usize) -> Result<(), Exhausted> {
+        let a = &self.inner;
+        let mut current = a.used.load(Ordering::Relaxed);
+        loop {
+            let next = current
+                .checked_add(n)
+                .filter(|&next| next <= a.limit)
+                .ok_or(Exhausted::Message { limit: a.limit })?;
+            match a
+                .used
+                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(seen) => current = seen,
+            }
+        }
+        if let Err(e) = a.process.try_take(n) {
+            a.used.fetch_sub(n, Ordering::AcqRel);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Charges `n` bytes of a body as received to the process budget only: the wire size of
+    /// a message is limited by the framing (`proxy.max_message_bytes`), its inflations by
+    /// [`charge`](Self::charge).
+    pub fn hold(&self, n: usize) -> Result<(), Exhausted> {
+        self.inner.process.try_take(n)?;
+        self.inner.held.fetch_add(n, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Inflation bytes charged so far.
+    pub fn used(&self) -> usize {
+        self.inner.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes that may still be charged to this message (ignoring the process budget).
+    pub fn remaining(&self) -> usize {
+        self.inner.limit.saturating_sub(self.used())
+    }
+
+    /// The message limit.
+    pub fn limit(&self) -> usize {
+        self.inner.limit
+    }
+}
+
+impl Drop for Account {
+    fn drop(&mut self) {
+        self.process
+            .give_back(*self.used.get_mut() + *self.held.get_mut());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_limit_refuses_without_charging() {
+        let process = ProcessBudget::new(1000);
+        let m = MessageBudget::new(process.clone(), 100);
+        m.charge(60).unwrap();
+        assert_eq!(m.charge(41), Err(Exhausted::Message { limit: 100 }));
+        assert_eq!(m.used(), 60);
+        assert_eq!(process.in_use(), 60);
+        m.charge(40).unwrap();
+        assert_eq!(m.remaining(), 0);
+    }
+
+    #[test]
+    fn process_limit_spans_messages_and_is_released_on_drop() {
+        let process = ProcessBudget::new(100);
+        let a = MessageBudget::new(process.clone(), 1000);
+        let b = MessageBudget::new(process.clone(), 1000);
+        a.charge(70).unwrap();
+        assert_eq!(b.charge(31), Err(Exhausted::Process { limit: 100 }));
+        assert_eq!(b.used(), 0, "a refused charge leaves no trace");
+        let a2 = a.clone();
+        drop(a);
+        assert_eq!(process.in_use(), 70, "clones share the account");
+        drop(a2);
+        assert_eq!(process.in_use(), 0);
+        b.charge(100).unwrap();
+    }
+
+    #[test]
+    fn held_bytes_count_for_the_process_only() {
+        let process = ProcessBudget::new(100);
+        let m = MessageBudget::new(process.clone(), 10);
+        m.hold(80).unwrap();
+        assert_eq!(m.used(), 0);
+        assert_eq!(m.remaining(), 10);
+        assert!(matches!(m.hold(21), Err(Exhausted::Process { .. })));
+        drop(m);
+        assert_eq!(process.in_use(), 0);
+    }
+
+    #[test]
+    fn overflowing_charges_are_refused() {
+        let m = MessageBudget::unlimited();
+        m.charge(usize::MAX - 1).unwrap();
+        assert!(m.charge(usize::MAX).is_err());
+    }
+}
