@@ -280,9 +280,9 @@ def web_ui_prerequisites_missing() -> str | None:
     """Why the Web UI test cannot run here, or None when it can."""
     if rig.chromium_bin() is None:
         return "chromium not installed (scripts/setup.sh installs it when run as root)"
-    try:
-        import websocket  # noqa: F401 - websocket-client
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("websocket") is None:
         return "websocket-client not installed (scripts/setup.sh)"
     return None
 
