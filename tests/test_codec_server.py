@@ -271,11 +271,47 @@ def test_temporal_cli_decodes_through_codec_endpoint(gw, temporal_server):
     assert greeting.decode() not in denied.stdout
 
 
+def in_ci() -> bool:
+    """CI systems (GitHub Actions, GitLab, Buildkite, ...) set `CI=true`."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def web_ui_prerequisites_missing() -> str | None:
+    """Why the Web UI test cannot run here, or None when it can."""
+    if rig.chromium_bin() is None:
+        return "chromium not installed (scripts/setup.sh installs it when run as root)"
+    import importlib.util
+
+    if importlib.util.find_spec("websocket") is None:
+        return "websocket-client not installed (scripts/setup.sh)"
+    return None
+
+
+def test_web_ui_prerequisites_are_checked_in_ci(monkeypatch):
+    """The Web UI test cannot pass by being skipped in CI: a missing browser fails it there."""
+    monkeypatch.setattr(rig, "chromium_bin", lambda: None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="chromium not installed"):
+        require_web_ui_prerequisites()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="chromium not installed"):
+        require_web_ui_prerequisites()
+
+
+def require_web_ui_prerequisites() -> None:
+    """Skips the calling test when the Web UI cannot be driven here, except in CI (`CI=true`),
+    where that is a failure: CI must run it (scripts/setup.sh installs Chromium as root)."""
+    missing = web_ui_prerequisites_missing()
+    if missing is None:
+        return
+    if in_ci():
+        pytest.fail(f"CI=true but the Web UI test cannot run: {missing}", pytrace=False)
+    pytest.skip(missing)
+
+
 @pytest.mark.timeout(300)
 def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path):
-    if rig.chromium_bin() is None:
-        pytest.skip("chromium not installed (scripts/setup.sh installs it when run as root)")
-    pytest.importorskip("websocket", reason="websocket-client not installed (scripts/setup.sh)")
+    require_web_ui_prerequisites()
     # The UI origin must be known before the gateway starts (CORS), the codec port before the
     # server starts (--ui-codec-endpoint): reserve both, then start the gateway, then the server.
     ui_port = rig.free_port()

@@ -800,5 +800,9 @@ def test_empty_poll_response_has_no_empty_data_frames(temporal_server, gateway_f
     direct = h2_data_frames(temporal_server.address, path, msg, {b"grpc-timeout": b"3S"})
     through = h2_data_frames(gw.address, path, msg, {b"grpc-timeout": b"3S"})
     print(f"\n[h2 frames] empty poll response DATA frames (length, END_STREAM): direct {direct}, through the gateway {through}")
-    assert direct and all(n > 0 or end for n, end in direct), f"the server itself sent empty DATA frames: {direct}"
+    # The response is one gRPC message (an empty PollActivityTaskQueueResponse: 5 bytes of
+    # length prefix at least): each side must have sent it, or the checks below see nothing.
+    for who, frames in (("the server", direct), ("the gateway", through)):
+        assert sum(n for n, _ in frames) >= 5, f"{who} sent no response message: DATA frames {frames}"
+    assert all(n > 0 or end for n, end in direct), f"the server itself sent empty DATA frames: {direct}"
     assert all(n > 0 or end for n, end in through), f"empty non-final DATA frames from the gateway: {through}"
