@@ -182,3 +182,31 @@ fn check_round_trip(payloads: &[Payload]) {
         assert_eq!(&back, p, "protobuf round trip changed the payload");
     }
 }
+
+/// `storage_reference` input: a serialized `Payload`.
+///
+/// Properties: recognition never panics; what it accepts as a forwardable reference is read
+/// as the same reference by the decode path (`classify`), carries only the metadata keys of
+/// its form and re-encodes to exactly the input (no unknown fields can ride along); a
+/// reference the gateway builds from it is accepted again.
+pub fn storage_reference(data: &[u8]) {
+    use payload_gateway::storage::reference::{Kind, build, classify, strict_reference};
+    let Some(r) = strict_reference(data) else {
+        return;
+    };
+    match classify(&Bytes::copy_from_slice(data)) {
+        Ok(Kind::Reference(read)) => {
+            assert_eq!(
+                read.driver_name, r.driver_name,
+                "decode reads another driver"
+            );
+            assert_eq!(read.claim, r.claim, "decode reads another claim");
+            assert_eq!(read.declared_size, r.declared_size);
+        }
+        other => panic!("strictly recognised but classified as {other:?}"),
+    }
+    let size = r.declared_size.unwrap_or(0).min(1 << 40) as usize;
+    let rebuilt = build(&r.driver_name, &r.claim, size);
+    let again = strict_reference(&rebuilt).expect("a built reference is strictly recognised");
+    assert_eq!(again.claim, r.claim);
+}

@@ -43,3 +43,8 @@ fn replay_grpc_frame_corpus() {
 fn replay_codec_json_corpus() {
     replay("codec_json", bodies::codec_json, 15);
 }
+
+#[test]
+fn replay_storage_reference_corpus() {
+    replay("storage_reference", bodies::storage_reference, 8);
+}

@@ -342,4 +342,80 @@ mod tests {
         .encode_to_vec();
         assert!(classify(&Bytes::from(bad)).is_err());
     }
+
+    #[test]
+    fn strict_recognition_accepts_exact_references_only() {
+        let exact = build("aws.s3driver", &claim(), 1234);
+        let r = strict_reference(&exact).expect("a reference the gateway builds");
+        assert_eq!(r.declared_size, Some(1234));
+        let with = |metadata: Vec<(&str, &[u8])>, data: &str| {
+            RefPayload {
+                metadata: metadata
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.to_vec()))
+                    .collect(),
+                data: Bytes::from(data.to_owned()),
+                external_payloads: vec![],
+            }
+            .encode_to_vec()
+        };
+        let current = vec![
+            ("encoding", ENCODING_JSON_PROTOBUF),
+            ("messageType", REFERENCE_MESSAGE_TYPE),
+        ];
+        assert!(
+            strict_reference(&with(
+                current.clone(),
+                r#"{"driverName":"d","claimData":{}}"#
+            ))
+            .is_some()
+        );
+        assert!(
+            strict_reference(&with(
+                current.clone(),
+                r#"{"driver_name":"d","claim_data":{}}"#
+            ))
+            .is_some()
+        );
+        let legacy = vec![("encoding", ENCODING_LEGACY)];
+        assert!(
+            strict_reference(&with(
+                legacy.clone(),
+                r#"{"driver_name":"d","driver_claim":{"claim_data":{}}}"#
+            ))
+            .is_some()
+        );
+        // Look-alikes: extra JSON fields, extra metadata, unknown protobuf fields, markers.
+        for refused in [
+            with(
+                current.clone(),
+                r#"{"driverName":"d","claimData":{},"s":"secret"}"#,
+            ),
+            with(current.clone(), r#"{"claimData":{}}"#),
+            with(
+                legacy.clone(),
+                r#"{"driver_name":"x","driver_claim":{"claim_data":{}},"s":"secret"}"#,
+            ),
+            with(
+                legacy,
+                r#"{"driver_name":"x","driver_claim":{"claim_data":{},"s":"secret"}}"#,
+            ),
+            with(
+                vec![
+                    ("encoding", ENCODING_JSON_PROTOBUF),
+                    ("messageType", REFERENCE_MESSAGE_TYPE),
+                    ("note", b"secret"),
+                ],
+                r#"{"driverName":"d","claimData":{}}"#,
+            ),
+            with(
+                vec![(MARKER_KEY, b"true"), ("encoding", b"json/plain")],
+                "\"secret\"",
+            ),
+            with(vec![("encoding", b"json/plain")], "1"),
+            [exact.to_vec(), vec![0x7a, 6], b"secret".to_vec()].concat(),
+        ] {
+            assert!(strict_reference(&refused).is_none(), "{refused:?}");
+        }
+    }
 }
