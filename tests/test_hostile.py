@@ -275,16 +275,21 @@ def test_many_gzip_frames_in_one_unary_request(temporal_server, gateway_factory)
     assert_served(gw)
 
 
-def _zstd_bomb(size: int) -> bytes:
-    cctx = zstandard.ZstdCompressor(level=3)
-    return cctx.compress(b"\0" * size)
+def _zstd_bomb(size: int, declare_size: bool) -> bytes:
+    cobj = zstandard.ZstdCompressor(level=3, write_content_size=declare_size).compressobj(size=size if declare_size else -1)
+    parts = [cobj.compress(b"\0" * MiB) for _ in range(size // MiB)]
+    parts.append(cobj.flush())
+    return b"".join(parts)
 
 
-def test_zstd_bombs_in_history_stay_within_the_message_budget(temporal_server, gateway_factory):
+@pytest.mark.parametrize("declare_size", [True, False], ids=["declared", "undeclared"])
+def test_zstd_bombs_in_history_stay_within_the_message_budget(temporal_server, gateway_factory, declare_size):
     """8 payloads `binary/zstd` each inflating to 256 MiB, written directly to the server; read
-    through a gateway with the default limits: an error, VmHWM under 700 MiB, still serving."""
+    through a gateway with the default limits: an error, VmHWM under 700 MiB, still serving.
+    Declared content sizes are refused before allocating; undeclared ones grow the output step
+    by step until the message budget (128 MiB) runs out."""
     gw = start_gateway(gateway_factory, temporal_server.address)
-    bomb = _zstd_bomb(256 * MiB)
+    bomb = _zstd_bomb(256 * MiB, declare_size)
     wf_id = f"zbombs-{uuid.uuid4().hex[:8]}"
 
     async def write():
@@ -298,7 +303,7 @@ def test_zstd_bombs_in_history_stay_within_the_message_budget(temporal_server, g
     with pytest.raises(RPCError) as err:
         asyncio.run(history_raw(gw.address, wf_id))
     peak = vm_hwm_mib(gw.proc.pid)
-    print(f"\n[zstd bombs] {err.value.status.name}: {err.value}; gateway VmHWM {peak} MiB")
+    print(f"\n[zstd bombs, declared={declare_size}] {err.value.status.name}: {err.value}; gateway VmHWM {peak} MiB")
     assert "max_message_bytes" in str(err.value) or "exceeds" in str(err.value), err.value
     assert peak < 700, f"gateway peaked at {peak} MiB decoding 8 x 256 MiB bombs"
     assert_served(gw)
