@@ -95,3 +95,52 @@ def test_missing_config_file(cfgdir):
     res = rig.run_gateway_once(None, cfgdir, args=["--config", str(cfgdir / "absent.toml")])
     assert res.returncode not in (None, 0), res
     assert "absent.toml" in res.stderr, res.stderr
+
+
+def check_config(config: dict, workdir, extra_env=None):
+    path = workdir / "check.toml"
+    path.write_text(rig.render_toml(config))
+    return rig.run_gateway_once(None, workdir, extra_env=extra_env, args=["check-config", str(path)])
+
+
+@pytest.mark.parametrize("what", ["key file", "key variable", "tls certificate", "codec token variable", "jwks file"])
+def test_check_config_reports_what_start_would(cfgdir, what):
+    """check-config loads every file and variable start loads, so it fails the same way."""
+    cfg = base()
+    cfg["encryption"] = {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "env": "PGW_CHECK_KEY"}]}
+    env = {"PGW_CHECK_KEY": "A" * 43 + "="}
+    missing = None
+    if what == "key file":
+        cfg["encryption"]["keys"] = [{"id": "k1", "file": str(cfgdir / "absent.key")}]
+        missing = "absent.key"
+    elif what == "key variable":
+        env = {}
+        missing = "PGW_CHECK_KEY"
+    elif what == "tls certificate":
+        cfg["proxy"]["tls"] = {"cert_file": str(cfgdir / "absent.crt"), "key_file": str(cfgdir / "absent.pem")}
+        missing = "absent.crt"
+    elif what == "codec token variable":
+        cfg["codec_server"]["bearer_tokens_env"] = "PGW_CHECK_ABSENT_TOKENS"
+        missing = "PGW_CHECK_ABSENT_TOKENS"
+    else:
+        cfg["codec_server"].update({"jwks_file": str(cfgdir / "absent-jwks.json"), "jwt_issuer": "i", "jwt_audience": "a"})
+        missing = "absent-jwks.json"
+    ok = base()
+    ok["encryption"] = {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "env": "PGW_CHECK_KEY"}]}
+    good = check_config(ok, cfgdir, extra_env={"PGW_CHECK_KEY": "A" * 43 + "="})
+    assert good.returncode == 0, good.stderr
+    res = check_config(cfg, cfgdir, extra_env=env)
+    assert res.returncode == 2, (res.returncode, res.stderr, res.stdout)
+    assert missing in res.stderr, res.stderr
+
+
+def test_check_config_prints_the_effective_policy_and_writes_no_dev_key(cfgdir):
+    cfg = base()
+    cfg["encryption"] = {"enabled": False, "dev_key_file": str(cfgdir / "dev.key")}
+    cfg["namespaces"] = {"payments": {"encryption": True}, "scratch": {"compression": True}}
+    res = check_config(cfg, cfgdir)
+    assert res.returncode == 0, res.stderr
+    assert '# payments: encrypt with key "dev"' in res.stdout, res.stdout
+    assert "# scratch: NOT ENCRYPTED (exempt)" in res.stdout, res.stdout
+    assert "start generates a development key" in res.stdout, res.stdout
+    assert not (cfgdir / "dev.key").exists(), "check-config must not write the development key"
