@@ -76,7 +76,7 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use arc_swap::ArcSwap;
 use aws_lc_rs::aead::NONCE_LEN;
@@ -434,8 +434,11 @@ impl PayloadCodec {
         let total: usize = payloads.iter().map(Bytes::len).sum();
         let threshold = self.inner.parallel_threshold.load(Ordering::Relaxed);
         if total < threshold || payloads.is_empty() {
-            return run_group(self, &f, 0, &payloads);
+            return run_group(self, &f, 0, &payloads, &AtomicBool::new(false));
         }
+        // Dropping this future (the RPC was cancelled or timed out) tells the blocking workers
+        // to stop before their next payload instead of finishing work nobody waits for.
+        let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
         let workers = std::thread::available_parallelism()
             .map_or(1, usize::from)
             .min(payloads.len());
@@ -469,9 +472,12 @@ impl PayloadCodec {
             let f = f.clone();
             let start = first;
             first += chunk.len();
+            let cancelled = cancel.0.clone();
             tasks.push((
                 start,
-                tokio::task::spawn_blocking(move || run_group(&codec, &*f, start, &chunk)),
+                tokio::task::spawn_blocking(move || {
+                    run_group(&codec, &*f, start, &chunk, &cancelled)
+                }),
             ));
         }
         let mut out = Vec::with_capacity(first);
@@ -512,11 +518,21 @@ impl PayloadCodec {
     }
 }
 
+/// Sets the flag when dropped: the batch's caller is gone.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 fn run_group<F>(
     codec: &PayloadCodec,
     f: &F,
     first: usize,
     payloads: &[Bytes],
+    cancelled: &AtomicBool,
 ) -> Result<Vec<Option<Bytes>>, BatchError>
 where
     F: Fn(&PayloadCodec, &[u8]) -> Result<Option<Bytes>, CodecError>,
@@ -525,6 +541,12 @@ where
         .iter()
         .enumerate()
         .map(|(i, p)| {
+            if cancelled.load(Ordering::Relaxed) {
+                return Err(BatchError {
+                    index: first + i,
+                    error: CodecError::Worker("the request was cancelled".to_owned()),
+                });
+            }
             f(codec, p).map_err(|error| BatchError {
                 index: first + i,
                 error,

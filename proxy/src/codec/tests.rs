@@ -930,3 +930,35 @@ fn decompression_draws_from_the_message_budget() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_batches_stop_their_blocking_workers() {
+    use crate::budget::MessageBudget;
+    let f = Fixture::new();
+    let codec = PayloadCodec::from_config(&f.config(false, true)).unwrap();
+    codec.set_parallel_threshold(0);
+    let frame = zstd::bulk::compress(&vec![0u8; 4 << 20], 3).unwrap();
+    let payload = Bytes::from(
+        WirePayload {
+            metadata: [("encoding".to_owned(), b"binary/zstd".to_vec())].into(),
+            data: Bytes::from(frame),
+            external_payloads: vec![],
+        }
+        .encode_to_vec(),
+    );
+    let budget = MessageBudget::unlimited();
+    let batch = vec![payload; 256];
+    let run = codec.decode_batch_within(batch, budget.clone());
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(2), run)
+            .await
+            .is_err(),
+        "256 x 4 MiB cannot finish in 2 ms"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let done = budget.used() / (4 << 20);
+    assert!(
+        done < 64,
+        "blocking workers went on after the batch was dropped: {done} of 256 payloads decoded"
+    );
+}
