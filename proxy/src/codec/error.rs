@@ -15,7 +15,7 @@ pub enum CodecError {
     #[error(
         "encryption key {key_id:?} is not bound to {}: it may not decrypt for it \
          (keys a namespace may decrypt with: its active_key and decrypt_keys)",
-        match namespace { Some(ns) => format!("namespace {ns:?}"), None => "requests without a namespace".to_owned() }
+        scope_name(namespace)
     )]
     KeyNotBound {
         /// The key the payload named.
@@ -85,6 +85,14 @@ pub enum CodecError {
     /// A worker thread of a batch failed (panicked or was cancelled).
     #[error("codec worker failed: {0}")]
     Worker(String),
+}
+
+/// How a namespace is named in messages (`None`: a request without one).
+fn scope_name(namespace: &Option<String>) -> String {
+    match namespace {
+        Some(ns) => format!("namespace {ns:?}"),
+        None => "requests without a namespace".to_owned(),
+    }
 }
 
 /// A batch failed: the lowest index of a payload that failed, and why.

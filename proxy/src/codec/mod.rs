@@ -21,9 +21,10 @@
 //! names ([`PayloadCodec::decode`]: any key of the keyring; [`PayloadCodec::decode_for`]: only
 //! a key bound to the namespace, see `DecryptSets` in `keys.rs`), then a `binary/zstd` inner
 //! payload is decompressed; a `binary/zstd` payload on its own is decompressed; anything else
-//! is "not ours" and stays unchanged. Decompression is bounded by `compression.max_decompressed_bytes`: the output
-//! grows only up to the limit (a frame declaring or producing more is refused, without
-//! inflating the rest) and the zstd window a frame may ask for is capped at the limit's next
+//! is "not ours" and stays unchanged. Decompression is bounded by
+//! `compression.max_decompressed_bytes` (or a smaller budget given to
+//! [`PayloadCodec::decode_for_within`]): the output grows only up to the limit (a frame
+//! declaring or producing more is refused, without inflating the rest) and the zstd window a frame may ask for is capped at the limit's next
 //! power of two (at least 8 MiB, at most 128 MiB), so a decompression bomb costs at most the
 //! limit plus that window in memory.
 //!
