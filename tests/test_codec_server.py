@@ -7,15 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from http.client import HTTPConnection
 import json
 import os
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
+from temporalio.api.common.v1 import Payload, Payloads, WorkflowExecution, WorkflowType
+from temporalio.api.taskqueue.v1 import TaskQueue
+from temporalio.api.workflowservice.v1 import (DescribeNamespaceRequest, GetWorkflowExecutionHistoryRequest,
+                                               RegisterNamespaceRequest, StartWorkflowExecutionRequest)
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 import rig
@@ -160,6 +169,45 @@ def test_bad_json_oversized_and_unknown_routes(gw):
     assert many.status == 413 and "max_payloads" in many.text, many.text
     assert http(gw, "POST", "/nothing", {"payloads": []}).status == 404
     assert http(gw, "GET", "/decode").status == 405
+
+
+def raw_request(port: int, method: str, path: str, body: bytes, headers: dict) -> tuple[int, str]:
+    """One request with exactly these headers (urllib would add or fix some), e.g. a foreign Host."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        for k, v in headers.items():
+            conn.putheader(k, v)
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        r = conn.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def test_simple_cross_site_requests_are_refused(gw):
+    """What a web page can send without a CORS preflight (a text/plain or form POST), and what
+    it sends after rebinding its DNS name to the loopback address (its own Host), is refused."""
+    enc = http(gw, "POST", "/encode", {"payloads": [json_payload("rebinding-secret")]})
+    assert enc.status == 200, enc.text
+    body = json.dumps(enc.json()).encode()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    port = gw.codec_port
+    for ctype in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None):
+        hdrs = {"Host": f"127.0.0.1:{port}", **auth, **({"Content-Type": ctype} if ctype else {})}
+        status, text = raw_request(port, "POST", "/decode", body, hdrs)
+        assert status == 415 and "application/json" in text, f"{ctype}: {status} {text}"
+        assert "rebinding-secret" not in text
+    for host in (f"evil.example:{port}", "rebind.attacker.test", f"127.0.0.1.nip.io:{port}"):
+        hdrs = {"Host": host, "Content-Type": "application/json", **auth}
+        status, text = raw_request(port, "POST", "/decode", body, hdrs)
+        assert status == 421 and "allowed_hosts" in text, f"{host}: {status} {text}"
+        assert "rebinding-secret" not in text
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        status, text = raw_request(port, "POST", "/decode", body,
+                                   {"Host": host, "Content-Type": "application/json; charset=utf-8", **auth})
+        assert status == 200 and b64(json.dumps("rebinding-secret").encode()) in text, f"{host}: {status} {text}"
 
 
 def test_tampered_ciphertext_is_refused_with_reason(gw):
@@ -354,3 +402,155 @@ def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path):
     finally:
         gw.stop()
         server.stop()
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+async def register_namespace(client: Client, name: str) -> None:
+    await client.workflow_service.register_namespace(RegisterNamespaceRequest(
+        namespace=name, workflow_execution_retention_period=Duration(seconds=24 * 3600)))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace=name))
+            return
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def test_cross_namespace_decode_is_refused(gateway_factory, temporal_server):
+    """Namespaces A and B with different keys: a ciphertext written through the gateway for B,
+    read from the server's history, cannot be decoded through /A/decode (nor without a
+    namespace), only through /B/decode."""
+    suffix = uuid.uuid4().hex[:8]
+    ns_a, ns_b = f"pgw-codec-a-{suffix}", f"pgw-codec-b-{suffix}"
+    marker = f"cross-ns-secret-{suffix}"
+    gw = gateway_factory(temporal_server.address, config={}, start=False, name="codec-ns-gw")
+    keys = rig.key_files(gw.workdir, {"k0": os.urandom(32), "ka": os.urandom(32), "kb": os.urandom(32)})
+    gw.configure({
+        **gw.listener_sections(codec_server=True),
+        "encryption": {"enabled": True, "active_key": "k0", "keys": keys},
+        "compression": {"enabled": False},
+        "storage": {"enabled": False},
+        "namespaces": {ns_a: {"active_key": "ka"}, ns_b: {"active_key": "kb"}},
+    })
+    gw.start()
+    wf_id = f"cross-ns-{suffix}"
+
+    async def write_and_read():
+        admin = await Client.connect(temporal_server.address, namespace="default")
+        await register_namespace(admin, ns_a)
+        await register_namespace(admin, ns_b)
+        through = await Client.connect(gw.address, namespace=ns_b)
+        await through.workflow_service.start_workflow_execution(StartWorkflowExecutionRequest(
+            namespace=ns_b, workflow_id=wf_id, workflow_type=WorkflowType(name="Nobody"),
+            task_queue=TaskQueue(name=f"none-{suffix}"),
+            input=Payloads(payloads=[Payload(metadata={"encoding": b"json/plain"}, data=json.dumps(marker).encode())]),
+            request_id=str(uuid.uuid4())))
+        direct = await Client.connect(temporal_server.address, namespace=ns_b)
+        return await direct.workflow_service.get_workflow_execution_history(GetWorkflowExecutionHistoryRequest(
+            namespace=ns_b, execution=WorkflowExecution(workflow_id=wf_id)))
+
+    history = asyncio.run(write_and_read())
+    stored = history.history.events[0].workflow_execution_started_event_attributes.input.payloads[0]
+    assert stored.metadata["encoding"] == b"binary/encrypted" and stored.metadata["encryption-key-id"] == b"kb"
+    assert marker.encode() not in stored.SerializeToString()
+    body = {"payloads": [{"metadata": {k: b64(v) for k, v in stored.metadata.items()}, "data": b64(stored.data)}]}
+    marker_b64 = b64(json.dumps(marker).encode())
+
+    own = http(gw, "POST", f"/{ns_b}/decode", body, token=None)
+    assert own.status == 200 and own.json()["payloads"][0]["data"] == marker_b64, own.text
+    for path, headers in ((f"/{ns_a}/decode", {}), ("/decode", {"X-Namespace": ns_a}), ("/decode", {}),
+                          (f"/{ns_a}/download", {})):
+        r = http(gw, "POST", path, body, headers=headers, token=None)
+        assert r.status in (400, 403, 422), f"{path}: {r.status} {r.text}"
+        assert marker not in r.text and marker_b64 not in r.text, r.text
+        if path.endswith("/decode"):
+            assert '"kb"' in r.text and "not bound" in r.text, r.text
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process in KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0])
+    return out
+
+
+@pytest.fixture
+def default_limits_gw(gateway_factory, temporal_server):
+    """A gateway with the codec endpoint's default limits (32 MiB bodies, 1,000 payloads,
+    128 MiB decoded per request) and no authentication."""
+    gw = gateway_factory(temporal_server.address, config={}, start=False, name="codec-limits-gw",
+                         extra_env={"PGW_TEST_CODEC_KEY": b64(KEY)})
+    gw.configure({
+        **gw.listener_sections(codec_server=True),
+        "encryption": {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "env": "PGW_TEST_CODEC_KEY"}]},
+        "storage": {"enabled": False},
+    })
+    return gw.start()
+
+
+def warm_up(gw: rig.Gateway) -> dict[str, int]:
+    for _ in range(3):
+        r = http(gw, "POST", "/decode", {"payloads": [json_payload("warm")]}, token=None)
+        assert r.status == 200, r.text
+    return proc_status(gw.proc.pid)
+
+
+def test_millions_of_nulls_are_refused_while_parsing(default_limits_gw):
+    gw = default_limits_gw
+    before = warm_up(gw)
+    body = b'{"payloads":[' + b"null," * 6_700_000 + b"null]}"
+    assert len(body) <= 32 * 1024 * 1024
+    t0 = time.monotonic()
+    r = http(gw, "POST", "/decode", body, token=None)
+    took = time.monotonic() - t0
+    assert r.status == 413 and "max_payloads" in r.text, r.text
+    assert took < 5, f"took {took:.1f} s"
+    after = proc_status(gw.proc.pid)
+    growth = (after["VmHWM"] - before["VmHWM"]) // 1024
+    print(f"6.7 M nulls: 413 in {took:.2f} s, VmHWM {before['VmHWM'] // 1024} -> {after['VmHWM'] // 1024} MiB")
+    # The body itself is 32 MiB; parsing 6.7 M entries before counting them grew it by ~1 GiB.
+    assert growth < 100, f"VmHWM grew by {growth} MiB"
+    assert http(gw, "POST", "/decode", {"payloads": [json_payload("still")]}, token=None).status == 200
+
+
+def zstd_bomb_payload(inflated: int, declare_size: bool) -> dict:
+    import zstandard
+    inner = Payload(metadata={"encoding": b"binary/plain"}, data=bytes(inflated)).SerializeToString()
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=declare_size).compress(inner)
+    declared = zstandard.frame_content_size(frame)
+    assert (declared == len(inner)) if declare_size else declared < 0, declared
+    return {"metadata": {"encoding": b64(b"binary/zstd")}, "data": b64(frame)}
+
+
+@pytest.mark.parametrize("declare_size", [False, True], ids=["streamed-frames", "declared-size"])
+def test_zstd_bombs_are_refused_within_the_budget(default_limits_gw, declare_size):
+    """1,000 payloads (as many as fit in a 32 MiB body) each inflating to ~256 MiB: 413 after
+    at most the 128 MiB request budget was inflated, with the gateway's peak RSS growing by
+    less than 400 MiB, and the gateway still serving."""
+    gw = default_limits_gw
+    bomb = zstd_bomb_payload(255 * 1024 * 1024, declare_size)  # the serialized inner payload stays under 256 MiB
+    count = min(1000, (30 * 1024 * 1024) // (len(bomb["data"]) + 64))
+    assert count >= 100, count
+    before = warm_up(gw)
+    t0 = time.monotonic()
+    r = http(gw, "POST", "/decode", {"payloads": [bomb] * count}, token=None)
+    took = time.monotonic() - t0
+    assert r.status == 413 and "max_decoded_bytes" in r.text and "payload 0" in r.text, r.text
+    after = proc_status(gw.proc.pid)
+    growth = (after["VmHWM"] - before["VmHWM"]) // 1024
+    print(f"{count} bombs: 413 in {took:.2f} s, VmHWM {before['VmHWM'] // 1024} -> {after['VmHWM'] // 1024} MiB")
+    assert growth < 400, f"VmHWM grew by {growth} MiB"
+    assert took < 20, took
+    # Within the budget, compressed payloads still decode.
+    ok = zstd_bomb_payload(8 * 1024 * 1024, declare_size)
+    r = http(gw, "POST", "/decode", {"payloads": [ok] * 4}, token=None)
+    assert r.status == 200, r.text
+    assert [len(base64.b64decode(p["data"])) for p in r.json()["payloads"]] == [8 * 1024 * 1024] * 4

@@ -298,6 +298,16 @@ pub struct CodecServerConfig {
     pub request_timeout_ms: u64,
     /// Most connections held open at once (as `proxy.max_connections`). `0`: no cap.
     pub max_connections: usize,
+    /// Host names (and addresses) requests may be addressed to: the HTTP/1 `Host` header or
+    /// the HTTP/2 `:authority` must match one (other hosts: 421), which stops DNS rebinding
+    /// from turning a web page into a caller. `name` matches any port, `name:port` only that
+    /// port; IPv6 addresses in brackets (`[::1]`); `*` allows any host. The `listen` address
+    /// is always allowed as well.
+    pub allowed_hosts: Vec<String>,
+    /// Most bytes the payloads of one request may decode to, in total (more: 413). Payloads
+    /// are decoded one after the other and a compressed payload may only inflate to what is
+    /// left of this budget.
+    pub max_decoded_bytes: usize,
 }
 
 /// One `[[codec_server.tokens]]` entry: tokens valid only for some namespaces.
@@ -329,6 +339,12 @@ impl Default for CodecServerConfig {
             max_payloads: 1_000,
             request_timeout_ms: 30_000,
             max_connections: 1_024,
+            allowed_hosts: vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "[::1]".to_owned(),
+            ],
+            max_decoded_bytes: 128 * 1024 * 1024,
         }
     }
 }
@@ -372,6 +388,17 @@ impl CodecServerConfig {
                 "codec_server.request_timeout_ms",
                 "must be greater than 0",
             ));
+        }
+        if self.max_decoded_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "codec_server.max_decoded_bytes",
+                "must be greater than 0",
+            ));
+        }
+        for (i, host) in self.allowed_hosts.iter().enumerate() {
+            crate::codec_server::HostPattern::parse(host).map_err(|why| {
+                ConfigError::invalid(format!("codec_server.allowed_hosts[{i}]"), why)
+            })?;
         }
         if matches!(&self.bearer_tokens_env, Some(v) if v.is_empty()) {
             return Err(ConfigError::invalid(
@@ -444,6 +471,11 @@ pub struct EncryptionConfig {
     pub active_key: Option<String>,
     /// Every key that can decrypt; the active key must be among them.
     pub keys: Vec<KeySpec>,
+    /// Keys namespaces without their own `decrypt_keys` may decrypt with, besides their active
+    /// key. Unset: every key that is no namespace's active key and not listed in a namespace's
+    /// own `decrypt_keys` (so a single-tenant keyring keeps decrypting with all its keys, and
+    /// one namespace's key never silently decrypts for another). See SECURITY.md.
+    pub decrypt_keys: Option<Vec<String>>,
     /// Where the development key lives when `enabled` and no keys are configured.
     pub dev_key_file: PathBuf,
     /// gRPC methods (full paths, `/temporal.api.x.v1.Service/Method`) that the gateway's
@@ -463,6 +495,7 @@ impl Default for EncryptionConfig {
             enabled: true,
             active_key: None,
             keys: Vec::new(),
+            decrypt_keys: None,
             dev_key_file: PathBuf::from("./data/dev.key"),
             forward_unknown_methods: Vec::new(),
             forward_unknown_any_types: Vec::new(),
@@ -581,6 +614,10 @@ pub struct NamespaceConfig {
     pub encryption: Option<bool>,
     /// The key that encrypts this namespace's new payloads.
     pub active_key: Option<String>,
+    /// Keys this namespace may still decrypt with besides its active key (rotation: its old
+    /// keys). Unset: `encryption.decrypt_keys` and its default. Payloads naming any other key
+    /// are refused when decoded for this namespace.
+    pub decrypt_keys: Option<Vec<String>>,
     /// Compression on or off for this namespace.
     pub compression: Option<bool>,
     /// Offload on or off for this namespace.
@@ -740,6 +777,13 @@ impl Config {
             _ => Ok(()),
         };
         check_key_ref("encryption.active_key", &self.encryption.active_key)?;
+        let check_key_list = |key: &str, ids: &Option<Vec<String>>| {
+            for (i, id) in ids.iter().flatten().enumerate() {
+                check_key_ref(&format!("{key}[{i}]"), &Some(id.clone()))?;
+            }
+            Ok::<(), ConfigError>(())
+        };
+        check_key_list("encryption.decrypt_keys", &self.encryption.decrypt_keys)?;
         if self.encryption.active_key.is_none() && !self.encryption.keys.is_empty() {
             return Err(ConfigError::invalid(
                 "encryption.active_key",
@@ -785,6 +829,7 @@ impl Config {
         }
         for (ns, over) in &self.namespaces {
             check_key_ref(&format!("namespaces.{ns}.active_key"), &over.active_key)?;
+            check_key_list(&format!("namespaces.{ns}.decrypt_keys"), &over.decrypt_keys)?;
             if let Some(driver) = &over.storage_driver {
                 check_driver_ref(&format!("namespaces.{ns}.storage_driver"), driver)?;
             }

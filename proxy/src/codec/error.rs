@@ -10,6 +10,25 @@ pub enum CodecError {
     /// The payload names a key id that is not in the keyring.
     #[error("unknown encryption key id {0:?}")]
     UnknownKey(String),
+    /// The payload names a key the namespace it is decoded for may not decrypt with (keys
+    /// are bound to namespaces: `decrypt_keys`).
+    #[error(
+        "encryption key {key_id:?} is not bound to {}: it may not decrypt for it \
+         (keys a namespace may decrypt with: its active_key and decrypt_keys)",
+        scope_name(namespace)
+    )]
+    KeyNotBound {
+        /// The key the payload named.
+        key_id: String,
+        /// The namespace it was decoded for.
+        namespace: Option<String>,
+    },
+    /// Decoding would exceed the caller's output budget (e.g. `codec_server.max_decoded_bytes`).
+    #[error("decoded size exceeds the remaining budget of {budget} bytes")]
+    OverBudget {
+        /// What was left of the budget for this payload.
+        budget: usize,
+    },
     /// AES-GCM authentication failed: wrong key, tampered ciphertext or tampered nonce.
     #[error("authentication failed (tag mismatch) for key {key_id:?}")]
     AuthenticationFailed {
@@ -69,6 +88,14 @@ pub enum CodecError {
     /// A worker thread of a batch failed (panicked or was cancelled).
     #[error("codec worker failed: {0}")]
     Worker(String),
+}
+
+/// How a namespace is named in messages (`None`: a request without one).
+fn scope_name(namespace: &Option<String>) -> String {
+    match namespace {
+        Some(ns) => format!("namespace {ns:?}"),
+        None => "requests without a namespace".to_owned(),
+    }
 }
 
 /// A batch failed: the lowest index of a payload that failed, and why.

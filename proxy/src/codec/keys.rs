@@ -1,7 +1,7 @@
 //! The keyring: AES-256-GCM keys by id, loaded from files or environment variables, the
 //! development key, and per-key nonce counters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io::Write;
 use std::path::Path;
@@ -15,7 +15,7 @@ use base64::Engine;
 use super::CodecError;
 use super::nonce::NonceSource;
 use super::wire::{self, ENCODING_ENCRYPTED, ENCODING_KEY, KEY_ID_KEY};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, NamespaceConfig};
 
 /// Id of the development key.
 pub(crate) const DEV_KEY_ID: &str = "dev";
@@ -150,6 +150,82 @@ impl KeyEntry {
             .map_err(|_| CodecError::AuthenticationFailed {
                 key_id: self.id.clone(),
             })
+    }
+}
+
+/// Which keys each namespace may decrypt with: keys are bound to the namespaces that use them.
+///
+/// The rule (SECURITY.md, "Keys bound to namespaces"):
+/// - a namespace's *own key* is its `active_key`, else `encryption.active_key`, else the
+///   development key; it may always decrypt with it;
+/// - besides, it may decrypt with `[namespaces.<ns>] decrypt_keys` when set, else with
+///   `[encryption] decrypt_keys` when set, else with the *shared* keys: every key of the
+///   keyring that is no namespace's own key (`encryption.active_key` included, the own key of
+///   every namespace without its own `active_key`) and is not listed in any namespace's
+///   `decrypt_keys`.
+///
+/// So a single-tenant keyring (one `active_key`, older keys kept for rotation) decrypts with
+/// every key as before, while a namespace with its own key never silently decrypts with
+/// another namespace's key: that takes an explicit `decrypt_keys` entry. Requests without a
+/// namespace, and namespaces without a `[namespaces.<ns>]` section, get the top-level set.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DecryptSets {
+    /// The top level: namespaces without a section, and requests without a namespace.
+    default: BTreeSet<String>,
+    /// Namespaces with a `[namespaces.<ns>]` section.
+    namespaces: HashMap<String, BTreeSet<String>>,
+}
+
+impl DecryptSets {
+    /// Applies the rule to `config` over the loaded `keys` (ids not in the keyring are dropped;
+    /// configuration validation already refuses them).
+    pub(crate) fn build(config: &Config, keys: &HashMap<String, Arc<KeyEntry>>) -> Self {
+        let top_key = config
+            .encryption
+            .active_key
+            .clone()
+            .or_else(|| keys.contains_key(DEV_KEY_ID).then(|| DEV_KEY_ID.to_owned()));
+        let own_key = |ns: &NamespaceConfig| ns.active_key.clone().or_else(|| top_key.clone());
+        let mut owned: BTreeSet<String> = top_key.iter().cloned().collect();
+        for ns in config.namespaces.values() {
+            owned.extend(own_key(ns));
+            owned.extend(ns.decrypt_keys.iter().flatten().cloned());
+        }
+        let default_extra: BTreeSet<String> = match &config.encryption.decrypt_keys {
+            Some(ids) => ids.iter().cloned().collect(),
+            None => keys
+                .keys()
+                .filter(|id| !owned.contains(*id))
+                .cloned()
+                .collect(),
+        };
+        let set = |own: Option<String>, extra: &BTreeSet<String>| {
+            let mut set = extra.clone();
+            set.extend(own);
+            set.retain(|id| keys.contains_key(id));
+            set
+        };
+        Self {
+            default: set(top_key.clone(), &default_extra),
+            namespaces: config
+                .namespaces
+                .iter()
+                .map(|(name, ns)| {
+                    let extra = match &ns.decrypt_keys {
+                        Some(ids) => ids.iter().cloned().collect(),
+                        None => default_extra.clone(),
+                    };
+                    (name.clone(), set(own_key(ns), &extra))
+                })
+                .collect(),
+        }
+    }
+
+    /// The key ids `namespace` may decrypt with (`None`: a request without a namespace).
+    pub(crate) fn get(&self, namespace: Option<&str>) -> &BTreeSet<String> {
+        namespace
+            .and_then(|ns| self.namespaces.get(ns))
+            .unwrap_or(&self.default)
     }
 }
 

@@ -18,11 +18,13 @@
 //!    TypeScript).
 //!
 //! Decoding undoes the layers in reverse: `binary/encrypted` is decrypted with the key it
-//! names (every configured key decrypts), then a `binary/zstd` inner payload is decompressed;
-//! a `binary/zstd` payload on its own is decompressed; anything else is "not ours" and stays
-//! unchanged. Decompression is bounded by `compression.max_decompressed_bytes`: the output
-//! grows only up to the limit (a frame declaring or producing more is refused, without
-//! inflating the rest) and the zstd window a frame may ask for is capped at the limit's next
+//! names ([`PayloadCodec::decode`]: any key of the keyring; [`PayloadCodec::decode_for`]: only
+//! a key bound to the namespace, see `DecryptSets` in `keys.rs`), then a `binary/zstd` inner
+//! payload is decompressed; a `binary/zstd` payload on its own is decompressed; anything else
+//! is "not ours" and stays unchanged. Decompression is bounded by
+//! `compression.max_decompressed_bytes` (or a smaller budget given to
+//! [`PayloadCodec::decode_for_within`]): the output grows only up to the limit (a frame
+//! declaring or producing more is refused, without inflating the rest) and the zstd window a frame may ask for is capped at the limit's next
 //! power of two (at least 8 MiB, at most 128 MiB), so a decompression bomb costs at most the
 //! limit plus that window in memory.
 //!
@@ -122,6 +124,8 @@ struct State {
     max_decompressed: usize,
     /// Serialized metadata of the compression layer.
     zstd_header: Vec<u8>,
+    /// Which keys each namespace may decrypt with.
+    decrypt: keys::DecryptSets,
 }
 
 #[derive(Clone)]
@@ -334,20 +338,73 @@ impl PayloadCodec {
         Ok(start)
     }
 
-    /// Decodes one serialized payload of trusted size. `Ok(None)`: not ours (leave it
-    /// unchanged). Input from peers goes through [`decode_within`](Self::decode_within).
+    /// Decodes one serialized payload of trusted size with any key of the keyring.
+    /// `Ok(None)`: not ours (leave it unchanged). Input from peers goes through
+    /// [`decode_within`](Self::decode_within); see [`decode_for`](Self::decode_for) for the
+    /// namespace-bound form.
     pub fn decode(&self, payload: &[u8]) -> Result<Option<Bytes>, CodecError> {
-        self.decode_within(payload, &MessageBudget::unlimited())
+        self.decode_with(payload, None, &MessageBudget::unlimited())
     }
 
-    /// Decodes one serialized payload, charging what decompression allocates to `budget`.
-    /// `Ok(None)`: not ours (leave it unchanged).
+    /// Decodes one serialized payload, charging what decoding produces (decompressed or, when
+    /// not compressed, decrypted bytes) to `budget`. `Ok(None)`: not ours (leave it unchanged).
     pub fn decode_within(
         &self,
         payload: &[u8],
         budget: &MessageBudget,
     ) -> Result<Option<Bytes>, CodecError> {
+        self.decode_with(payload, None, budget)
+    }
+
+    /// [`decode`](Self::decode) for `namespace`: a `binary/encrypted` payload naming a key the
+    /// namespace may not decrypt with (its active key and `decrypt_keys`, see
+    /// [`decrypt_key_ids`](Self::decrypt_key_ids)) is refused with
+    /// [`CodecError::KeyNotBound`] before anything is decrypted.
+    pub fn decode_for(
+        &self,
+        namespace: Option<&str>,
+        payload: &[u8],
+    ) -> Result<Option<Bytes>, CodecError> {
+        self.decode_with(payload, Some(namespace), &MessageBudget::unlimited())
+    }
+
+    /// [`decode_for`](Self::decode_for) producing at most `budget` bytes: a compressed payload
+    /// may only inflate to the smaller of `budget` and `compression.max_decompressed_bytes`;
+    /// more is [`CodecError::OverBudget`], found without inflating past it.
+    pub fn decode_for_within(
+        &self,
+        namespace: Option<&str>,
+        payload: &[u8],
+        budget: usize,
+    ) -> Result<Option<Bytes>, CodecError> {
+        let account = MessageBudget::new(crate::budget::ProcessBudget::unlimited(), budget);
+        self.decode_with(payload, Some(namespace), &account)
+            .map_err(|e| match e {
+                CodecError::Budget(crate::budget::Exhausted::Message { .. }) => {
+                    CodecError::OverBudget { budget }
+                }
+                e => e,
+            })
+    }
+
+    /// The key ids `namespace` may decrypt with (`None`: requests without a namespace), sorted.
+    pub fn decrypt_key_ids(&self, namespace: Option<&str>) -> Vec<String> {
         let state = self.inner.state.load();
+        state.decrypt.get(namespace).iter().cloned().collect()
+    }
+
+    /// `scope`: `Some(namespace)` enforces the namespace's decrypt keys; `None` allows all.
+    fn decode_with(
+        &self,
+        payload: &[u8],
+        scope: Option<Option<&str>>,
+        budget: &MessageBudget,
+    ) -> Result<Option<Bytes>, CodecError> {
+        let state = self.inner.state.load();
+        let inflate = |frame: &[u8]| {
+            zstd_layer::decompress_bounded(frame, state.max_decompressed, budget)
+                .map(|v| Some(Bytes::from(v)))
+        };
         let outer = wire::scan(payload).map_err(CodecError::Malformed)?;
         match outer.encoding {
             Some(ENCODING_ENCRYPTED) => {
@@ -363,6 +420,14 @@ impl PayloadCodec {
                     .keys
                     .get(key_id)
                     .ok_or_else(|| CodecError::UnknownKey(key_id.to_owned()))?;
+                if let Some(namespace) = scope
+                    && !state.decrypt.get(namespace).contains(key_id)
+                {
+                    return Err(CodecError::KeyNotBound {
+                        key_id: key_id.to_owned(),
+                        namespace: namespace.map(str::to_owned),
+                    });
+                }
                 if outer.data.len() < NONCE_LEN + TAG_LEN {
                     return Err(CodecError::TooShort {
                         key_id: key.id.clone(),
@@ -375,17 +440,14 @@ impl PayloadCodec {
                 // The inner payload is what some encoder was given; if it is not a payload we
                 // compressed, it is returned exactly as decrypted.
                 match wire::scan(&inner) {
-                    Ok(scan) if scan.encoding == Some(ENCODING_ZSTD) => {
-                        zstd_layer::decompress_bounded(scan.data, state.max_decompressed, budget)
-                            .map(|v| Some(Bytes::from(v)))
+                    Ok(scan) if scan.encoding == Some(ENCODING_ZSTD) => inflate(scan.data),
+                    _ => {
+                        budget.charge(inner.len())?;
+                        Ok(Some(inner))
                     }
-                    _ => Ok(Some(inner)),
                 }
             }
-            Some(ENCODING_ZSTD) => {
-                zstd_layer::decompress_bounded(outer.data, state.max_decompressed, budget)
-                    .map(|v| Some(Bytes::from(v)))
-            }
+            Some(ENCODING_ZSTD) => inflate(outer.data),
             _ => Ok(None),
         }
     }
@@ -420,6 +482,18 @@ impl PayloadCodec {
         budget: MessageBudget,
     ) -> Result<Vec<Option<Bytes>>, BatchError> {
         self.run_batch(payloads, move |codec, p| codec.decode_within(p, &budget))
+            .await
+    }
+
+    /// [`decode_for`](Self::decode_for) for every payload of one message (the namespace-bound
+    /// form of [`decode_batch`](Self::decode_batch)).
+    pub async fn decode_batch_for(
+        &self,
+        namespace: Option<&str>,
+        payloads: Vec<Bytes>,
+    ) -> Result<Vec<Option<Bytes>>, BatchError> {
+        let ns = namespace.map(str::to_owned);
+        self.run_batch(payloads, move |codec, p| codec.decode_for(ns.as_deref(), p))
             .await
     }
 
@@ -628,7 +702,9 @@ impl State {
         if !(1..=22).contains(&config.compression.level) {
             return Err(ConfigError::invalid("compression.level", "must be 1..=22"));
         }
+        let decrypt = keys::DecryptSets::build(config, &keys);
         Ok(Self {
+            decrypt,
             keys,
             default_policy,
             namespaces,

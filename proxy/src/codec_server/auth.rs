@@ -1,6 +1,9 @@
 //! Who may call the codec endpoint: static bearer tokens (optionally limited to namespaces)
 //! and JWTs validated against a JWKS file.
 //!
+//! JWTs must carry `exp`, `iss` and `aud`; `exp` and (when present) `nbf` are checked with
+//! [`JWT_LEEWAY_SECS`] of leeway; an `nbf` that is not a NumericDate refuses the token.
+//!
 //! Static tokens are compared in constant time: both sides are hashed with SHA-256 and the
 //! digests compared with a fold over all bytes, and every configured token is checked, so
 //! neither the position nor the length of a near miss shows in the timing.
@@ -60,6 +63,10 @@ impl std::fmt::Display for AuthError {
         }
     }
 }
+
+/// Clock skew tolerated on a JWT's `exp` and `nbf`, in seconds: a token is accepted from
+/// `nbf - 60` to `exp + 60`.
+pub const JWT_LEEWAY_SECS: u64 = 60;
 
 struct StaticToken {
     digest: [u8; 32],
@@ -270,10 +277,25 @@ impl Jwt {
         validation.set_issuer(&[&self.issuer]);
         validation.set_audience(&[&self.audience]);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        // `exp` and, when present, `nbf` are checked with the same bounded clock-skew leeway.
+        validation.leeway = JWT_LEEWAY_SECS;
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
         let mut last = String::new();
         for k in candidates {
             match jsonwebtoken::decode::<serde_json::Value>(token, &k.key, &validation) {
-                Ok(data) => return self.grant(&data.claims),
+                Ok(data) => {
+                    // jsonwebtoken skips an `nbf` it cannot read as a number: refuse it instead.
+                    if let Some(nbf) = data.claims.get("nbf")
+                        && !nbf.as_f64().is_some_and(|n| n.is_finite() && n >= 0.0)
+                    {
+                        return Err(invalid(
+                            "JWT rejected: nbf is not a NumericDate (seconds since the epoch)"
+                                .to_owned(),
+                        ));
+                    }
+                    return self.grant(&data.claims);
+                }
                 Err(e) => last = format!("JWT rejected: {e}"),
             }
         }

@@ -18,15 +18,46 @@
 //! response holds exactly as many payloads as the request. The namespace is the path segment
 //! before the action, else the `X-Namespace` header (both given and different: 400).
 //!
+//! # Guards, in the order they apply
+//!
+//! 1. **Host.** The request's host (HTTP/1 `Host`, HTTP/2 `:authority`; every one present)
+//!    must match `codec_server.allowed_hosts` (default `localhost`, `127.0.0.1`, `[::1]`, any
+//!    port) or the listen address: otherwise 421, so a web page that rebinds its own DNS name
+//!    to the loopback address cannot call the endpoint. No host at all: 400.
+//! 2. **Content type.** `POST` needs `Content-Type: application/json` (parameters such as
+//!    `charset` allowed): otherwise 415, so a page cannot send a "simple" `text/plain` request
+//!    that needs no CORS preflight. The Web UI and the `temporal` CLI send `application/json`.
+//! 3. **Credentials** (when configured): 401/403 as below.
+//! 4. **Body and parse limits.** The body may hold at most `max_body_bytes`; payloads are
+//!    counted while the JSON is parsed and parsing stops at payload `max_payloads` + 1 (413),
+//!    as it does past 64 metadata entries and external payload details per allowed payload in
+//!    total (413).
+//! 5. **Keys bound to namespaces.** `/decode` and `/download` for a namespace decrypt only with
+//!    the keys bound to it (its active key and `decrypt_keys`, see SECURITY.md): a payload
+//!    naming another key is refused with 422 naming the key and the namespace; nothing of it
+//!    is decrypted.
+//! 6. **Decoded-size budget.** Payloads are decoded one after the other; a compressed payload
+//!    may inflate only to what is left of `max_decoded_bytes` (default 128 MiB) for the
+//!    request, and the request is refused with 413 as soon as the total would pass it, so at
+//!    most the budget is ever inflated.
+//! 7. **Time.** The whole request must finish within `request_timeout_ms` (408 while reading
+//!    the body, 504 after). When it times out or the client goes away, decoding stops between
+//!    payloads: blocking work still queued is skipped, so at most the payload being decoded
+//!    finishes.
+//!
 //! # Answers
 //!
-//! 200 with the payloads; 400 bad JSON or namespace; 401 missing or unknown credentials; 403 a
-//! credential limited to other namespaces; 404 other paths; 405 other methods; 408 body read too
-//! slowly; 413 body or payload count over the limit; 422 a payload that cannot be decoded
-//! (the message names the payload index and the reason: key id, tag mismatch, ...); 500 a
-//! payload that cannot be encoded; 503/504 storage unavailable or too slow. Errors are plain
-//! text. One access log line per request (target `payload_gateway::codec_server::access`):
-//! method, path, status, namespace, payload count, duration; never payloads or credentials.
+//! 200 with the payloads; 400 bad JSON, namespace or host header; 401 missing or unknown
+//! credentials; 403 a credential limited to other namespaces; 404 other paths; 405 other
+//! methods; 408 body read too slowly; 413 body, payload count, metadata count or decoded size
+//! over the limit (also a payload inflating past `compression.max_decompressed_bytes`); 415
+//! not `application/json`; 421 a host not in `allowed_hosts`; 422 a payload that cannot be
+//! decoded (the message names the payload index and the reason: key id, key not bound to the
+//! namespace, tag mismatch, ...); 500 a payload that cannot be encoded; 503/504 storage
+//! unavailable or too slow, or the request timed out. Errors are plain text and never hold
+//! payload contents. One access log line per request (target
+//! `payload_gateway::codec_server::access`): method, path, status, namespace, payload count,
+//! duration; never payloads or credentials.
 
 pub mod auth;
 pub mod json;
@@ -36,7 +67,9 @@ mod tests;
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -48,11 +81,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::codec::CodecError;
 use crate::config::{CodecServerConfig, ConfigError};
 use crate::grpc::Code;
 use crate::rewrite::{CallContext, Direction, Pipeline};
+use crate::storage::{Kind, reference};
 use auth::{Auth, AuthError};
-use json::Payload;
+use json::{ParseError, Payload};
 
 /// Headers a browser may send (answered in `Access-Control-Allow-Headers`).
 const ALLOW_HEADERS: &str = "Content-Type, X-Namespace, Authorization, Authorization-Extras";
@@ -153,8 +188,13 @@ struct Inner {
     cors_origins: Vec<String>,
     max_body_bytes: usize,
     max_payloads: usize,
+    max_decoded_bytes: usize,
     request_timeout: Duration,
     connection_limit: crate::server::ConnectionLimit,
+    /// `allowed_hosts` plus the listen address.
+    allowed_hosts: Vec<HostPattern>,
+    /// Payloads decoded so far (tests watch it to see that cancelled work stops).
+    decoded: AtomicU64,
 }
 
 /// A finished answer: status and plain-text message or JSON body, plus what the access log
@@ -217,6 +257,25 @@ impl CodecServer {
                 tracing::info!("codec_server: no authentication configured (loopback only)");
             }
         }
+        let mut allowed_hosts = config
+            .allowed_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                HostPattern::parse(h).map_err(|why| {
+                    ConfigError::invalid(format!("codec_server.allowed_hosts[{i}]"), why)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        allowed_hosts.push(HostPattern::listen(config.listen));
+        if !config.listen.ip().is_loopback() && !allowed_hosts.iter().any(|h| h.host.is_none()) {
+            tracing::info!(
+                listen = %config.listen,
+                allowed_hosts = ?config.allowed_hosts,
+                "codec_server answers only requests addressed to these hosts (421 otherwise); \
+                 add the names clients use to codec_server.allowed_hosts"
+            );
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 pipeline,
@@ -224,6 +283,9 @@ impl CodecServer {
                 cors_origins: config.cors_origins.clone(),
                 max_body_bytes: config.max_body_bytes,
                 max_payloads: config.max_payloads,
+                max_decoded_bytes: config.max_decoded_bytes,
+                allowed_hosts,
+                decoded: AtomicU64::new(0),
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 connection_limit: crate::server::ConnectionLimit::new(
                     config.max_connections,
@@ -290,6 +352,9 @@ impl CodecServer {
         B::Error: std::error::Error + Send + Sync + 'static,
     {
         let deadline = tokio::time::Instant::now() + self.inner.request_timeout;
+        if let Some(answer) = self.host_refusal(&request) {
+            return (answer, None);
+        }
         if request.method() == Method::OPTIONS {
             let mut answer = Answer::error(StatusCode::NO_CONTENT, "");
             answer.body = Bytes::new();
@@ -324,6 +389,9 @@ impl CodecServer {
             answer
                 .extra
                 .insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+            return (answer, route.namespace);
+        }
+        if let Some(answer) = content_type_refusal(request.headers()) {
             return (answer, route.namespace);
         }
         let header_ns = match request.headers().get("x-namespace").map(|v| v.to_str()) {
@@ -398,14 +466,16 @@ impl CodecServer {
         };
         let preserve = preserve_storage_refs(request.uri().query());
         // A declared length over the limit is refused whatever arrives.
-        let declared_too_large = request
+        let declared = request
             .headers()
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .is_some_and(|n| n > max as u64);
+            .and_then(|v| v.parse::<u64>().ok());
+        let declared_too_large = declared.is_some_and(|n| n > max as u64);
         let limit = if declared_too_large { 0 } else { max };
-        let body = match read_body(request.into_body(), limit, deadline).await {
+        // A declared length (within the limit) is reserved at once: no doubling series.
+        let reserve = declared.map_or(0, |n| n as usize).min(limit);
+        let body = match read_body(request.into_body(), limit, reserve, deadline).await {
             Ok(_) if declared_too_large => return too_large(),
             Ok(body) => body,
             Err(BodyError::TooLarge) => return too_large(),
@@ -422,22 +492,35 @@ impl CodecServer {
                 );
             }
         };
-        let payloads = match json::parse_payloads(&body) {
+        let max_payloads = self.inner.max_payloads;
+        let payloads = match json::parse_payloads_limited(&body, max_payloads) {
             Ok(p) => p,
-            Err(why) => return Answer::error(StatusCode::BAD_REQUEST, why),
+            Err(ParseError::Json(why)) => return Answer::error(StatusCode::BAD_REQUEST, why),
+            Err(ParseError::TooManyPayloads { .. }) => {
+                return Answer::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "more than codec_server.max_payloads = {max_payloads} payloads in one \
+                         request (refused at payload {max_payloads})"
+                    ),
+                );
+            }
+            Err(e @ ParseError::TooManyFields { .. }) => {
+                return Answer::error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "{e} in one request ({} per payload of codec_server.max_payloads)",
+                        json::FIELDS_PER_PAYLOAD
+                    ),
+                );
+            }
         };
+        drop(body);
         let count = payloads.len();
-        if count > self.inner.max_payloads {
-            return Answer::error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "{count} payloads in one request exceed codec_server.max_payloads = {}",
-                    self.inner.max_payloads
-                ),
-            )
-            .with_payloads(count);
-        }
-        let work = self.transform(route.action, namespace, preserve, payloads);
+        // Set when this future is dropped (timeout, client gone): blocking work still queued
+        // or between payloads sees it and stops.
+        let cancel = CancelOnDrop::default();
+        let work = self.transform(route.action, namespace, preserve, payloads, &cancel);
         let answer = match tokio::time::timeout_at(deadline, work).await {
             Ok(Ok(out)) => {
                 debug_assert_eq!(out.len(), count);
@@ -465,6 +548,7 @@ impl CodecServer {
         namespace: Option<String>,
         preserve_refs: bool,
         payloads: Vec<Payload>,
+        cancel: &CancelOnDrop,
     ) -> Result<Vec<Payload>, Answer> {
         if action == Action::Download
             && let Some(i) = payloads.iter().position(|p| !is_reference(p))
@@ -482,49 +566,252 @@ impl CodecServer {
             }
             return Ok(payloads);
         };
-        let (direction, method) = match action {
-            Action::Encode => (Direction::Encode, "codec-server/encode"),
-            Action::Decode => (Direction::Decode, "codec-server/decode"),
-            Action::Download => (Direction::Decode, "codec-server/download"),
+        let method = match action {
+            Action::Encode => return self.encode(pipeline, namespace, payloads).await,
+            Action::Decode => "codec-server/decode",
+            Action::Download => "codec-server/download",
         };
-        // Indexes of the payloads the pipeline sees.
-        let selected: Vec<usize> = (0..payloads.len())
-            .filter(|&i| !(action == Action::Decode && preserve_refs && is_reference(&payloads[i])))
-            .collect();
-        let input: Vec<Bytes> = selected.iter().map(|&i| payloads[i].to_bytes()).collect();
         let ctx = CallContext::new(method, namespace);
-        let results = pipeline.run(direction, &ctx, input).await.map_err(|e| {
-            let index = selected.get(e.index).copied().unwrap_or(e.index);
-            let status = match (e.code, direction) {
-                (Code::Unavailable, _) => StatusCode::SERVICE_UNAVAILABLE,
-                (Code::DeadlineExceeded, _) => StatusCode::GATEWAY_TIMEOUT,
-                (_, Direction::Decode) => StatusCode::UNPROCESSABLE_ENTITY,
-                (_, Direction::Encode) => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            let verb = match direction {
-                Direction::Decode => "decode",
-                Direction::Encode => "encode",
-            };
-            Answer::error(
-                status,
-                format!("cannot {verb} payload {index}: {}", e.reason),
-            )
-        })?;
         let mut out = payloads;
-        for (&i, result) in selected.iter().zip(results) {
-            if let Some(bytes) = result {
-                out[i] = Payload::from_bytes(&bytes).map_err(|why| {
+        let mut used = 0usize;
+        let budget = self.inner.max_decoded_bytes;
+        for (i, slot) in out.iter_mut().enumerate() {
+            if action == Action::Decode && preserve_refs && is_reference(slot) {
+                used = used.saturating_add(slot.data.len());
+                continue;
+            }
+            if cancel.is_set() {
+                return Err(Answer::error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "request cancelled",
+                ));
+            }
+            let remaining = budget.saturating_sub(used);
+            let decoded = self
+                .decode_one(pipeline, &ctx, i, slot, remaining, cancel)
+                .await?;
+            if let Some(bytes) = decoded {
+                // Zero-copy: the payload's data stays a slice of the decoded buffer.
+                *slot = <Payload as prost::Message>::decode(bytes).map_err(|e| {
                     Answer::error(
                         StatusCode::UNPROCESSABLE_ENTITY,
-                        format!("payload {i}: {why}"),
+                        format!("payload {i}: not a Payload message: {e}"),
                     )
                 })?;
             }
-            if action == Action::Download && is_reference(&out[i]) {
+            used = used.saturating_add(slot.data.len());
+            if used > budget {
+                return Err(over_budget(i, budget));
+            }
+            if action == Action::Download && is_reference(slot) {
                 return Err(storage_unavailable());
             }
         }
         Ok(out)
+    }
+
+    /// Decodes payload `index` for `ctx`'s namespace with at most `remaining` bytes of output:
+    /// the steps of the pipeline's decode for one payload (resolve a storage reference, then
+    /// decrypt and decompress), with the codec's namespace-bound form so only keys bound to
+    /// the namespace decrypt. `Ok(None)`: not encoded, keep it.
+    async fn decode_one(
+        &self,
+        pipeline: &Pipeline,
+        ctx: &CallContext,
+        index: usize,
+        payload: &Payload,
+        remaining: usize,
+        cancel: &CancelOnDrop,
+    ) -> Result<Option<Bytes>, Answer> {
+        let ns = ctx.namespace.clone();
+        let codec = pipeline.codec().clone();
+        let fail = |e: CodecError| codec_answer(index, &e);
+        let mut input = payload.to_bytes();
+        let mut resolved = None;
+        if let Some(storage) = pipeline.storage() {
+            let kind = reference::classify(&input).map_err(|why| {
+                Answer::error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("cannot decode payload {index}: {why}"),
+                )
+            })?;
+            let kind = match kind {
+                Kind::Marked(encoded) => {
+                    let decoded = self
+                        .blocking(cancel, {
+                            let codec = codec.clone();
+                            let ns = ns.clone();
+                            let encoded = encoded.clone();
+                            move || codec.decode_for_within(ns.as_deref(), &encoded, remaining)
+                        })
+                        .await?
+                        .map_err(fail)?
+                        .unwrap_or(encoded);
+                    match reference::classify(&decoded) {
+                        Ok(Kind::Reference(r)) => Kind::Reference(r),
+                        _ => {
+                            return Err(Answer::error(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                format!(
+                                    "cannot decode payload {index}: a payload marked as a \
+                                     storage reference does not decode to one"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                other => other,
+            };
+            if let Kind::Reference(r) = kind {
+                let budget = crate::budget::MessageBudget::new(
+                    crate::budget::ProcessBudget::unlimited(),
+                    remaining,
+                );
+                let found = storage
+                    .resolve(ns.as_deref(), vec![(index, r)], &budget)
+                    .await
+                    .map_err(|e| {
+                        let status = match e.code {
+                            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+                            Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+                            _ => StatusCode::UNPROCESSABLE_ENTITY,
+                        };
+                        Answer::error(
+                            status,
+                            format!("cannot decode payload {index}: {}", e.reason),
+                        )
+                    })?;
+                if let Some(bytes) = found.into_iter().next().and_then(|(_, b)| b) {
+                    if bytes.len() > remaining {
+                        return Err(over_budget(index, self.inner.max_decoded_bytes));
+                    }
+                    input = bytes.clone();
+                    resolved = Some(bytes);
+                }
+            }
+        }
+        // Payloads that are neither encrypted nor compressed need no work (and no thread).
+        let encoding = wire_encoding(&input);
+        if resolved.is_none()
+            && !matches!(
+                encoding.as_deref(),
+                Some(b"binary/encrypted" | b"binary/zstd")
+            )
+        {
+            return Ok(None);
+        }
+        let decoded = self
+            .blocking(cancel, move || {
+                codec.decode_for_within(ns.as_deref(), &input, remaining)
+            })
+            .await?
+            .map_err(fail)?;
+        self.inner.decoded.fetch_add(1, Ordering::Relaxed);
+        Ok(decoded.or(resolved))
+    }
+
+    /// Runs `work` on the blocking pool unless the request was cancelled meanwhile.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        cancel: &CancelOnDrop,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Answer> {
+        let flag = cancel.0.clone();
+        tokio::task::spawn_blocking(move || {
+            // Queued behind other work and cancelled meanwhile: do nothing.
+            (!flag.load(Ordering::Relaxed)).then(work)
+        })
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| Answer::error(StatusCode::GATEWAY_TIMEOUT, "request cancelled"))
+    }
+
+    /// `/encode`: the pipeline outward, in groups of at most [`ENCODE_GROUP_BYTES`] so a
+    /// cancelled request stops between groups.
+    async fn encode(
+        &self,
+        pipeline: &Pipeline,
+        namespace: Option<String>,
+        payloads: Vec<Payload>,
+    ) -> Result<Vec<Payload>, Answer> {
+        let ctx = CallContext::new("codec-server/encode", namespace);
+        let mut out = payloads;
+        let mut start = 0;
+        while start < out.len() {
+            let mut end = start;
+            let mut bytes = 0usize;
+            let mut group = Vec::new();
+            while end < out.len() && (group.is_empty() || bytes < ENCODE_GROUP_BYTES) {
+                let b = out[end].to_bytes();
+                bytes += b.len();
+                group.push(b);
+                end += 1;
+            }
+            let results = pipeline
+                .run(Direction::Encode, &ctx, group)
+                .await
+                .map_err(|e| {
+                    let status = match e.code {
+                        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+                        _ => StatusCode::INTERNAL_SERVER_ERROR,
+                    };
+                    Answer::error(
+                        status,
+                        format!("cannot encode payload {}: {}", start + e.index, e.reason),
+                    )
+                })?;
+            for (i, result) in (start..end).zip(results) {
+                if let Some(bytes) = result {
+                    out[i] = <Payload as prost::Message>::decode(bytes).map_err(|e| {
+                        Answer::error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("payload {i}: not a Payload message: {e}"),
+                        )
+                    })?;
+                }
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// The refusal of a request not addressed to an allowed host (`Host`, HTTP/2 `:authority`).
+    fn host_refusal<B>(&self, request: &Request<B>) -> Option<Answer> {
+        let authority = request.uri().authority().map(|a| a.as_str().to_owned());
+        let host = match request.headers().get(header::HOST).map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(h)) => Some(h.to_owned()),
+            Some(Err(_)) => {
+                return Some(Answer::error(
+                    StatusCode::BAD_REQUEST,
+                    "Host is not valid text",
+                ));
+            }
+        };
+        if authority.is_none() && host.is_none() {
+            return Some(Answer::error(
+                StatusCode::BAD_REQUEST,
+                "the request names no host (Host header or :authority)",
+            ));
+        }
+        for value in authority.iter().chain(host.iter()) {
+            let allowed = split_authority(value).is_some_and(|(h, port)| {
+                self.inner.allowed_hosts.iter().any(|p| p.matches(&h, port))
+            });
+            if !allowed {
+                return Some(Answer::error(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    format!(
+                        "host {value:?} is not in codec_server.allowed_hosts (a guard against \
+                         DNS rebinding): add the name clients use to reach this endpoint"
+                    ),
+                ));
+            }
+        }
+        None
     }
 
     /// Serves on `listener` until `shutdown` resolves, then lets in-flight requests finish
@@ -613,6 +900,7 @@ enum BodyError {
 async fn read_body<B>(
     body: B,
     max: usize,
+    reserve: usize,
     deadline: tokio::time::Instant,
 ) -> Result<Bytes, BodyError>
 where
@@ -621,7 +909,7 @@ where
 {
     let read = async {
         let mut body = std::pin::pin!(body);
-        let mut buf = bytes::BytesMut::new();
+        let mut buf = bytes::BytesMut::with_capacity(reserve);
         let mut seen = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
@@ -646,4 +934,170 @@ where
         Ok(result) => result,
         Err(_) => Err(BodyError::Timeout),
     }
+}
+
+/// Bytes of payloads per `/encode` pipeline run (a cancelled request stops between runs).
+const ENCODE_GROUP_BYTES: usize = 4 * 1024 * 1024;
+
+/// Sets its flag when dropped: the request's future is gone (timed out or the client left).
+#[derive(Debug, Default)]
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl CancelOnDrop {
+    fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn over_budget(index: usize, budget: usize) -> Answer {
+    Answer::error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "decoded payloads exceed codec_server.max_decoded_bytes = {budget} bytes \
+             (refused at payload {index})"
+        ),
+    )
+}
+
+/// The answer for a payload the codec could not decode.
+fn codec_answer(index: usize, e: &CodecError) -> Answer {
+    match e {
+        CodecError::OverBudget { .. } => Answer::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "cannot decode payload {index}: decoded payloads exceed \
+                 codec_server.max_decoded_bytes ({e})"
+            ),
+        ),
+        CodecError::DecompressedTooLarge { .. } => Answer::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("cannot decode payload {index}: {e}"),
+        ),
+        _ => Answer::error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("cannot decode payload {index}: {e}"),
+        ),
+    }
+}
+
+/// The `encoding` metadata of a serialized payload (`None`: absent or not a payload).
+fn wire_encoding(payload: &Bytes) -> Option<Vec<u8>> {
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct MetaOnly {
+        #[prost(btree_map = "string, bytes", tag = "1")]
+        metadata: std::collections::BTreeMap<String, Vec<u8>>,
+    }
+    <MetaOnly as prost::Message>::decode(payload.as_ref())
+        .ok()
+        .and_then(|m| m.metadata.get("encoding").cloned())
+}
+
+/// `POST` bodies must be declared `application/json` (parameters such as `charset` allowed):
+/// a browser sends other types (`text/plain`) from any web page without a CORS preflight.
+fn content_type_refusal(headers: &HeaderMap) -> Option<Answer> {
+    let value = headers.get(header::CONTENT_TYPE).map(|v| v.to_str());
+    let essence = match value {
+        Some(Ok(v)) => v
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase(),
+        Some(Err(_)) => String::new(),
+        None => {
+            return Some(Answer::error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Content-Type: application/json required",
+            ));
+        }
+    };
+    if essence == "application/json" {
+        None
+    } else {
+        Some(Answer::error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type: application/json required, got {essence:?}"),
+        ))
+    }
+}
+
+/// One `codec_server.allowed_hosts` entry: a host (any port) or `host:port`; `*` is any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    /// Lower-case host (IPv6 in brackets); `None`: any host.
+    host: Option<String>,
+    /// `None`: any port.
+    port: Option<u16>,
+}
+
+impl HostPattern {
+    /// Parses `*`, `name`, `name:port`, `1.2.3.4[:port]` or `[v6][:port]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim() == "*" {
+            return Ok(Self {
+                host: None,
+                port: None,
+            });
+        }
+        let (host, port) = split_authority(text).ok_or_else(|| {
+            format!("{text:?} is not a host name or address with an optional :port")
+        })?;
+        Ok(Self {
+            host: Some(host),
+            port,
+        })
+    }
+
+    /// The listen address, as clients connecting to it by address name it.
+    fn listen(addr: SocketAddr) -> Self {
+        let host = match addr {
+            SocketAddr::V4(a) => a.ip().to_string(),
+            SocketAddr::V6(a) => format!("[{}]", a.ip()),
+        };
+        Self {
+            host: Some(host),
+            port: Some(addr.port()),
+        }
+    }
+
+    fn matches(&self, host: &str, port: Option<u16>) -> bool {
+        self.host.as_deref().is_none_or(|h| h == host) && (self.port.is_none() || self.port == port)
+    }
+}
+
+/// Splits `host[:port]` (IPv6 in brackets) into a normalized host (lower case, no trailing
+/// dot, IPv6 in canonical form) and the port. `None`: not a valid authority (userinfo, empty
+/// host, bad port or characters).
+fn split_authority(value: &str) -> Option<(String, Option<u16>)> {
+    let value = value.trim();
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let ip: std::net::Ipv6Addr = v6.parse().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?.parse::<u16>().ok()?),
+        };
+        (format!("[{ip}]"), port)
+    } else {
+        let (host, port) = match value.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse::<u16>().ok()?)),
+            None => (value, None),
+        };
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        let valid = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !valid {
+            return None;
+        }
+        (host, port)
+    };
+    Some((host, port))
 }

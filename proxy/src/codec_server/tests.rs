@@ -67,6 +67,14 @@ async fn call(
     body: &str,
 ) -> Reply {
     let mut builder = Request::builder().method(method).uri(path);
+    // What the Web UI and the CLI send, unless a test says otherwise.
+    let given = |name: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name));
+    if !given("host") {
+        builder = builder.header("host", "127.0.0.1:8081");
+    }
+    if !given("content-type") && method == "POST" {
+        builder = builder.header("content-type", "application/json");
+    }
     for (k, v) in headers {
         builder = builder.header(*k, *v);
     }
@@ -386,7 +394,11 @@ async fn slow_body_times_out() {
     let (_tx, body) =
         tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(1);
     let body = http_body_util::StreamBody::new(tokio_stream_from(body));
-    let request = Request::post("/decode").body(body).unwrap();
+    let request = Request::post("/decode")
+        .header("host", "localhost:8081")
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
     let response = f.server.handle(request).await;
     assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
 }
@@ -787,4 +799,562 @@ mod jwt {
         .await;
         assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     }
+
+    #[tokio::test]
+    async fn nbf_is_checked_with_bounded_leeway() {
+        let dir = tempfile::tempdir().unwrap();
+        let idp = issuer("k1");
+        let server = server(&idp, &dir, None);
+        let now = exp() - 600;
+        let leeway = crate::codec_server::auth::JWT_LEEWAY_SECS;
+        let status = |nbf: serde_json::Value| {
+            let token = sign(
+                &idp,
+                "k1",
+                serde_json::json!({"iss":"https://idp.example","aud":"codec","exp":exp(),"nbf":nbf}),
+            );
+            let server = server.clone();
+            async move {
+                let auth = format!("Bearer {token}");
+                let reply = call(
+                    &server,
+                    "POST",
+                    "/decode",
+                    &[("authorization", &auth)],
+                    "{}",
+                )
+                .await;
+                (reply.status, reply.body)
+            }
+        };
+        // Not yet valid beyond the leeway: refused, naming why.
+        let (code, body) = status(serde_json::json!(now + leeway + 120)).await;
+        assert_eq!(code, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(body.contains("Immature"), "{body}");
+        // Valid now, or within the leeway of clock skew: accepted.
+        for nbf in [now - 10, now + leeway / 2] {
+            let (code, body) = status(serde_json::json!(nbf)).await;
+            assert_eq!(code, StatusCode::OK, "nbf {nbf}: {body}");
+        }
+        // An nbf that is not a NumericDate refuses the token.
+        for nbf in [
+            serde_json::json!("tomorrow"),
+            serde_json::json!(-5),
+            serde_json::json!(null),
+        ] {
+            let (code, body) = status(nbf.clone()).await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{nbf}: {body}");
+            assert!(body.contains("nbf"), "{body}");
+        }
+    }
+}
+
+// ------------------------------------------------------------------ keys bound to namespaces
+
+/// Writes key files `ids` (key material derived from the id) and builds a codec over them.
+fn keyring_config(dir: &std::path::Path, ids: &[&str], active: &str) -> Config {
+    let mut config = Config::default();
+    config.encryption.keys = ids
+        .iter()
+        .map(|id| {
+            let path = dir.join(format!("{id}.key"));
+            let mut material = [0u8; 32];
+            for (i, b) in id.bytes().enumerate() {
+                material[i % 32] ^= b;
+            }
+            std::fs::write(&path, material).unwrap();
+            KeySpec {
+                id: (*id).to_owned(),
+                file: Some(path),
+                env: None,
+            }
+        })
+        .collect();
+    config.encryption.active_key = Some(active.to_owned());
+    config
+}
+
+fn ns_with_key(key: Option<&str>, decrypt: Option<&[&str]>) -> crate::config::NamespaceConfig {
+    crate::config::NamespaceConfig {
+        active_key: key.map(str::to_owned),
+        decrypt_keys: decrypt.map(|d| d.iter().map(|s| (*s).to_owned()).collect()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn decrypt_key_sets_follow_the_documented_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    // Single tenant with rotation: every key decrypts everywhere, as before.
+    let mut config = keyring_config(dir.path(), &["k1", "k2"], "k2");
+    config.namespaces.insert(
+        "compressed-only".into(),
+        crate::config::NamespaceConfig::default(),
+    );
+    let codec = PayloadCodec::from_config(&config).unwrap();
+    for ns in [None, Some("default"), Some("compressed-only")] {
+        assert_eq!(codec.decrypt_key_ids(ns), ["k1", "k2"], "{ns:?}");
+    }
+
+    // Namespaces with their own keys: nobody silently gets another namespace's key (the
+    // top-level active key k0 is the own key of every namespace without one); retired keys
+    // nobody lists stay shared.
+    let mut config = keyring_config(dir.path(), &["k0", "ka", "kb", "kc", "old"], "k0");
+    config
+        .namespaces
+        .insert("a".into(), ns_with_key(Some("ka"), None));
+    config
+        .namespaces
+        .insert("b".into(), ns_with_key(Some("kb"), None));
+    // c rotated from k0 to kc and lists its old key explicitly.
+    config
+        .namespaces
+        .insert("c".into(), ns_with_key(Some("kc"), Some(&["k0"])));
+    let codec = PayloadCodec::from_config(&config).unwrap();
+    assert_eq!(codec.decrypt_key_ids(None), ["k0", "old"]);
+    assert_eq!(codec.decrypt_key_ids(Some("unconfigured")), ["k0", "old"]);
+    assert_eq!(codec.decrypt_key_ids(Some("a")), ["ka", "old"]);
+    assert_eq!(codec.decrypt_key_ids(Some("b")), ["kb", "old"]);
+    assert_eq!(codec.decrypt_key_ids(Some("c")), ["k0", "kc"]);
+
+    // An explicit top-level list replaces the shared keys for namespaces without their own.
+    config.encryption.decrypt_keys = Some(vec![]);
+    let codec = PayloadCodec::from_config(&config).unwrap();
+    assert_eq!(codec.decrypt_key_ids(None), ["k0"]);
+    assert_eq!(codec.decrypt_key_ids(Some("a")), ["ka"]);
+    assert_eq!(codec.decrypt_key_ids(Some("c")), ["k0", "kc"]);
+}
+
+#[test]
+fn decrypt_keys_config_is_validated() {
+    let keys = "[encryption]\nactive_key = \"k1\"\nkeys = [{ id = \"k1\", env = \"X\" }, { id = \"k2\", env = \"Y\" }]\n";
+    let load = |extra: &str| Config::from_toml(&format!("{keys}{extra}"), Vec::new());
+    let ok =
+        load("decrypt_keys = [\"k2\"]\n[namespaces.a]\nactive_key = \"k2\"\ndecrypt_keys = []\n")
+            .unwrap();
+    assert_eq!(ok.encryption.decrypt_keys, Some(vec!["k2".to_owned()]));
+    assert_eq!(ok.namespaces["a"].decrypt_keys, Some(vec![]));
+    // Unknown ids are configuration errors naming the entry.
+    let err = load("decrypt_keys = [\"nope\"]\n").unwrap_err().to_string();
+    assert!(err.starts_with("encryption.decrypt_keys[0]"), "{err}");
+    let err = load("[namespaces.d]\ndecrypt_keys = [\"k1\", \"gone\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("namespaces.d.decrypt_keys[1]"), "{err}");
+}
+
+#[test]
+fn decode_for_refuses_keys_not_bound_before_decrypting() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = keyring_config(dir.path(), &["k0", "ka", "kb"], "k0");
+    config
+        .namespaces
+        .insert("a".into(), ns_with_key(Some("ka"), None));
+    config
+        .namespaces
+        .insert("b".into(), ns_with_key(Some("kb"), None));
+    let codec = PayloadCodec::from_config(&config).unwrap();
+    let secret = plain("secret-of-b").to_bytes();
+    let sealed = codec.encode(Some("b"), &secret).unwrap().unwrap();
+    assert_eq!(
+        codec.decode_for(Some("b"), &sealed).unwrap().unwrap(),
+        secret
+    );
+    // The unscoped form (the gRPC path today) still decrypts with any key.
+    assert_eq!(codec.decode(&sealed).unwrap().unwrap(), secret);
+    for ns in [Some("a"), None, Some("other")] {
+        let err = codec.decode_for(ns, &sealed).unwrap_err();
+        assert!(
+            matches!(&err, crate::codec::CodecError::KeyNotBound { key_id, .. } if key_id == "kb"),
+            "{ns:?}: {err}"
+        );
+        assert!(err.to_string().contains("not bound"), "{err}");
+    }
+}
+
+fn server_over(config: &Config, edit: impl FnOnce(&mut CodecServerConfig)) -> CodecServer {
+    let mut sc = CodecServerConfig::default();
+    edit(&mut sc);
+    let pipeline = Pipeline::new(Arc::new(PayloadCodec::from_config(config).unwrap()));
+    CodecServer::with_env(&sc, Some(pipeline), |_| None).unwrap()
+}
+
+#[tokio::test]
+async fn cross_namespace_decode_is_refused_without_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = keyring_config(dir.path(), &["k0", "ka", "kb"], "k0");
+    config
+        .namespaces
+        .insert("a".into(), ns_with_key(Some("ka"), None));
+    config
+        .namespaces
+        .insert("b".into(), ns_with_key(Some("kb"), None));
+    let server = server_over(&config, |_| {});
+    let secret = plain("secret-of-b-7f3a");
+    let enc = call(
+        &server,
+        "POST",
+        "/b/encode",
+        &[],
+        &body_of(std::slice::from_ref(&secret)),
+    )
+    .await;
+    assert_eq!(enc.status, StatusCode::OK, "{}", enc.body);
+    let sealed = parse(&enc.body);
+    assert_eq!(sealed[0].meta_str("encryption-key-id"), Some("kb"));
+
+    let own = call(&server, "POST", "/b/decode", &[], &enc.body).await;
+    assert_eq!(own.status, StatusCode::OK, "{}", own.body);
+    assert_eq!(parse(&own.body), [secret]);
+
+    for (path, headers) in [
+        ("/a/decode", vec![]),
+        ("/decode", vec![("x-namespace", "a")]),
+        ("/decode", vec![]),
+    ] {
+        let reply = call(&server, "POST", path, &headers, &enc.body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{path}: {}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains("\"kb\"") && reply.body.contains("not bound"),
+            "{path}: {}",
+            reply.body
+        );
+        assert!(!reply.body.contains("secret-of-b"), "{}", reply.body);
+    }
+}
+
+// ------------------------------------------------------------------ host and content type
+
+#[tokio::test]
+async fn content_type_must_be_json() {
+    let f = fixture();
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "",
+    ] {
+        let reply = call(&f.server, "POST", "/decode", &[("content-type", ct)], "{}").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "{ct:?}: {}",
+            reply.body
+        );
+        assert!(reply.body.contains("application/json"), "{}", reply.body);
+    }
+    // Missing entirely.
+    let request = Request::post("/decode")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(
+        f.server.handle(request).await.status(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+    for ct in [
+        "application/json",
+        "Application/JSON; charset=utf-8",
+        "application/json;charset=UTF-8",
+    ] {
+        let reply = call(&f.server, "POST", "/decode", &[("content-type", ct)], "{}").await;
+        assert_eq!(reply.status, StatusCode::OK, "{ct:?}: {}", reply.body);
+    }
+}
+
+#[tokio::test]
+async fn host_must_be_allowed() {
+    let f = fixture();
+    for host in [
+        "localhost",
+        "localhost:8081",
+        "LOCALHOST.:9",
+        "127.0.0.1:1",
+        "[::1]:8081",
+        "[0:0::1]",
+    ] {
+        let reply = call(&f.server, "POST", "/decode", &[("host", host)], "{}").await;
+        assert_eq!(reply.status, StatusCode::OK, "{host}: {}", reply.body);
+    }
+    for host in [
+        "evil.example",
+        "evil.example:8081",
+        "localhost.evil.example",
+        "127.0.0.2:8081",
+        "user@localhost",
+        "[::2]",
+    ] {
+        for method in ["POST", "OPTIONS"] {
+            let reply = call(&f.server, method, "/decode", &[("host", host)], "{}").await;
+            assert_eq!(
+                reply.status,
+                StatusCode::MISDIRECTED_REQUEST,
+                "{host}: {}",
+                reply.body
+            );
+            assert!(reply.body.contains("allowed_hosts"), "{}", reply.body);
+        }
+    }
+    // HTTP/2 :authority (and HTTP/1 absolute-form) is checked too, whatever Host says.
+    let reply = call(
+        &f.server,
+        "POST",
+        "http://evil.example:8081/decode",
+        &[("host", "localhost")],
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::MISDIRECTED_REQUEST,
+        "{}",
+        reply.body
+    );
+    let request = Request::post("http://localhost:8081/decode")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(f.server.handle(request).await.status(), StatusCode::OK);
+    // No host at all.
+    let request = Request::post("/decode")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    assert_eq!(
+        f.server.handle(request).await.status(),
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn configured_hosts_and_the_listen_address_are_allowed() {
+    let f = fixture_with(
+        |c| {
+            c.listen = "10.1.2.3:9000".parse().unwrap();
+            c.allowed_hosts = vec!["codec.internal".into(), "ui.example:443".into()];
+        },
+        &[],
+    );
+    for (host, ok) in [
+        ("codec.internal", true),
+        ("codec.internal:8443", true),
+        ("ui.example:443", true),
+        ("ui.example:444", false),
+        ("10.1.2.3:9000", true),
+        ("10.1.2.3:9001", false),
+        ("localhost", false),
+    ] {
+        let reply = call(&f.server, "POST", "/decode", &[("host", host)], "{}").await;
+        let want = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::MISDIRECTED_REQUEST
+        };
+        assert_eq!(reply.status, want, "{host}: {}", reply.body);
+    }
+    let any = fixture_with(|c| c.allowed_hosts = vec!["*".into()], &[]);
+    let reply = call(
+        &any.server,
+        "POST",
+        "/decode",
+        &[("host", "whatever.example")],
+        "{}",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    // Bad entries are configuration errors naming the entry.
+    let err = Config::from_toml(
+        "[codec_server]\nallowed_hosts = [\"ok\", \"http://x/\"]\n",
+        Vec::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.starts_with("codec_server.allowed_hosts[1]"), "{err}");
+}
+
+// ------------------------------------------------------------------ limits while parsing
+
+#[test]
+fn payload_count_is_limited_while_parsing() {
+    // 2 M entries of `null,`: refused at entry 11 without reading the rest.
+    let mut body = String::from("{\"payloads\":[");
+    body.push_str(&"null,".repeat(2_000_000));
+    body.push_str("null]}");
+    let started = std::time::Instant::now();
+    let err = json::parse_payloads_limited(body.as_bytes(), 10).unwrap_err();
+    assert_eq!(err, json::ParseError::TooManyPayloads { max: 10 });
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    // Exactly the limit is fine; one more is not.
+    let ten = body_of(&vec![plain("x"); 10]);
+    assert_eq!(
+        json::parse_payloads_limited(ten.as_bytes(), 10)
+            .unwrap()
+            .len(),
+        10
+    );
+    let eleven = body_of(&vec![plain("x"); 11]);
+    assert!(json::parse_payloads_limited(eleven.as_bytes(), 10).is_err());
+    // Metadata entries count too: 64 per allowed payload in total.
+    let mut meta = String::from("{\"payloads\":[{\"metadata\":{");
+    meta.push_str(
+        &(0..641)
+            .map(|i| format!("\"k{i}\":null"))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    meta.push_str("}}]}");
+    assert_eq!(
+        json::parse_payloads_limited(meta.as_bytes(), 10).unwrap_err(),
+        json::ParseError::TooManyFields { max: 640 }
+    );
+    // Syntax errors are still syntax errors.
+    assert!(matches!(
+        json::parse_payloads_limited(b"{\"payloads\":[", 10),
+        Err(json::ParseError::Json(_))
+    ));
+    assert!(matches!(
+        json::parse_payloads_limited(b"{\"payloads\":[],\"payloads\":[]}", 10),
+        Err(json::ParseError::Json(_))
+    ));
+}
+
+#[tokio::test]
+async fn millions_of_nulls_are_413_at_once() {
+    let f = fixture_with(|c| c.max_payloads = 1_000, &[]);
+    let mut body = String::from("{\"payloads\":[");
+    body.push_str(&"null,".repeat(6_000_000));
+    body.push_str("null]}");
+    let started = std::time::Instant::now();
+    let reply = call(&f.server, "POST", "/decode", &[], &body).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.body
+    );
+    assert!(reply.body.contains("max_payloads = 1000"), "{}", reply.body);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+// ------------------------------------------------------------------ decoded-size budget
+
+/// A `binary/zstd` payload inflating to a payload of `size` zero bytes; the frame does not
+/// declare its size (as a streaming encoder writes it), so only inflating finds out.
+fn zstd_bomb(size: usize) -> Payload {
+    let inner = Payload {
+        metadata: BTreeMap::from([("encoding".to_owned(), b"binary/plain".to_vec())]),
+        data: Bytes::from(vec![0u8; size]),
+        external_payloads: Vec::new(),
+    }
+    .to_bytes();
+    let mut frame = Vec::new();
+    let mut enc = zstd::stream::Encoder::new(&mut frame, 3).unwrap();
+    std::io::Write::write_all(&mut enc, &inner).unwrap();
+    enc.finish().unwrap();
+    assert!(matches!(
+        zstd::zstd_safe::get_frame_content_size(&frame),
+        Ok(None)
+    ));
+    Payload {
+        metadata: BTreeMap::from([("encoding".to_owned(), b"binary/zstd".to_vec())]),
+        data: Bytes::from(frame),
+        external_payloads: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn decoded_size_is_bounded_per_request() {
+    const MIB: usize = 1024 * 1024;
+    let f = fixture_with(|c| c.max_decoded_bytes = 4 * MIB, &[]);
+    // One payload inflating past the whole budget: refused while inflating.
+    let reply = call(
+        &f.server,
+        "POST",
+        "/decode",
+        &[],
+        &body_of(&[zstd_bomb(64 * MIB)]),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply.body.contains("max_decoded_bytes") && reply.body.contains("payload 0"),
+        "{}",
+        reply.body
+    );
+    // Payloads each under the budget, together over it: refused at the one that passes it.
+    let three = vec![zstd_bomb(MIB + MIB / 2); 3];
+    let reply = call(&f.server, "POST", "/decode", &[], &body_of(&three)).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.body
+    );
+    assert!(reply.body.contains("payload 2"), "{}", reply.body);
+    let reply = call(&f.server, "POST", "/decode", &[], &body_of(&three[..2])).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(parse(&reply.body)[1].data.len(), MIB + MIB / 2);
+    // Encrypted and compressed (the gateway's own payloads) draw from the same budget.
+    let big = plain(&"z".repeat(6 * MIB));
+    let enc = call(&f.server, "POST", "/encode", &[], &body_of(&[big])).await;
+    assert_eq!(enc.status, StatusCode::OK);
+    assert!(enc.body.len() < MIB, "compressed: {}", enc.body.len());
+    let reply = call(&f.server, "POST", "/decode", &[], &enc.body).await;
+    assert_eq!(
+        reply.status,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "{}",
+        reply.body
+    );
+    assert!(reply.body.contains("max_decoded_bytes"), "{}", reply.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_request_stops_decoding() {
+    let f = fixture_with(
+        |c| {
+            c.request_timeout_ms = 20;
+            c.max_payloads = 5_000;
+            c.max_decoded_bytes = usize::MAX;
+        },
+        &[],
+    );
+    let payloads = vec![zstd_bomb(256 * 1024); 3_000];
+    let body = body_of(&payloads);
+    let reply = call(&f.server, "POST", "/decode", &[], &body).await;
+    assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{}", reply.body);
+    let seen = f
+        .server
+        .inner
+        .decoded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let later = f
+        .server
+        .inner
+        .decoded
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(later < 3_000, "all payloads were decoded after the timeout");
+    assert!(
+        later <= seen + 1,
+        "decoding went on after the timeout: {seen} -> {later}"
+    );
 }
