@@ -440,6 +440,10 @@ pub struct EncryptionConfig {
     pub keys: Vec<KeySpec>,
     /// Where the development key lives when `enabled` and no keys are configured.
     pub dev_key_file: PathBuf,
+    /// Seal failures where encryption applies: move every `Failure`'s `message` and
+    /// `stack_trace` into an encrypted `encoded_attributes` (the SDKs'
+    /// `encode_common_attributes` format). Namespaces may override.
+    pub seal_failures: bool,
 }
 
 impl Default for EncryptionConfig {
@@ -449,6 +453,7 @@ impl Default for EncryptionConfig {
             active_key: None,
             keys: Vec::new(),
             dev_key_file: PathBuf::from("./data/dev.key"),
+            seal_failures: true,
         }
     }
 }
@@ -564,6 +569,8 @@ pub struct NamespaceConfig {
     pub encryption: Option<bool>,
     /// The key that encrypts this namespace's new payloads.
     pub active_key: Option<String>,
+    /// Failure sealing on or off for this namespace (only where encryption applies).
+    pub seal_failures: Option<bool>,
     /// Compression on or off for this namespace.
     pub compression: Option<bool>,
     /// Offload on or off for this namespace.

@@ -128,6 +128,8 @@ struct Policy {
     /// The active key when encryption is on.
     encrypt: Option<Arc<KeyEntry>>,
     compress: bool,
+    /// Seal failures (only meaningful with `encrypt`).
+    seal_failures: bool,
 }
 
 impl fmt::Debug for PayloadCodec {
@@ -185,6 +187,14 @@ impl PayloadCodec {
         let state = self.inner.state.load();
         let policy = state.policy(namespace);
         policy.encrypt.is_some() || policy.compress
+    }
+
+    /// Whether failures of `namespace` are sealed on the way out: encryption applies to it
+    /// and `seal_failures` is on (`[namespaces.<ns>]` overriding `[encryption]`).
+    pub fn seals_failures(&self, namespace: Option<&str>) -> bool {
+        let state = self.inner.state.load();
+        let policy = state.policy(namespace);
+        policy.encrypt.is_some() && policy.seal_failures
     }
 
     /// Sets the total batch size (bytes) from which batches run in parallel; `0` always,
@@ -477,6 +487,7 @@ impl State {
                 None
             },
             compress: config.compression.enabled,
+            seal_failures: config.encryption.seal_failures,
         };
         let mut namespaces = HashMap::new();
         for (name, ns) in &config.namespaces {
@@ -492,6 +503,9 @@ impl State {
                     None
                 },
                 compress: ns.compression.unwrap_or(config.compression.enabled),
+                seal_failures: ns
+                    .seal_failures
+                    .unwrap_or(config.encryption.seal_failures),
             };
             namespaces.insert(name.clone(), policy);
         }
