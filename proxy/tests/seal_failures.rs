@@ -94,17 +94,19 @@ fn failure(message: &str, stack: &str, cause: Option<Failure>) -> Failure {
         stack_trace: stack.to_owned(),
         source: "PythonSDK".to_owned(),
         cause: cause.map(Box::new),
-        failure_info: Some(FailureInfo::ApplicationFailureInfo(ApplicationFailureInfo {
-            r#type: "ApplicationError".to_owned(),
-            details: Some(Payloads {
-                payloads: vec![Payload {
-                    metadata: HashMap::from([("encoding".to_owned(), b"json/plain".to_vec())]),
-                    data: b"\"details\"".to_vec(),
-                    ..Default::default()
-                }],
-            }),
-            ..Default::default()
-        })),
+        failure_info: Some(FailureInfo::ApplicationFailureInfo(
+            ApplicationFailureInfo {
+                r#type: "ApplicationError".to_owned(),
+                details: Some(Payloads {
+                    payloads: vec![Payload {
+                        metadata: HashMap::from([("encoding".to_owned(), b"json/plain".to_vec())]),
+                        data: b"\"details\"".to_vec(),
+                        ..Default::default()
+                    }],
+                }),
+                ..Default::default()
+            },
+        )),
         ..Default::default()
     }
 }
@@ -167,11 +169,20 @@ async fn failures_are_sealed_at_every_level_and_restored_on_the_way_back() {
     assert!(codec.seals_failures(Some("default")));
     let layer = RewriteLayer::new(Pipeline::new(codec.clone()), 4 << 20);
     let upstream = Upstream::default();
-    let response = call(&layer, &upstream, FAILED, &failed_request("default", chain())).await;
+    let response = call(
+        &layer,
+        &upstream,
+        FAILED,
+        &failed_request("default", chain()),
+    )
+    .await;
     assert_eq!(response.headers().get("grpc-status"), None, "refused");
 
     let sent = unframe(&upstream.received.lock().unwrap()[0]);
-    assert!(!contains(&sent, b"MARKER"), "plaintext reached the upstream");
+    assert!(
+        !contains(&sent, b"MARKER"),
+        "plaintext reached the upstream"
+    );
     let got = RespondActivityTaskFailedRequest::decode(&sent[..]).unwrap();
     assert_eq!(got.identity, "worker-1");
     assert_eq!(got.task_token, b"token");
@@ -237,7 +248,10 @@ async fn failures_are_sealed_at_every_level_and_restored_on_the_way_back() {
     let rc = restored.cause.as_deref().unwrap();
     assert_eq!(rc.message, "MARKER-cause");
     assert_eq!(rc.encoded_attributes, None);
-    assert_eq!(rc.failure_info, original.cause.as_deref().unwrap().failure_info);
+    assert_eq!(
+        rc.failure_info,
+        original.cause.as_deref().unwrap().failure_info
+    );
 }
 
 #[tokio::test]

@@ -503,9 +503,7 @@ impl State {
                     None
                 },
                 compress: ns.compression.unwrap_or(config.compression.enabled),
-                seal_failures: ns
-                    .seal_failures
-                    .unwrap_or(config.encryption.seal_failures),
+                seal_failures: ns.seal_failures.unwrap_or(config.encryption.seal_failures),
             };
             namespaces.insert(name.clone(), policy);
         }

@@ -74,22 +74,19 @@ pub async fn rewrite(
         return Ok(message);
     }
     let sizes: Vec<usize> = payloads.iter().map(Bytes::len).collect();
-    let mut replacements = pipeline
-        .run(direction, ctx, payloads)
-        .await
-        .map_err(|e| {
-            let path = match e.index.checked_sub(sites.len()) {
-                None => sites
-                    .get(e.index)
-                    .map(|site| site.path().to_string())
-                    .unwrap_or_default(),
-                Some(k) => seals
-                    .get(k)
-                    .map(|(f, _)| field_path(&scanned, *f, "encoded_attributes"))
-                    .unwrap_or_default(),
-            };
-            e.into_status(direction, &path)
-        })?;
+    let mut replacements = pipeline.run(direction, ctx, payloads).await.map_err(|e| {
+        let path = match e.index.checked_sub(sites.len()) {
+            None => sites
+                .get(e.index)
+                .map(|site| site.path().to_string())
+                .unwrap_or_default(),
+            Some(k) => seals
+                .get(k)
+                .map(|(f, _)| field_path(&scanned, *f, "encoded_attributes"))
+                .unwrap_or_default(),
+        };
+        e.into_status(direction, &path)
+    })?;
     record(direction, ctx, sizes.into_iter(), &replacements);
     let sealed = replacements.split_off(sites.len());
     let mut edits: Vec<Option<FailureEdit>> = vec![None; scanned.failures().len()];
