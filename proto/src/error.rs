@@ -87,6 +87,29 @@ pub enum WalkError {
         /// Length of the buffer given to splice.
         got: usize,
     },
+    /// `Scan::splice_with` was given the wrong number of failure edits.
+    #[error("expected {expected} failure edits (one per failure site), got {got}")]
+    EditCount {
+        /// Number of failure sites in the scan.
+        expected: usize,
+        /// Number of edits given.
+        got: usize,
+    },
+    /// A failure edit does not fit the failure (sealing a failure that already has
+    /// `encoded_attributes` or has nothing to seal; restoring one without attributes).
+    #[error("failure edit {index}: {reason}")]
+    BadEdit {
+        /// Index of the failure site.
+        index: usize,
+        /// What does not fit.
+        reason: &'static str,
+    },
+    /// Two replacements or edits overlap without one containing the other.
+    #[error("overlapping edits at offset {offset}")]
+    OverlappingEdits {
+        /// Where the second one starts.
+        offset: usize,
+    },
 }
 
 impl WalkError {
@@ -99,7 +122,11 @@ impl WalkError {
             | WalkError::UnexpectedWireType { offset, .. }
             | WalkError::LengthOutOfBounds { offset, .. }
             | WalkError::TooDeep { offset, .. } => Some(*offset),
-            WalkError::ReplacementCount { .. } | WalkError::InputMismatch { .. } => None,
+            WalkError::ReplacementCount { .. }
+            | WalkError::InputMismatch { .. }
+            | WalkError::EditCount { .. }
+            | WalkError::BadEdit { .. }
+            | WalkError::OverlappingEdits { .. } => None,
         }
     }
 
@@ -112,7 +139,11 @@ impl WalkError {
             | WalkError::UnexpectedWireType { path, .. }
             | WalkError::LengthOutOfBounds { path, .. }
             | WalkError::TooDeep { path, .. } => Some(path),
-            WalkError::ReplacementCount { .. } | WalkError::InputMismatch { .. } => None,
+            WalkError::ReplacementCount { .. }
+            | WalkError::InputMismatch { .. }
+            | WalkError::EditCount { .. }
+            | WalkError::BadEdit { .. }
+            | WalkError::OverlappingEdits { .. } => None,
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 
-use crate::{MessageType, methods, scan};
+use crate::{ENCODED_FAILURE_MESSAGE, FailureEdit, MessageType, methods, scan};
 
 /// A valid serialized Payload (`data = "X"`) used as the marking replacement.
 pub const MARK: &[u8] = &[0x12, 0x01, b'X'];
@@ -73,5 +73,112 @@ pub fn fuzz_one(data: &[u8]) {
     );
     for site in again.sites() {
         assert_eq!(&marked[site.range()], MARK, "site does not hold the mark");
+    }
+}
+
+/// The `encoded_attributes` the failure fuzz body seals with (`data = "SEALED"`).
+pub const SEALED: &[u8] = &[0x12, 0x06, b'S', b'E', b'A', b'L', b'E', b'D'];
+
+/// Runs one input of the `failures` fuzz target (same input format as [`fuzz_one`]).
+/// Panics on any property violation:
+/// - failure sites lie inside the input, in pre-order (non-decreasing node ranges);
+/// - `splice_with` without edits equals `splice`;
+/// - every failure with a `message`/`stack_trace` and no `encoded_attributes` is sealed, every
+///   one with `encoded_attributes` restored (message `"r"`, attributes dropped), every payload
+///   marked: the result scans again, with the same number of failures, sealed ones holding
+///   [`SEALED`] as their attributes site and [`ENCODED_FAILURE_MESSAGE`] as message and no
+///   stack trace, restored ones holding message `r` and no attributes, and the number of
+///   sites changing by exactly the attributes added and removed.
+pub fn fuzz_failures(data: &[u8]) {
+    let Some((&pick, msg)) = data.split_first() else {
+        return;
+    };
+    let types = fuzz_types();
+    let ty = types[pick as usize % types.len()];
+    let input = Bytes::copy_from_slice(msg);
+    let Ok(s) = scan(ty, &input) else {
+        return;
+    };
+    let n = s.sites().len();
+    for f in s.failures() {
+        let _ = f.path().to_string();
+        for r in [f.message(), f.stack_trace()].into_iter().flatten() {
+            assert!(r.start <= r.end && r.end <= input.len());
+        }
+        if let Some(i) = f.encoded_attributes_site() {
+            assert!(i < n && f.has_encoded_attributes());
+        }
+    }
+    let none = vec![None; s.failures().len()];
+    let marks = vec![Some(Bytes::from_static(MARK)); n];
+    assert_eq!(
+        s.splice_with(&input, &marks, &none)
+            .expect("splice_with, no edits"),
+        s.splice(&input, &marks).expect("splice"),
+        "splice_with without edits differs from splice"
+    );
+    #[derive(Clone, Copy, PartialEq, Debug)]
+    enum Want {
+        Sealed,
+        Restored,
+        Kept,
+    }
+    let mut wants = Vec::new();
+    let mut removed_sites = 0;
+    let edits: Vec<Option<FailureEdit>> = s
+        .failures()
+        .iter()
+        .map(|f| {
+            if f.encoded_attributes_site().is_some() {
+                wants.push(Want::Restored);
+                removed_sites += 1;
+                Some(FailureEdit::Restore {
+                    message: Some("r".to_owned()),
+                    stack_trace: Some(String::new()),
+                })
+            } else if !f.has_encoded_attributes()
+                && (f.message().is_some() || f.stack_trace().is_some())
+            {
+                wants.push(Want::Sealed);
+                Some(FailureEdit::Seal {
+                    attributes: Bytes::from_static(SEALED),
+                })
+            } else {
+                wants.push(Want::Kept);
+                None
+            }
+        })
+        .collect();
+    let sealed = wants.iter().filter(|w| **w == Want::Sealed).count();
+    let out = s
+        .splice_with(&input, &marks, &edits)
+        .expect("edits from the scan's own failure sites apply");
+    let again = scan(ty, &out).expect("edited message must scan");
+    assert_eq!(
+        again.failures().len(),
+        s.failures().len(),
+        "editing changed the number of failures"
+    );
+    assert_eq!(
+        again.sites().len(),
+        n - removed_sites + sealed,
+        "editing changed the number of sites unexpectedly"
+    );
+    for (f, want) in again.failures().iter().zip(&wants) {
+        let text = |r: Option<std::ops::Range<usize>>| r.map(|r| &out[r]);
+        match want {
+            Want::Sealed => {
+                assert_eq!(text(f.message()), Some(ENCODED_FAILURE_MESSAGE.as_bytes()));
+                assert_eq!(text(f.stack_trace()), None);
+                let site = f.encoded_attributes_site().expect("sealed attributes site");
+                assert_eq!(&out[again.sites()[site].range()], SEALED);
+            }
+            Want::Restored => {
+                assert_eq!(text(f.message()), Some(&b"r"[..]));
+                assert_eq!(text(f.stack_trace()), None);
+                assert!(!f.has_encoded_attributes());
+            }
+            Want::Kept => {}
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! decoding them into Rust structs: [`scan`] walks the wire format of a message guided by
 //! a table generated at build time from the `temporalio-protos` descriptor set
 //! ([`MessageType`], [`method`]), and [`Scan::splice`] rebuilds the message with some
-//! payloads replaced, copying everything else byte for byte.
+//! payloads replaced ([`Scan::splice_with`]: and some failures sealed or restored),
+//! copying everything else byte for byte.
 //!
 //! ```
 //! use payload_gateway_proto::{method, scan, top_level_string};
@@ -55,11 +56,26 @@
 //!    `__temporal_system` (the system Nexus endpoint; the endpoint field may come after
 //!    the input on the wire, it is read first).
 //!
-//! An envelope is opened when its `encoding` is `binary/protobuf` and its `messageType`
-//! names a known type; its last `data` field is walked as that type. The Go visitor
-//! returns an error for an envelope it cannot open; a proxy should not fail the call for
-//! that, so here it is passed through untouched, is not a site, and is counted in
+//! An envelope is opened when its `encoding` is `binary/protobuf`, its `messageType`
+//! names a known type and it has a `data` field; its last `data` field is walked as that
+//! type (a known type that cannot hold payloads is left as it is). An envelope that cannot
+//! be opened (another encoding, missing or unknown `messageType`, no `data`) is reported
+//! as an ordinary payload site, so a caller encodes it whole rather than forwarding
+//! contents it cannot see (the Go visitor returns an error for it); it is also counted in
 //! [`Scan::opaque_system_payloads`].
+//!
+//! # Failures
+//!
+//! `temporal.api.failure.v1.Failure.message` and `stack_trace` are plain strings, not
+//! payloads. Every `Failure` reached by the walk (at any depth, including cause chains,
+//! `Any` values and system envelopes) that has a `message`, `stack_trace` or
+//! `encoded_attributes` field on the wire is reported in [`Scan::failures`] as a
+//! [`FailureSite`] (value ranges of the last `message` and `stack_trace`, whether
+//! `encoded_attributes` is present and which payload site it is). [`Scan::splice_with`]
+//! applies [`FailureEdit`]s in the same pass as the payload replacements: `Seal` moves
+//! message and stack trace into `encoded_attributes` the way the SDKs'
+//! `encode_common_attributes` does, `Restore` undoes it. Both only replace and remove the
+//! failure's own top-level fields; every other byte is kept.
 //!
 //! # Limits
 //!
@@ -84,6 +100,7 @@ pub const DESCRIPTOR_SET_PATH: &str = env!("PGW_DESCRIPTOR_PATH");
 pub use error::WalkError;
 pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, methods};
 pub use walk::{
-    MAX_DEPTH, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath, scan,
-    top_level_string,
+    ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, MAX_DEPTH,
+    MAX_UNKNOWN_ANYS, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath,
+    UnknownAny, scan, top_level_string,
 };

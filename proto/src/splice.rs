@@ -1,9 +1,14 @@
-//! Rebuilding a message with some payloads replaced.
+//! Rebuilding a message with some payloads replaced and some failures edited.
+
+use std::ops::Range;
 
 use bytes::Bytes;
 
 use crate::error::WalkError;
-use crate::walk::Scan;
+use crate::walk::{
+    ENCODED_FAILURE_MESSAGE, FAILURE_ENCODED_ATTRIBUTES, FAILURE_MESSAGE, FAILURE_STACK_TRACE,
+    FailureEdit, FailureSite, NO_PARENT, Scan,
+};
 use crate::wire::{put_varint, varint_len};
 
 impl Scan {
@@ -90,4 +95,230 @@ impl Scan {
         out.extend_from_slice(&input[cursor..]);
         Ok(Bytes::from(out))
     }
+}
+
+/// One byte-range replacement at the top level of a node.
+struct Op {
+    range: Range<usize>,
+    node: u32,
+    bytes: Bytes,
+}
+
+impl Scan {
+    /// Rebuilds the scanned message with payloads replaced (as [`Scan::splice`]) and
+    /// failures changed: `edits` has one entry per [`failure`](Scan::failures), `None`
+    /// leaving it alone (see [`FailureEdit`] for what the others do).
+    ///
+    /// Everything the edits and replacements do not touch is copied byte for byte; the
+    /// length prefixes of the enclosing fields are fixed up. A replacement for a payload
+    /// inside a field an edit removes (the `encoded_attributes` of a restored failure) is
+    /// dropped with that field. With no edit this is exactly [`Scan::splice`].
+    pub fn splice_with(
+        &self,
+        input: &Bytes,
+        replacements: &[Option<Bytes>],
+        edits: &[Option<FailureEdit>],
+    ) -> Result<Bytes, WalkError> {
+        if edits.len() != self.failures.len() {
+            return Err(WalkError::EditCount {
+                expected: self.failures.len(),
+                got: edits.len(),
+            });
+        }
+        if edits.iter().all(Option::is_none) {
+            return self.splice(input, replacements);
+        }
+        if replacements.len() != self.sites.len() {
+            return Err(WalkError::ReplacementCount {
+                expected: self.sites.len(),
+                got: replacements.len(),
+            });
+        }
+        if input.len() != self.input_len {
+            return Err(WalkError::InputMismatch {
+                expected: self.input_len,
+                got: input.len(),
+            });
+        }
+        let mut ops = Vec::new();
+        for (site, rep) in self.sites.iter().zip(replacements) {
+            if let Some(r) = rep {
+                ops.push(Op {
+                    range: site.range(),
+                    node: site.node,
+                    bytes: r.clone(),
+                });
+            }
+        }
+        for (index, (failure, edit)) in self.failures.iter().zip(edits).enumerate() {
+            if let Some(edit) = edit {
+                failure_ops(failure, edit, &mut ops)
+                    .map_err(|reason| WalkError::BadEdit { index, reason })?;
+            }
+        }
+        // Byte order; at one start the longer range first, so a range inside another one
+        // (a payload inside a removed field) comes after it and is dropped.
+        ops.sort_by(|a, b| {
+            a.range
+                .start
+                .cmp(&b.range.start)
+                .then(b.range.end.cmp(&a.range.end))
+        });
+        let mut kept: Vec<Op> = Vec::with_capacity(ops.len());
+        for op in ops {
+            // An empty payload right at the end of a replaced range had its field (tag and
+            // length prefix) inside that range: it goes with it.
+            if let Some(last) = kept.last()
+                && (op.range.start < last.range.end
+                    || (op.range.is_empty() && op.range.start == last.range.end))
+            {
+                if op.range.end <= last.range.end {
+                    continue;
+                }
+                return Err(WalkError::OverlappingEdits {
+                    offset: op.range.start,
+                });
+            }
+            kept.push(op);
+        }
+
+        // Length changes, as in `splice`. Nodes inside a replaced range have no kept op
+        // below them, so their delta stays 0 and they are never written.
+        let mut delta = vec![0i64; self.nodes.len()];
+        for op in &kept {
+            if op.node != NO_PARENT {
+                delta[op.node as usize] += op.bytes.len() as i64 - op.range.len() as i64;
+            }
+        }
+        for n in (0..self.nodes.len()).rev() {
+            let node = &self.nodes[n];
+            if let Some(p) = node.parent() {
+                let mut d = delta[n];
+                if d != 0 {
+                    let new_len = (node.len as i64 + d) as u64;
+                    d += varint_len(new_len) as i64 - (node.prefix.1 - node.prefix.0) as i64;
+                }
+                delta[p] += d;
+            }
+        }
+        // Merge the length-prefix rewrites and the ops in byte order.
+        enum Piece<'a> {
+            Prefix(u64),
+            Bytes(&'a Bytes),
+        }
+        let mut pieces: Vec<(Range<usize>, Piece<'_>)> = self
+            .nodes
+            .iter()
+            .zip(&delta)
+            .filter(|(_, d)| **d != 0)
+            .map(|(node, d)| {
+                (
+                    node.prefix.0..node.prefix.1,
+                    Piece::Prefix((node.len as i64 + d) as u64),
+                )
+            })
+            .chain(
+                kept.iter()
+                    .map(|op| (op.range.clone(), Piece::Bytes(&op.bytes))),
+            )
+            .collect();
+        pieces.sort_by_key(|(r, _)| r.start);
+        let grow: usize = kept.iter().map(|op| op.bytes.len()).sum();
+        let mut out = Vec::with_capacity(input.len() + grow + 10 * pieces.len().min(64));
+        let mut cursor = 0usize;
+        for (range, piece) in pieces {
+            if range.start < cursor {
+                return Err(WalkError::OverlappingEdits {
+                    offset: range.start,
+                });
+            }
+            out.extend_from_slice(&input[cursor..range.start]);
+            match piece {
+                Piece::Prefix(len) => put_varint(&mut out, len),
+                Piece::Bytes(b) => out.extend_from_slice(b),
+            }
+            cursor = range.end;
+        }
+        out.extend_from_slice(&input[cursor..]);
+        Ok(Bytes::from(out))
+    }
+}
+
+/// Appends a length-delimited field.
+fn put_len_field(out: &mut Vec<u8>, field: u32, value: &[u8]) {
+    put_varint(out, (u64::from(field) << 3) | 2);
+    put_varint(out, value.len() as u64);
+    out.extend_from_slice(value);
+}
+
+/// The ops of one failure edit: the first affected field is replaced by the new fields,
+/// the other affected ones are removed.
+fn failure_ops(
+    failure: &FailureSite,
+    edit: &FailureEdit,
+    ops: &mut Vec<Op>,
+) -> Result<(), &'static str> {
+    let node = failure.node;
+    let mut new = Vec::new();
+    let affected: Vec<&Range<usize>> = match edit {
+        FailureEdit::Seal { attributes } => {
+            if failure.has_encoded_attributes() {
+                return Err("cannot seal a failure that already has encoded_attributes");
+            }
+            put_len_field(&mut new, FAILURE_ENCODED_ATTRIBUTES, attributes);
+            put_len_field(
+                &mut new,
+                FAILURE_MESSAGE,
+                ENCODED_FAILURE_MESSAGE.as_bytes(),
+            );
+            failure
+                .fields
+                .iter()
+                .filter(|(f, _)| *f == FAILURE_MESSAGE || *f == FAILURE_STACK_TRACE)
+                .map(|(_, r)| r)
+                .collect()
+        }
+        FailureEdit::Restore {
+            message,
+            stack_trace,
+        } => {
+            if !failure.has_encoded_attributes() {
+                return Err("cannot restore a failure without encoded_attributes");
+            }
+            for (field, value) in [
+                (FAILURE_MESSAGE, message),
+                (FAILURE_STACK_TRACE, stack_trace),
+            ] {
+                if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
+                    put_len_field(&mut new, field, v.as_bytes());
+                }
+            }
+            failure
+                .fields
+                .iter()
+                .filter(|(f, _)| match *f {
+                    FAILURE_MESSAGE => message.is_some(),
+                    FAILURE_STACK_TRACE => stack_trace.is_some(),
+                    _ => true,
+                })
+                .map(|(_, r)| r)
+                .collect()
+        }
+    };
+    let Some((first, rest)) = affected.split_first() else {
+        return Err("the failure has no message or stack_trace to seal");
+    };
+    ops.push(Op {
+        range: (*first).clone(),
+        node,
+        bytes: Bytes::from(new),
+    });
+    for r in rest {
+        ops.push(Op {
+            range: (*r).clone(),
+            node,
+            bytes: Bytes::new(),
+        });
+    }
+    Ok(())
 }

@@ -18,8 +18,18 @@ pub const SYSTEM_PAYLOAD_KEY: &str = "__temporal_system_payload";
 /// The Nexus endpoint whose operation inputs are system envelopes.
 pub const SYSTEM_NEXUS_ENDPOINT: &str = "__temporal_system";
 const BINARY_PROTOBUF: &[u8] = b"binary/protobuf";
+/// Full name of the Failure message whose `message` and `stack_trace` can be sealed.
+pub const FAILURE_TYPE_NAME: &str = "temporal.api.failure.v1.Failure";
+/// `Failure.message`.
+pub(crate) const FAILURE_MESSAGE: u32 = 1;
+/// `Failure.stack_trace`.
+pub(crate) const FAILURE_STACK_TRACE: u32 = 3;
+/// `Failure.encoded_attributes`.
+pub(crate) const FAILURE_ENCODED_ATTRIBUTES: u32 = 20;
+/// How many distinct unknown `Any` (type, path) pairs a scan records (all are counted).
+pub const MAX_UNKNOWN_ANYS: usize = 64;
 
-const NO_PARENT: u32 = u32::MAX;
+pub(crate) const NO_PARENT: u32 = u32::MAX;
 /// Path segment flag: the segment is a message type (an `Any` value or an envelope),
 /// not a field index.
 const TYPE_SEGMENT: u32 = 1 << 31;
@@ -93,13 +103,109 @@ impl fmt::Display for SitePath<'_> {
     }
 }
 
+/// A `google.protobuf.Any` whose `type_url` names a type not in the descriptor set (or an
+/// `Any` with a value and no `type_url`): the walker cannot see inside, so it may hide
+/// payloads. See [`Scan::unknown_anys`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownAny {
+    /// The type name: the `type_url` after its last `/` (lossily decoded as UTF-8; empty
+    /// when the `Any` has no `type_url`).
+    pub type_name: String,
+    /// The field path of the `Any`, rendered like [`SitePath`]'s `Display`, e.g.
+    /// `messages.body`.
+    pub path: String,
+}
+
+/// One `temporal.api.failure.v1.Failure` found by [`scan`] that has a `message`, a
+/// `stack_trace` or an `encoded_attributes` field on the wire (any depth: cause chains,
+/// history events, update outcomes, `Any` values, system envelopes).
+///
+/// Only the Failure's own top-level fields are described here; its `cause` is a failure
+/// site of its own. Change it with [`Scan::splice_with`] and a [`FailureEdit`].
+#[derive(Clone, Debug)]
+pub struct FailureSite {
+    pub(crate) node: u32,
+    path: Box<[u32]>,
+    /// Whole fields (tag to end of value) of every `message`, `stack_trace` and
+    /// `encoded_attributes` occurrence, with the field number, in byte order.
+    pub(crate) fields: Vec<(u32, Range<usize>)>,
+    message: Option<Range<usize>>,
+    stack_trace: Option<Range<usize>>,
+    attributes_site: Option<usize>,
+}
+
+impl FailureSite {
+    /// Byte range of the value of the last `message` field (the one a decoder keeps), in
+    /// the scanned buffer; `None` when absent.
+    pub fn message(&self) -> Option<Range<usize>> {
+        self.message.clone()
+    }
+
+    /// Byte range of the value of the last `stack_trace` field; `None` when absent.
+    pub fn stack_trace(&self) -> Option<Range<usize>> {
+        self.stack_trace.clone()
+    }
+
+    /// Whether the failure has an `encoded_attributes` field on the wire.
+    pub fn has_encoded_attributes(&self) -> bool {
+        self.fields
+            .iter()
+            .any(|(f, _)| *f == FAILURE_ENCODED_ATTRIBUTES)
+    }
+
+    /// Index in [`Scan::sites`] of the payload of the `encoded_attributes` field, when the
+    /// failure has exactly one such field and it is an ordinary payload site (not a system
+    /// envelope); `None` otherwise.
+    pub fn encoded_attributes_site(&self) -> Option<usize> {
+        self.attributes_site
+    }
+
+    /// The field path from the scanned message to this Failure (rendered like
+    /// [`PayloadSite::path`]), e.g. `failure.cause` or
+    /// `history.events.workflow_execution_failed_event_attributes.failure`.
+    pub fn path(&self) -> SitePath<'_> {
+        SitePath(&self.path)
+    }
+}
+
+/// What [`Scan::splice_with`] does to one [`FailureSite`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FailureEdit {
+    /// Seals the failure the way the SDKs' `encode_common_attributes` does: every
+    /// `message` and `stack_trace` field is removed, and in place of the first of them go
+    /// an `encoded_attributes` field holding `attributes` (a serialized `Payload`, normally
+    /// the encoded JSON of the original message and stack trace) and `message = "Encoded
+    /// failure"` ([`ENCODED_FAILURE_MESSAGE`]). The failure must have a `message` or
+    /// `stack_trace` field and no `encoded_attributes`.
+    Seal {
+        /// The serialized `Payload` to store as `encoded_attributes`.
+        attributes: bytes::Bytes,
+    },
+    /// Undoes a seal: every `encoded_attributes` field is removed; when `message` is
+    /// `Some`, every `message` field is replaced by that value (absent when empty), and the
+    /// same for `stack_trace`; `None` keeps that field as it is. The failure must have an
+    /// `encoded_attributes` field.
+    Restore {
+        /// The message to restore, if the attributes held one.
+        message: Option<String>,
+        /// The stack trace to restore, if the attributes held one.
+        stack_trace: Option<String>,
+    },
+}
+
+/// The `message` a sealed failure carries (what the SDKs write with
+/// `encode_common_attributes`).
+pub const ENCODED_FAILURE_MESSAGE: &str = "Encoded failure";
+
 /// The result of [`scan`]: every payload site of one message, ready for [`Scan::splice`].
 #[derive(Clone, Debug)]
 pub struct Scan {
     pub(crate) sites: Vec<PayloadSite>,
     pub(crate) nodes: Vec<Node>,
+    pub(crate) failures: Vec<FailureSite>,
     pub(crate) input_len: usize,
     unknown_any: usize,
+    unknown_anys: Vec<UnknownAny>,
     opaque_system: usize,
 }
 
@@ -109,15 +215,30 @@ impl Scan {
         &self.sites
     }
 
-    /// How many `google.protobuf.Any` values had a `type_url` naming a type not in the
-    /// descriptor set; they were passed through untouched.
+    /// The failures that have a `message`, `stack_trace` or `encoded_attributes` field, in
+    /// pre-order (a failure before its cause).
+    pub fn failures(&self) -> &[FailureSite] {
+        &self.failures
+    }
+
+    /// How many `google.protobuf.Any` values the walker could not look into: a `type_url`
+    /// naming a type not in the descriptor set, or a value without a `type_url`. Their
+    /// bytes are not sites; [`Scan::unknown_anys`] says which types and where.
     pub fn unknown_any(&self) -> usize {
         self.unknown_any
     }
 
+    /// The unknown `Any` values counted by [`Scan::unknown_any`], as distinct
+    /// `(type_name, path)` pairs in the order first seen, at most [`MAX_UNKNOWN_ANYS`]
+    /// of them (a hostile message cannot make the list grow with its size). Empty exactly
+    /// when `unknown_any() == 0`.
+    pub fn unknown_anys(&self) -> &[UnknownAny] {
+        &self.unknown_anys
+    }
+
     /// How many system envelopes (see the crate docs) could not be opened (not
-    /// `binary/protobuf`, missing or unknown `messageType`); they are passed through
-    /// untouched and are not reported as sites, since the server must be able to read them.
+    /// `binary/protobuf`, missing or unknown `messageType`, no `data`). Each is reported
+    /// as an ordinary payload site (so it is encoded whole); this count is for metrics.
     pub fn opaque_system_payloads(&self) -> usize {
         self.opaque_system
     }
@@ -136,7 +257,10 @@ pub fn scan(ty: MessageType, buf: &[u8]) -> Result<Scan, WalkError> {
         sites: Vec::new(),
         nodes: Vec::new(),
         path: Vec::with_capacity(16),
+        failures: Vec::new(),
+        failure_ty: MessageType::by_name(FAILURE_TYPE_NAME),
         unknown_any: 0,
+        unknown_anys: Vec::new(),
         opaque_system: 0,
     };
     if ty == MessageType::PAYLOAD {
@@ -152,8 +276,10 @@ pub fn scan(ty: MessageType, buf: &[u8]) -> Result<Scan, WalkError> {
     Ok(Scan {
         sites: w.sites,
         nodes: w.nodes,
+        failures: w.failures,
         input_len: buf.len(),
         unknown_any: w.unknown_any,
+        unknown_anys: w.unknown_anys,
         opaque_system: w.opaque_system,
     })
 }
@@ -163,7 +289,10 @@ struct Walker<'a> {
     sites: Vec<PayloadSite>,
     nodes: Vec<Node>,
     path: Vec<u32>,
+    failures: Vec<FailureSite>,
+    failure_ty: Option<MessageType>,
     unknown_any: usize,
+    unknown_anys: Vec<UnknownAny>,
     opaque_system: usize,
 }
 
@@ -219,12 +348,18 @@ impl Walker<'_> {
         Ok((id, vstart, vend))
     }
 
-    /// Drops the node `id` (and anything after it) if no site was found below it.
+    /// Drops the node `id` (and anything after it) if no site and no failure was found
+    /// below it.
     #[inline]
-    fn leave(&mut self, id: u32, sites_before: usize) {
-        if self.sites.len() == sites_before {
+    fn leave(&mut self, id: u32, before: (usize, usize)) {
+        if self.sites.len() == before.0 && self.failures.len() == before.1 {
             self.nodes.truncate(id as usize);
         }
+    }
+
+    #[inline]
+    fn counts(&self) -> (usize, usize) {
+        (self.sites.len(), self.failures.len())
     }
 
     fn message(
@@ -247,10 +382,37 @@ impl Walker<'_> {
             None => None,
         };
         let buf = self.buf;
+        // A Failure: reserve its site now (pre-order), fill it in below.
+        let failure = (Some(ty) == self.failure_ty).then(|| {
+            self.failures.push(FailureSite {
+                node: parent,
+                path: self.path.as_slice().into(),
+                fields: Vec::new(),
+                message: None,
+                stack_trace: None,
+                attributes_site: None,
+            });
+            self.failures.len() - 1
+        });
         let mut pos = start;
         while pos < end {
             let tag_at = pos;
             let (field, wt) = wire::read_tag(buf, &mut pos, end)?;
+            if let Some(fi) = failure
+                && wt == LEN
+                && (field == FAILURE_MESSAGE || field == FAILURE_STACK_TRACE)
+            {
+                let value = wire::read_len(buf, &mut pos, end)?;
+                let site = &mut self.failures[fi];
+                site.fields.push((field, tag_at..value.1));
+                let last = Some(value.0..value.1);
+                if field == FAILURE_MESSAGE {
+                    site.message = last;
+                } else {
+                    site.stack_trace = last;
+                }
+                continue;
+            }
             let Some((findex, info)) = ty.field(field) else {
                 wire::skip_value(buf, &mut pos, end, field, wt, tag_at, MAX_DEPTH - depth)?;
                 continue;
@@ -274,7 +436,7 @@ impl Walker<'_> {
                 ));
             }
             let (id, vstart, vend) = self.enter(&mut pos, end, parent)?;
-            let before = self.sites.len();
+            let before = self.counts();
             self.path.push(findex);
             let target = MessageType(info.target);
             let r = match info.kind {
@@ -286,7 +448,25 @@ impl Walker<'_> {
             };
             r?;
             self.path.pop();
+            if let Some(fi) = failure
+                && field == FAILURE_ENCODED_ATTRIBUTES
+            {
+                let one_site = self.sites.len() == before.0 + 1;
+                let site = &mut self.failures[fi];
+                // Only a single, ordinary payload counts as "the" attributes site.
+                let first = !site.has_encoded_attributes();
+                site.fields.push((field, tag_at..vend));
+                site.attributes_site = (first && one_site).then_some(before.0);
+            }
             self.leave(id, before);
+        }
+        // A failure with none of the fields stays unrecorded (unless a cause below it was
+        // recorded after it: then it is an empty, harmless entry).
+        if let Some(fi) = failure
+            && fi + 1 == self.failures.len()
+            && self.failures[fi].fields.is_empty()
+        {
+            self.failures.pop();
         }
         Ok(())
     }
@@ -312,6 +492,9 @@ impl Walker<'_> {
             }
         }
         let Some((a, b)) = type_url else {
+            if value.is_some() {
+                self.record_unknown_any(b"");
+            }
             return Ok(());
         };
         let url = &buf[a..b];
@@ -323,7 +506,7 @@ impl Walker<'_> {
             .ok()
             .and_then(MessageType::by_name)
         else {
-            self.unknown_any += 1;
+            self.record_unknown_any(name);
             return Ok(());
         };
         if !ty.can_hold_payloads() {
@@ -333,6 +516,26 @@ impl Walker<'_> {
             self.typed_value(ty, &mut p, end, node, depth)?;
         }
         Ok(())
+    }
+
+    /// Counts an `Any` the walker cannot look into and records its (type, path) pair.
+    fn record_unknown_any(&mut self, name: &[u8]) {
+        self.unknown_any += 1;
+        if self.unknown_anys.len() >= MAX_UNKNOWN_ANYS {
+            return;
+        }
+        let type_name = String::from_utf8_lossy(name);
+        let path = SitePath(&self.path).to_string();
+        if !self
+            .unknown_anys
+            .iter()
+            .any(|u| u.type_name == type_name && u.path == path)
+        {
+            self.unknown_anys.push(UnknownAny {
+                type_name: type_name.into_owned(),
+                path,
+            });
+        }
     }
 
     /// Walks a length-delimited value (prefix at `*pos`) as a message of type `ty`: the
@@ -346,7 +549,7 @@ impl Walker<'_> {
         depth: usize,
     ) -> Result<(), Fault> {
         let (id, vstart, vend) = self.enter(pos, end, parent)?;
-        let before = self.sites.len();
+        let before = self.counts();
         self.path.push(TYPE_SEGMENT | u32::from(ty.0));
         if ty == MessageType::PAYLOAD {
             self.payload(vstart, vend, id, depth + 1, false)?;
@@ -390,9 +593,16 @@ impl Walker<'_> {
                 }
                 self.typed_value(ty, &mut data, end, node, depth)
             }
-            (true, Some(_), _) => Ok(()), // nothing inside can be a payload
+            (true, Some(_), Some(_)) => Ok(()), // nothing inside can be a payload
             _ => {
+                // Cannot be opened: encoded whole like any payload (the server cannot read
+                // it then, but nothing leaks).
                 self.opaque_system += 1;
+                self.sites.push(PayloadSite {
+                    range: start..end,
+                    path: self.path.as_slice().into(),
+                    node,
+                });
                 Ok(())
             }
         }

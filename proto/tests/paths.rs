@@ -199,7 +199,7 @@ fn any_type_url_after_value_and_unknown_any() {
     assert_eq!(s.sites().len(), 1);
     assert_eq!(s.unknown_any(), 0);
 
-    // Unknown type: untouched and counted.
+    // Unknown type: not a site, counted and recorded.
     let mut unknown = any(&req, "example.v1.NotInTheSet");
     unknown.id = "x".into();
     let poll = ws::PollWorkflowTaskQueueResponse {
@@ -210,6 +210,13 @@ fn any_type_url_after_value_and_unknown_any() {
     let s = scan(ty, &bytes).unwrap();
     assert_eq!(s.sites().len(), 0);
     assert_eq!(s.unknown_any(), 1);
+    assert_eq!(
+        s.unknown_anys(),
+        &[payload_gateway_proto::UnknownAny {
+            type_name: "example.v1.NotInTheSet".into(),
+            path: "messages.body".into(),
+        }]
+    );
 }
 
 #[test]
@@ -396,7 +403,8 @@ fn system_nexus_envelope_and_system_payload() {
         sites("temporal.api.workflowservice.v1.QueryWorkflowResponse", &q).len(),
         1
     );
-    // An envelope of an unknown type: untouched, not a site, counted.
+    // An envelope of an unknown type: cannot be opened, so it is an ordinary site (encoded
+    // whole), and counted.
     let mut bad = marked;
     bad.metadata
         .insert("messageType".into(), b"example.Nope".to_vec());
@@ -409,7 +417,8 @@ fn system_nexus_envelope_and_system_payload() {
     let bytes = q.encode_to_vec();
     let ty = MessageType::by_name("temporal.api.workflowservice.v1.QueryWorkflowResponse").unwrap();
     let s = scan(ty, &bytes).unwrap();
-    assert_eq!((s.sites().len(), s.opaque_system_payloads()), (0, 1));
+    assert_eq!((s.sites().len(), s.opaque_system_payloads()), (1, 1));
+    assert_eq!(s.sites()[0].path().to_string(), "query_result.payloads");
 }
 
 #[test]

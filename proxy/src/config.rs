@@ -487,6 +487,10 @@ pub struct EncryptionConfig {
     /// forwarded untouched inside requests where encryption applies; without an entry such a
     /// request is refused (`FAILED_PRECONDITION`). Namespaces may override.
     pub forward_unknown_any_types: Vec<String>,
+    /// Seal failures where encryption applies: move every `Failure`'s `message` and
+    /// `stack_trace` into an encrypted `encoded_attributes` (the SDKs'
+    /// `encode_common_attributes` format). Namespaces may override.
+    pub seal_failures: bool,
 }
 
 impl Default for EncryptionConfig {
@@ -499,6 +503,7 @@ impl Default for EncryptionConfig {
             dev_key_file: PathBuf::from("./data/dev.key"),
             forward_unknown_methods: Vec::new(),
             forward_unknown_any_types: Vec::new(),
+            seal_failures: true,
         }
     }
 }
@@ -618,6 +623,8 @@ pub struct NamespaceConfig {
     /// keys). Unset: `encryption.decrypt_keys` and its default. Payloads naming any other key
     /// are refused when decoded for this namespace.
     pub decrypt_keys: Option<Vec<String>>,
+    /// Failure sealing on or off for this namespace (only where encryption applies).
+    pub seal_failures: Option<bool>,
     /// Compression on or off for this namespace.
     pub compression: Option<bool>,
     /// Offload on or off for this namespace.

@@ -137,6 +137,8 @@ struct Policy {
     forward_methods: Arc<[String]>,
     /// Unknown `Any` types that may pass untouched where encryption applies.
     forward_any: Arc<[String]>,
+    /// Seal failures (only meaningful with `encrypt`).
+    seal_failures: bool,
 }
 
 /// What the codec does for one namespace (or, with `namespace: None`, for every namespace
@@ -153,6 +155,8 @@ pub struct EffectivePolicy {
     pub forward_unknown_methods: Vec<String>,
     /// Unknown `Any` types forwarded untouched although encryption applies.
     pub forward_unknown_any_types: Vec<String>,
+    /// Whether failure messages and stack traces are sealed.
+    pub seal_failures: bool,
 }
 
 impl fmt::Debug for PayloadCodec {
@@ -254,6 +258,7 @@ impl PayloadCodec {
             compress: p.compress,
             forward_unknown_methods: p.forward_methods.to_vec(),
             forward_unknown_any_types: p.forward_any.to_vec(),
+            seal_failures: p.encrypt.is_some() && p.seal_failures,
         };
         let mut out = vec![describe(None, &state.default_policy)];
         let mut names: Vec<&String> = state.namespaces.keys().collect();
@@ -264,6 +269,14 @@ impl PayloadCodec {
                 .map(|n| describe(Some(n), &state.namespaces[n])),
         );
         out
+    }
+
+    /// Whether failures of `namespace` are sealed on the way out: encryption applies to it
+    /// and `seal_failures` is on (`[namespaces.<ns>]` overriding `[encryption]`).
+    pub fn seals_failures(&self, namespace: Option<&str>) -> bool {
+        let state = self.inner.state.load();
+        let policy = state.policy(namespace);
+        policy.encrypt.is_some() && policy.seal_failures
     }
 
     /// Sets the total batch size (bytes) from which batches run in parallel; `0` always,
@@ -673,6 +686,7 @@ impl State {
             compress: config.compression.enabled,
             forward_methods: config.encryption.forward_unknown_methods.clone().into(),
             forward_any: config.encryption.forward_unknown_any_types.clone().into(),
+            seal_failures: config.encryption.seal_failures,
         };
         let mut namespaces = HashMap::new();
         for (name, ns) in &config.namespaces {
@@ -696,6 +710,7 @@ impl State {
                     .forward_unknown_any_types
                     .clone()
                     .map_or_else(|| default_policy.forward_any.clone(), Into::into),
+                seal_failures: ns.seal_failures.unwrap_or(config.encryption.seal_failures),
             };
             namespaces.insert(name.clone(), policy);
         }
