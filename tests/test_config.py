@@ -144,3 +144,12 @@ def test_check_config_prints_the_effective_policy_and_writes_no_dev_key(cfgdir):
     assert "# scratch: NOT ENCRYPTED (exempt)" in res.stdout, res.stdout
     assert "start generates a development key" in res.stdout, res.stdout
     assert not (cfgdir / "dev.key").exists(), "check-config must not write the development key"
+
+
+def test_message_limit_must_keep_rewritten_messages_framable(cfgdir):
+    """A message plus its inflations (each at most max_message_bytes) must fit gRPC's 4-byte
+    length prefix: limits of 2 GiB and more are refused instead of wrapping the prefix."""
+    cfg = base()
+    cfg["proxy"]["max_message_bytes"] = 2 * 1024 * 1024 * 1024
+    res, shown = run(cfg, cfgdir)
+    assert res.returncode == 2 and "proxy.max_message_bytes" in res.stderr, shown

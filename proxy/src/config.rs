@@ -754,6 +754,15 @@ impl Config {
                 "must be at least 4194304 (Temporal's own gRPC limit)",
             ));
         }
+        // A message of at most this size plus inflations of at most this size always fits
+        // gRPC's 4-byte length prefix after rewriting.
+        if self.proxy.max_message_bytes > 2 * 1024 * 1024 * 1024 - 1 {
+            return Err(ConfigError::invalid(
+                "proxy.max_message_bytes",
+                "must be below 2 GiB (2147483648), so that a rewritten message (the message \
+                 plus what it may inflate to) always fits gRPC's 4-byte length prefix",
+            ));
+        }
         let key_ids: Vec<&str> = self.encryption.keys.iter().map(|k| k.id.as_str()).collect();
         for (i, key) in self.encryption.keys.iter().enumerate() {
             let name = format!("encryption.keys[{i}]");

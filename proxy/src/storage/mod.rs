@@ -600,4 +600,44 @@ mod read_scope_tests {
         );
         assert_eq!(s.read_scope(Some("b"), &claim("v0/d/sha256/00")), Some("b"));
     }
+
+    /// References an SDK wrote without a target (`create_schedule`, completion by task token)
+    /// have the key `v0/d/sha256/{hash}`: no namespace to scope by. They are content-addressed
+    /// and hash-verified, and resolved for any namespace that presents them (README, "External
+    /// storage"); keys under another namespace's prefix stay refused.
+    #[test]
+    fn unscoped_sdk_keys_resolve_for_any_namespace() {
+        let s = storage("");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let unscoped = rt
+            .block_on(s.offload(
+                &StoreContext::default(),
+                std::slice::from_ref(&Bytes::from(vec![7u8; 300 * 1024])),
+            ))
+            .unwrap();
+        let Some(reference) = unscoped[0].clone() else {
+            panic!("over the threshold: offloaded")
+        };
+        let Ok(Kind::Reference(r)) = reference::classify(&reference) else {
+            panic!("a reference")
+        };
+        assert!(r.claim["key"].starts_with("v0/d/sha256/"), "{:?}", r.claim);
+        for ns in ["a", "b"] {
+            let got = rt
+                .block_on(s.resolve(Some(ns), vec![(0, r.clone())], &MessageBudget::unlimited()))
+                .unwrap();
+            assert_eq!(got[0].1.as_ref().map(Bytes::len), Some(300 * 1024), "{ns}");
+        }
+        let mut scoped = r.clone();
+        scoped.claim.insert(
+            "key".to_owned(),
+            r.claim["key"].replace("v0/d/", "v0/ns/a/d/"),
+        );
+        let refused = rt
+            .block_on(s.resolve(Some("b"), vec![(0, scoped)], &MessageBudget::unlimited()))
+            .unwrap_err();
+        assert_eq!(refused.code, Code::PermissionDenied, "{}", refused.reason);
+    }
 }
