@@ -287,7 +287,7 @@ def test_zstd_bombs_in_history_stay_within_the_message_budget(temporal_server, g
     """8 payloads `binary/zstd` each inflating to 256 MiB, written directly to the server; read
     through a gateway with the default limits: an error, VmHWM under 700 MiB, still serving.
     Declared content sizes are refused before allocating; undeclared ones grow the output step
-    by step until the message budget (128 MiB) runs out."""
+    by step until the message budget (256 MiB by default) runs out."""
     gw = start_gateway(gateway_factory, temporal_server.address)
     bomb = _zstd_bomb(256 * MiB, declare_size)
     wf_id = f"zbombs-{uuid.uuid4().hex[:8]}"

@@ -47,7 +47,9 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// The Temporal frontend, `host:port` (HTTP/2; TLS per `[proxy.upstream_tls]`).
     pub upstream: String,
-    /// Largest gRPC message accepted from clients or the upstream, in bytes.
+    /// Largest gRPC message accepted from clients or the upstream, in bytes, and the budget
+    /// of everything one message may inflate to (gzip frames, zstd payloads, resolved storage
+    /// references): a decoded response holding offloaded artifacts is as large as they are.
     pub max_message_bytes: usize,
     /// Timeout for establishing a connection to the upstream, in milliseconds.
     pub connect_timeout_ms: u64,
@@ -242,13 +244,13 @@ impl Default for ProxyConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7233)),
             upstream: "127.0.0.1:7234".to_owned(),
-            max_message_bytes: 128 * 1024 * 1024,
+            max_message_bytes: 256 * 1024 * 1024,
             connect_timeout_ms: 5_000,
             shutdown_grace_ms: 10_000,
             first_request_timeout_ms: 10_000,
             worker_threads: 0,
             max_connections: 10_000,
-            max_inflight_bytes: 384 * 1024 * 1024,
+            max_inflight_bytes: 1024 * 1024 * 1024,
             api_key_env: None,
             tls: ServerTlsConfig::default(),
             upstream_tls: UpstreamTlsConfig::default(),
