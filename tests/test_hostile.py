@@ -198,8 +198,16 @@ def test_real_reference_of_a_configured_driver_still_passes_untouched(temporal_s
 # ----------------------------------------------------------------------------- what the gateway cannot see into
 
 
-def test_unknown_methods_and_any_types_are_refused_unless_listed(gateway_factory, recording_upstream):
-    up = recording_upstream
+@pytest.fixture
+def empty_answering_upstream():
+    """A recording upstream answering every call with an empty message (valid for any type)."""
+    up = rig.RecordingUpstream(responder=lambda method, request, context: b"").start()
+    yield up
+    up.stop()
+
+
+def test_unknown_methods_and_any_types_are_refused_unless_listed(gateway_factory, empty_answering_upstream):
+    up = empty_answering_upstream
     gw = start_gateway(gateway_factory, up.address)
     unknown_method = "/temporal.api.workflowservice.v1.WorkflowService/ExecuteSomethingNew"
     with rig.channel(gw.address) as ch:

@@ -136,6 +136,12 @@ impl Upstream {
             }
         };
         strip_hop_by_hop(&mut parts.headers);
+        let deadline = parts
+            .headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|t| std::time::Instant::now() + t);
         if let Some(key) = &self.api_key {
             // The client's own credentials win.
             if !parts.headers.contains_key(AUTHORIZATION) {
@@ -145,6 +151,19 @@ impl Upstream {
         match self.client.request(Request::from_parts(parts, body)).await {
             Ok(response) => response
                 .map(|body| GatewayBody::new(UpstreamBody::new(body, self.authority.clone()))),
+            Err(e) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
+                // The server resets the stream when the call's deadline passes (a query
+                // nobody answers): the client's deadline, not the upstream, ended it.
+                tracing::debug!(upstream = %self.authority, error = %error_chain(&e), "upstream stream ended at the call's deadline");
+                Status::new(
+                    Code::DeadlineExceeded,
+                    format!(
+                        "deadline exceeded: the upstream ended the call at its grpc-timeout ({})",
+                        error_chain(&e)
+                    ),
+                )
+                .into_response()
+            }
             Err(e) => {
                 tracing::warn!(upstream = %self.authority, error = %error_chain(&e), "upstream request failed");
                 Status::new(
@@ -174,6 +193,29 @@ impl tower::Service<Request<GatewayBody>> for Upstream {
         let upstream = self.clone();
         Box::pin(async move { Ok(upstream.forward(request).await) })
     }
+}
+
+/// Parses a `grpc-timeout` header value: at most 8 digits and a unit (`H`, `M`, `S`, `m`,
+/// `u`, `n`), as the gRPC HTTP/2 protocol defines it.
+fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if !value.is_ascii() {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// `Bearer <key>` from the environment variable `var`, marked sensitive (never logged).
@@ -333,5 +375,29 @@ impl Body for UpstreamBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod timeout_tests {
+    #[test]
+    fn grpc_timeouts_parse() {
+        use std::time::Duration;
+        assert_eq!(
+            super::parse_grpc_timeout("2999m"),
+            Some(Duration::from_millis(2999))
+        );
+        assert_eq!(
+            super::parse_grpc_timeout("1H"),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            super::parse_grpc_timeout("10S"),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(super::parse_grpc_timeout("123456789S"), None);
+        assert_eq!(super::parse_grpc_timeout("S"), None);
+        assert_eq!(super::parse_grpc_timeout("5x"), None);
+        assert_eq!(super::parse_grpc_timeout(""), None);
     }
 }
