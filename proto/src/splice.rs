@@ -60,19 +60,7 @@ impl Scan {
                 grow += d;
             }
         }
-        // A rewritten length prefix may itself change size (canonical varint of the new
-        // length vs. the original bytes), which changes the parent's length too.
-        for n in (0..self.nodes.len()).rev() {
-            let node = &self.nodes[n];
-            if let Some(p) = node.parent() {
-                let mut d = delta[n];
-                if d != 0 {
-                    let new_len = (node.len as i64 + d) as u64;
-                    d += varint_len(new_len) as i64 - (node.prefix.1 - node.prefix.0) as i64;
-                }
-                delta[p] += d;
-            }
-        }
+        self.propagate_deltas(&mut delta);
         let capacity = (input.len() as i64 + grow.max(0)) as usize + 10 * self.nodes.len().min(64);
         let mut out = Vec::with_capacity(capacity);
         let mut cursor = 0usize;
@@ -94,6 +82,26 @@ impl Scan {
         }
         out.extend_from_slice(&input[cursor..]);
         Ok(Bytes::from(out))
+    }
+}
+
+impl Scan {
+    /// Pushes each node's length change (seeded at the fields whose bytes changed) up to its
+    /// ancestors. A rewritten length prefix may itself change size (canonical varint of the
+    /// new length vs. the original bytes), which changes the parent's length too. Nodes are in
+    /// pre-order, so walking them backwards visits children before parents.
+    fn propagate_deltas(&self, delta: &mut [i64]) {
+        for n in (0..self.nodes.len()).rev() {
+            let node = &self.nodes[n];
+            if let Some(p) = node.parent() {
+                let mut d = delta[n];
+                if d != 0 {
+                    let new_len = (node.len as i64 + d) as u64;
+                    d += varint_len(new_len) as i64 - (node.prefix.1 - node.prefix.0) as i64;
+                }
+                delta[p] += d;
+            }
+        }
     }
 }
 
@@ -190,17 +198,7 @@ impl Scan {
                 delta[op.node as usize] += op.bytes.len() as i64 - op.range.len() as i64;
             }
         }
-        for n in (0..self.nodes.len()).rev() {
-            let node = &self.nodes[n];
-            if let Some(p) = node.parent() {
-                let mut d = delta[n];
-                if d != 0 {
-                    let new_len = (node.len as i64 + d) as u64;
-                    d += varint_len(new_len) as i64 - (node.prefix.1 - node.prefix.0) as i64;
-                }
-                delta[p] += d;
-            }
-        }
+        self.propagate_deltas(&mut delta);
         // Merge the length-prefix rewrites and the ops in byte order.
         enum Piece<'a> {
             Prefix(u64),
