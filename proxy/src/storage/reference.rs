@@ -86,11 +86,6 @@ pub fn build(driver_name: &str, claim: &ClaimData, size: usize) -> Bytes {
     .into()
 }
 
-/// Whether `payload` is a reference in any form (cheap: reads metadata only).
-pub fn is_reference(payload: &[u8]) -> bool {
-    MetaOnly::decode(payload).is_ok_and(|m| meta_kind(&m.metadata) != MetaKind::Plain)
-}
-
 #[derive(Debug, PartialEq, Eq)]
 enum MetaKind {
     Plain,
@@ -219,13 +214,15 @@ fn parse_json(data: &[u8], legacy: bool, strict: bool) -> Result<Reference, Stri
 /// the driver is configured and the claim valid is the caller's check. `None`: not a
 /// forwardable reference (the payload is then encoded like any other).
 pub fn strict_reference(payload: &[u8]) -> Option<Reference> {
-    let full = RefPayload::decode(payload).ok()?;
-    let kind = meta_kind(&full.metadata);
+    // Metadata first (skips `data` without copying it): every payload of every encoded
+    // message comes through here, and only references need the full decode.
+    let kind = meta_kind(&MetaOnly::decode(payload).ok()?.metadata);
     let allowed: &[&str] = match kind {
         MetaKind::Current => &["encoding", "messageType"],
         MetaKind::Legacy => &["encoding"],
         MetaKind::Plain | MetaKind::Marked => return None,
     };
+    let full = RefPayload::decode(payload).ok()?;
     if full.metadata.len() != allowed.len()
         || !full.metadata.keys().all(|k| allowed.contains(&k.as_str()))
         || full.external_payloads.len() > 1
@@ -273,7 +270,7 @@ mod tests {
         );
         assert_eq!(p.external_payloads.len(), 1);
         assert_eq!(p.external_payloads[0].size_bytes, 1234);
-        assert!(is_reference(&bytes));
+        assert!(strict_reference(&bytes).is_some());
         match classify(&bytes).unwrap() {
             Kind::Reference(r) => {
                 assert_eq!(r.driver_name, "aws.s3driver");
@@ -326,7 +323,7 @@ mod tests {
             classify(&Bytes::from(plain.clone())).unwrap(),
             Kind::Plain
         ));
-        assert!(!is_reference(&plain));
+        assert!(strict_reference(&plain).is_none());
     }
 
     #[test]
