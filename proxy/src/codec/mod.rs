@@ -498,18 +498,6 @@ impl PayloadCodec {
             .await
     }
 
-    /// [`decode_for`](Self::decode_for) for every payload of one message (the namespace-bound
-    /// form of [`decode_batch`](Self::decode_batch)).
-    pub async fn decode_batch_for(
-        &self,
-        namespace: Option<&str>,
-        payloads: Vec<Bytes>,
-    ) -> Result<Vec<Option<Bytes>>, BatchError> {
-        let ns = namespace.map(str::to_owned);
-        self.run_batch(payloads, move |codec, p| codec.decode_for(ns.as_deref(), p))
-            .await
-    }
-
     async fn run_batch<F>(
         &self,
         payloads: Vec<Bytes>,
