@@ -323,9 +323,6 @@ impl RewriteLayer {
                     frame::FrameError::TooLarge { .. } | frame::FrameError::Budget(_) => {
                         Code::ResourceExhausted
                     }
-                    frame::FrameError::NotUnary if code == Code::InvalidArgument => {
-                        Code::InvalidArgument
-                    }
                     _ => code,
                 };
                 Status::new(code, e.to_string())
