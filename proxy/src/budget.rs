@@ -40,6 +40,17 @@ pub enum Exhausted {
     },
 }
 
+/// Adds `n` to `counter` unless the sum would pass `limit` (or overflow); `None` leaves the
+/// counter as it was. Lock-free: parallel codec workers charge one account.
+fn add_within(counter: &AtomicUsize, n: usize, limit: usize) -> Option<()> {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |current| {
+            current.checked_add(n).filter(|&next| next <= limit)
+        })
+        .ok()
+        .map(|_| ())
+}
+
 /// The process-wide in-flight byte budget, shared by every RPC and the codec endpoint.
 #[derive(Debug)]
 pub struct ProcessBudget {
@@ -72,22 +83,7 @@ impl ProcessBudget {
     }
 
     fn try_take(&self, n: usize) -> Result<(), Exhausted> {
-        let mut current = self.used.load(Ordering::Relaxed);
-        loop {
-            let next = current
-                .checked_add(n)
-                .filter(|&next| next <= self.limit)
-                .ok_or(Exhausted::Process { limit: self.limit })?;
-            match self.used.compare_exchange_weak(
-                current,
-                next,
-                Ordering::AcqRel,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return Ok(()),
-                Err(seen) => current = seen,
-            }
-        }
+        add_within(&self.used, n, self.limit).ok_or(Exhausted::Process { limit: self.limit })
     }
 
     fn give_back(&self, n: usize) {
@@ -135,20 +131,7 @@ impl MessageBudget {
     /// Charges `n` bytes, or refuses without charging anything.
     pub fn charge(&self, n: usize) -> Result<(), Exhausted> {
         let a = &self.inner;
-        let mut current = a.used.load(Ordering::Relaxed);
-        loop {
-            let next = current
-                .checked_add(n)
-                .filter(|&next| next <= a.limit)
-                .ok_or(Exhausted::Message { limit: a.limit })?;
-            match a
-                .used
-                .compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => break,
-                Err(seen) => current = seen,
-            }
-        }
+        add_within(&a.used, n, a.limit).ok_or(Exhausted::Message { limit: a.limit })?;
         if let Err(e) = a.process.try_take(n) {
             a.used.fetch_sub(n, Ordering::AcqRel);
             return Err(e);
