@@ -115,12 +115,16 @@ pub fn short_method(path: &str) -> String {
 /// The label value of a namespace: its name for the first [`MAX_NAMESPACE_LABELS`] seen,
 /// `other` after that, `unknown` for none.
 pub fn namespace_label(namespace: Option<&str>) -> String {
-    static SEEN: LazyLock<std::sync::Mutex<std::collections::HashSet<String>>> =
+    static SEEN: LazyLock<RwLock<std::collections::HashSet<String>>> =
         LazyLock::new(Default::default);
     let Some(ns) = namespace else {
         return "unknown".to_owned();
     };
-    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Every counted message asks: known names take the shared lock only.
+    if SEEN.read().unwrap_or_else(|e| e.into_inner()).contains(ns) {
+        return ns.to_owned();
+    }
+    let mut seen = SEEN.write().unwrap_or_else(|e| e.into_inner());
     if seen.contains(ns) {
         return ns.to_owned();
     }
