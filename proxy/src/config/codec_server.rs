@@ -1,0 +1,194 @@
+//! `[codec_server]`: the remote codec HTTP endpoint.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// `[codec_server]`: the remote codec endpoint the Temporal Web UI and `temporal` CLI call
+/// (`POST /encode`, `/decode`, `/download`, also under `/{namespace}/...`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecServerConfig {
+    /// Whether the endpoint runs.
+    pub enabled: bool,
+    /// Address the HTTP listener binds.
+    pub listen: SocketAddr,
+    /// Browser origins allowed to call the endpoint (CORS allowlist), exactly as the browser
+    /// sends them: `scheme://host[:port]`, no path, no trailing slash. Other origins get no
+    /// `Access-Control-Allow-*` headers.
+    pub cors_origins: Vec<String>,
+    /// Environment variable holding comma-separated bearer tokens accepted for every namespace.
+    /// When set, the variable must exist and hold at least one token (refused at start
+    /// otherwise). Clients send `Authorization: Bearer <token>` or the raw `<token>` (what the
+    /// `temporal` CLI's `--codec-auth` sends).
+    pub bearer_tokens_env: Option<String>,
+    /// Tokens limited to some namespaces: `[[codec_server.tokens]] env = "VAR", namespaces =
+    /// ["a", "b"]`; the variable holds comma-separated tokens that may only be used for those
+    /// namespaces (a request must name its namespace in the path or `X-Namespace`).
+    pub tokens: Vec<CodecTokenConfig>,
+    /// A JWKS file (`{"keys": [...]}`): bearer JWTs signed by one of its keys (RSA, EC or
+    /// Ed25519; matched by `kid`) with the configured issuer and audience are accepted.
+    pub jwks_file: Option<PathBuf>,
+    /// Required `iss` of accepted JWTs (required with `jwks_file`).
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of accepted JWTs (required with `jwks_file`).
+    pub jwt_audience: Option<String>,
+    /// Optional claim limiting a JWT to namespaces: a string (names separated by spaces or
+    /// commas) or an array of strings; `*` allows all. When set, a JWT without it is refused.
+    /// Unset: accepted JWTs may be used for every namespace.
+    pub jwt_namespaces_claim: Option<String>,
+    /// Largest request body accepted, in bytes (larger: 413).
+    pub max_body_bytes: usize,
+    /// Most payloads accepted in one request (more: 413).
+    pub max_payloads: usize,
+    /// Time allowed for reading a request and answering it, in milliseconds (reading too
+    /// slowly: 408; encoding/decoding too slowly: 504).
+    pub request_timeout_ms: u64,
+    /// Most connections held open at once (as `proxy.max_connections`). `0`: no cap.
+    pub max_connections: usize,
+    /// Host names (and addresses) requests may be addressed to: the HTTP/1 `Host` header or
+    /// the HTTP/2 `:authority` must match one (other hosts: 421), which stops DNS rebinding
+    /// from turning a web page into a caller. `name` matches any port, `name:port` only that
+    /// port; IPv6 addresses in brackets (`[::1]`); `*` allows any host. The `listen` address
+    /// is always allowed as well.
+    pub allowed_hosts: Vec<String>,
+    /// Most bytes the payloads of one request may decode to, in total (more: 413). Payloads
+    /// are decoded one after the other and a compressed payload may only inflate to what is
+    /// left of this budget.
+    pub max_decoded_bytes: usize,
+}
+
+/// One `[[codec_server.tokens]]` entry: tokens valid only for some namespaces.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodecTokenConfig {
+    /// Environment variable holding the comma-separated tokens.
+    pub env: String,
+    /// The namespaces these tokens may encode and decode for (at least one).
+    pub namespaces: Vec<String>,
+}
+
+impl Default for CodecServerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            cors_origins: vec![
+                "http://localhost:8233".to_owned(),
+                "http://127.0.0.1:8233".to_owned(),
+            ],
+            bearer_tokens_env: None,
+            tokens: Vec::new(),
+            jwks_file: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_namespaces_claim: None,
+            max_body_bytes: 32 * 1024 * 1024,
+            max_payloads: 1_000,
+            request_timeout_ms: 30_000,
+            max_connections: 1_024,
+            allowed_hosts: vec![
+                "localhost".to_owned(),
+                "127.0.0.1".to_owned(),
+                "[::1]".to_owned(),
+            ],
+            max_decoded_bytes: 128 * 1024 * 1024,
+        }
+    }
+}
+
+impl CodecServerConfig {
+    /// Checks what serde cannot (origins, limits, JWT settings); files and environment
+    /// variables are read when the server is built.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        for (i, origin) in self.cors_origins.iter().enumerate() {
+            let key = format!("codec_server.cors_origins[{i}]");
+            let Some((scheme, rest)) = origin.split_once("://") else {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{origin:?} is not an origin (scheme://host[:port])"),
+                ));
+            };
+            if !matches!(scheme, "http" | "https") || rest.is_empty() || rest.contains('/') {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!(
+                        "{origin:?} is not an origin: expected http(s)://host[:port] \
+                         without path or trailing slash (wildcards are not supported)"
+                    ),
+                ));
+            }
+        }
+        if self.max_body_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "codec_server.max_body_bytes",
+                "must be greater than 0",
+            ));
+        }
+        if self.max_payloads == 0 {
+            return Err(ConfigError::invalid(
+                "codec_server.max_payloads",
+                "must be greater than 0",
+            ));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "codec_server.request_timeout_ms",
+                "must be greater than 0",
+            ));
+        }
+        if self.max_decoded_bytes == 0 {
+            return Err(ConfigError::invalid(
+                "codec_server.max_decoded_bytes",
+                "must be greater than 0",
+            ));
+        }
+        for (i, host) in self.allowed_hosts.iter().enumerate() {
+            crate::codec_server::HostPattern::parse(host).map_err(|why| {
+                ConfigError::invalid(format!("codec_server.allowed_hosts[{i}]"), why)
+            })?;
+        }
+        if matches!(&self.bearer_tokens_env, Some(v) if v.is_empty()) {
+            return Err(ConfigError::invalid(
+                "codec_server.bearer_tokens_env",
+                "must name an environment variable",
+            ));
+        }
+        for (i, t) in self.tokens.iter().enumerate() {
+            if t.env.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("codec_server.tokens[{i}].env"),
+                    "must name an environment variable",
+                ));
+            }
+            if t.namespaces.is_empty() || t.namespaces.iter().any(String::is_empty) {
+                return Err(ConfigError::invalid(
+                    format!("codec_server.tokens[{i}].namespaces"),
+                    "must list at least one namespace (unrestricted tokens go in bearer_tokens_env)",
+                ));
+            }
+        }
+        if self.jwks_file.is_some() {
+            for (key, value) in [
+                ("codec_server.jwt_issuer", &self.jwt_issuer),
+                ("codec_server.jwt_audience", &self.jwt_audience),
+            ] {
+                if value.as_deref().is_none_or(str::is_empty) {
+                    return Err(ConfigError::invalid(key, "required with jwks_file"));
+                }
+            }
+        } else if self.jwt_issuer.is_some()
+            || self.jwt_audience.is_some()
+            || self.jwt_namespaces_claim.is_some()
+        {
+            return Err(ConfigError::invalid(
+                "codec_server.jwks_file",
+                "required when jwt_issuer, jwt_audience or jwt_namespaces_claim is set",
+            ));
+        }
+        Ok(())
+    }
+}

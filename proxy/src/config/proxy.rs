@@ -1,0 +1,275 @@
+//! `[proxy]`, `[admin]` and `[log]`: the listener, the upstream, TLS on both sides, probes, logs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+/// `[proxy]`: where SDKs connect and where the Temporal frontend is.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Address the gRPC listener binds.
+    pub listen: SocketAddr,
+    /// The Temporal frontend, `host:port` (HTTP/2; TLS per `[proxy.upstream_tls]`).
+    pub upstream: String,
+    /// Largest gRPC message accepted from clients or the upstream, in bytes, and the budget
+    /// of everything one message may inflate to (gzip frames, zstd payloads, resolved storage
+    /// references): a decoded response holding offloaded artifacts is as large as they are.
+    pub max_message_bytes: usize,
+    /// Timeout for establishing a connection to the upstream, in milliseconds.
+    pub connect_timeout_ms: u64,
+    /// How long in-flight RPCs may run after a shutdown signal, in milliseconds.
+    pub shutdown_grace_ms: u64,
+    /// A client connection that has sent no complete request within this many milliseconds
+    /// of connecting is closed (stalled handshakes, slow-loris). SDKs send their first RPC at
+    /// once and reconnect on their own.
+    pub first_request_timeout_ms: u64,
+    /// Threads of the async runtime that serves RPCs; `0`: one per CPU. A sidecar under a
+    /// CPU limit of one core serves with lower latency on `1` (no cross-thread wake-ups).
+    pub worker_threads: usize,
+    /// Most client connections held open at once; at the cap the listener stops accepting
+    /// (new clients wait in the kernel's backlog) until one closes. `0`: no cap.
+    pub max_connections: usize,
+    /// Process-wide budget, in bytes, for what all RPCs in flight hold at once: bodies as
+    /// received plus everything inflated from them (gzip frames, zstd payloads, resolved
+    /// storage references). Past it an RPC is answered `RESOURCE_EXHAUSTED` instead of the
+    /// process growing. `0`: unlimited. Size it below the container's memory limit.
+    pub max_inflight_bytes: usize,
+    /// Environment variable holding an API key sent upstream as `authorization: Bearer <key>`
+    /// on requests that carry no `authorization` header of their own (Temporal Cloud API keys).
+    /// When set, the variable must exist and be non-empty (refused at start otherwise).
+    pub api_key_env: Option<String>,
+    /// `[proxy.tls]`: TLS toward SDKs. Off unless `cert_file` is set.
+    pub tls: ServerTlsConfig,
+    /// `[proxy.upstream_tls]`: TLS toward the Temporal frontend.
+    pub upstream_tls: UpstreamTlsConfig,
+}
+
+/// `[proxy.tls]`: TLS on the gRPC listener (ALPN `h2`). Enabled when `cert_file` is set.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerTlsConfig {
+    /// PEM certificate chain the listener presents (leaf first). Setting it enables TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `cert_file`; required with it.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are verified against (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse clients without a certificate. Default: `true` when `client_ca_file` is set
+    /// (`false` accepts clients without one, but a presented certificate must still verify).
+    pub require_client_cert: Option<bool>,
+    /// Time allowed for a client's TLS handshake, in milliseconds.
+    pub handshake_timeout_ms: u64,
+}
+
+impl Default for ServerTlsConfig {
+    fn default() -> Self {
+        Self {
+            cert_file: None,
+            key_file: None,
+            client_ca_file: None,
+            require_client_cert: None,
+            handshake_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ServerTlsConfig {
+    /// Whether the listener speaks TLS.
+    pub fn enabled(&self) -> bool {
+        self.cert_file.is_some()
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("proxy.tls.{k}");
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    key("key_file"),
+                    "required with proxy.tls.cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    key("cert_file"),
+                    "required with proxy.tls.key_file",
+                ));
+            }
+            _ => {}
+        }
+        if self.cert_file.is_none() && self.client_ca_file.is_some() {
+            return Err(ConfigError::invalid(
+                key("cert_file"),
+                "required with proxy.tls.client_ca_file (client certificates need TLS)",
+            ));
+        }
+        if self.require_client_cert == Some(true) && self.client_ca_file.is_none() {
+            return Err(ConfigError::invalid(
+                key("client_ca_file"),
+                "required with proxy.tls.require_client_cert = true",
+            ));
+        }
+        if self.handshake_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                key("handshake_timeout_ms"),
+                "must be greater than 0",
+            ));
+        }
+        for (name, path) in [
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+            ("client_ca_file", &self.client_ca_file),
+        ] {
+            if matches!(path, Some(p) if p.as_os_str().is_empty()) {
+                return Err(ConfigError::invalid(key(name), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `[proxy.upstream_tls]`: TLS toward the Temporal frontend (Temporal Cloud, a TLS-enabled
+/// self-hosted frontend).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTlsConfig {
+    /// Connect to the upstream over TLS (ALPN `h2`).
+    pub enabled: bool,
+    /// PEM CA certificates the upstream's certificate is verified against, instead of the
+    /// platform's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain presented to the upstream (mutual TLS).
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`; required with it.
+    pub key_file: Option<PathBuf>,
+    /// Name sent as SNI, verified against the upstream's certificate and sent as `:authority`,
+    /// instead of the host of `proxy.upstream`.
+    pub server_name: Option<String>,
+}
+
+impl UpstreamTlsConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("proxy.upstream_tls.{k}");
+        if !self.enabled {
+            let set = [
+                ("ca_file", self.ca_file.is_some()),
+                ("cert_file", self.cert_file.is_some()),
+                ("key_file", self.key_file.is_some()),
+                ("server_name", self.server_name.is_some()),
+            ];
+            if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
+                return Err(ConfigError::invalid(
+                    key(name),
+                    "has no effect unless proxy.upstream_tls.enabled = true",
+                ));
+            }
+            return Ok(());
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    key("key_file"),
+                    "required with proxy.upstream_tls.cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    key("cert_file"),
+                    "required with proxy.upstream_tls.key_file",
+                ));
+            }
+            _ => {}
+        }
+        for (name, path) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if matches!(path, Some(p) if p.as_os_str().is_empty()) {
+                return Err(ConfigError::invalid(key(name), "must not be empty"));
+            }
+        }
+        if let Some(name) = &self.server_name {
+            let valid = rustls::pki_types::ServerName::try_from(name.as_str()).is_ok()
+                && name.parse::<http::uri::Authority>().is_ok()
+                && !name.contains(':');
+            if !valid {
+                return Err(ConfigError::invalid(
+                    key("server_name"),
+                    format!("{name:?} is not a DNS name or IPv4 address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7233)),
+            upstream: "127.0.0.1:7234".to_owned(),
+            max_message_bytes: 256 * 1024 * 1024,
+            connect_timeout_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+            first_request_timeout_ms: 10_000,
+            worker_threads: 0,
+            max_connections: 10_000,
+            max_inflight_bytes: 1024 * 1024 * 1024,
+            api_key_env: None,
+            tls: ServerTlsConfig::default(),
+            upstream_tls: UpstreamTlsConfig::default(),
+        }
+    }
+}
+
+/// `[admin]`: Prometheus metrics and health probes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Whether the admin listener runs.
+    pub enabled: bool,
+    /// Address the admin HTTP listener binds.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// `[log]`: structured logs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `payload_gateway=debug`. `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
