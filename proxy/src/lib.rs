@@ -14,6 +14,7 @@ pub mod codec_server;
 pub mod config;
 pub mod drain;
 pub mod grpc;
+pub mod kms;
 pub mod metrics;
 pub mod observe;
 pub mod payload;

@@ -1,0 +1,143 @@
+//! Key-encryption keys (KEKs) held outside the gateway: a cloud KMS, a PKCS#11 HSM, or an
+//! external gRPC `KMSService`.
+//!
+//! The gateway encrypts payloads with short-lived data keys (DEKs) it generates itself; a KEK
+//! only ever wraps and unwraps those 32-byte DEKs, once per rotation or per cache miss, never per
+//! payload.
+//!
+//! # Invariants every backend keeps
+//! - **KEK material never enters this process.** A backend asks its service or token to wrap or
+//!   unwrap; it never exports, derives or caches the KEK itself.
+//! - **A wrapped DEK is bound to its namespace.** The namespace is passed to the service as
+//!   encryption context / associated data, so a wrapped DEK copied into another namespace's
+//!   payload does not unwrap there.
+//! - **Unwrapped DEKs are zeroed on drop** ([`Dek`]) and never logged; errors name the key id
+//!   and the provider, never key bytes.
+//! - **Failures are typed** ([`KmsError`]) so the caller can fail closed with a status that
+//!   names the problem: an unreachable service is retryable (`UNAVAILABLE`), a refusal is not.
+
+use std::fmt;
+
+use zeroize::Zeroizing;
+
+/// Length of a data key: AES-256.
+pub const DEK_LEN: usize = 32;
+
+/// An unwrapped data key. Zeroed when dropped; `Debug` never prints it.
+#[derive(Clone)]
+pub struct Dek(Zeroizing<[u8; DEK_LEN]>);
+
+impl Dek {
+    /// Wraps raw key bytes; refuses anything that is not exactly [`DEK_LEN`] bytes.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let array: [u8; DEK_LEN] = bytes.try_into().ok()?;
+        Some(Self(Zeroizing::new(array)))
+    }
+
+    /// The key bytes, for the AEAD only.
+    pub fn expose(&self) -> &[u8; DEK_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Dek(<redacted>)")
+    }
+}
+
+/// Which kind of service holds a KEK; the `provider` label of the KMS metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Provider {
+    /// AWS KMS (`awskms:///arn:...`).
+    AwsKms,
+    /// A PKCS#11 token, such as an HSM (`pkcs11:...`, RFC 7512).
+    Pkcs11,
+    /// An external gRPC `KMSService` (`grpc://...`).
+    Grpc,
+}
+
+impl Provider {
+    /// Metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Provider::AwsKms => "awskms",
+            Provider::Pkcs11 => "pkcs11",
+            Provider::Grpc => "grpc",
+        }
+    }
+}
+
+/// Why a KEK operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    /// The service could not be reached or did not answer in time; retrying may succeed.
+    #[error("key {key_id:?} ({provider}): key service unavailable: {reason}")]
+    Unavailable {
+        /// Configured key id.
+        key_id: String,
+        /// Provider label.
+        provider: &'static str,
+        /// What failed (no key material).
+        reason: String,
+    },
+    /// The service refused the operation (permissions, disabled or deleted key).
+    #[error("key {key_id:?} ({provider}): key service refused the operation: {reason}")]
+    Refused {
+        /// Configured key id.
+        key_id: String,
+        /// Provider label.
+        provider: &'static str,
+        /// What the service said (no key material).
+        reason: String,
+    },
+    /// The wrapped key does not unwrap under this KEK and namespace (tampered, copied from
+    /// another namespace, or wrapped by another key).
+    #[error("key {key_id:?} ({provider}): wrapped data key does not unwrap: {reason}")]
+    Invalid {
+        /// Configured key id.
+        key_id: String,
+        /// Provider label.
+        provider: &'static str,
+        /// What failed (no key material).
+        reason: String,
+    },
+    /// The key's configuration cannot be used (bad URI, missing module, unknown server).
+    #[error("key {key_id:?}: {reason}")]
+    Config {
+        /// Configured key id.
+        key_id: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl KmsError {
+    /// True when retrying later may succeed (the service was unreachable).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, KmsError::Unavailable { .. })
+    }
+}
+
+/// A key-encryption key in a KMS, HSM or external service.
+///
+/// Implementations are cheap to share (`Arc<dyn KeyEncryptionKey>`), safe to call
+/// concurrently, and bound every call with a timeout so a hung service surfaces as
+/// [`KmsError::Unavailable`] instead of a hung RPC.
+#[async_trait::async_trait]
+pub trait KeyEncryptionKey: Send + Sync + fmt::Debug {
+    /// The configured key id (written into payloads; never key material).
+    fn key_id(&self) -> &str;
+
+    /// Which kind of service holds this key.
+    fn provider(&self) -> Provider;
+
+    /// Wraps `dek` for `namespace`. The result is opaque and only [`unwrap`] with the same
+    /// namespace on the same KEK recovers the DEK.
+    ///
+    /// [`unwrap`]: KeyEncryptionKey::unwrap
+    async fn wrap(&self, dek: &Dek, namespace: &str) -> Result<Vec<u8>, KmsError>;
+
+    /// Recovers a DEK wrapped by [`wrap`](KeyEncryptionKey::wrap) for `namespace`.
+    async fn unwrap(&self, wrapped: &[u8], namespace: &str) -> Result<Dek, KmsError>;
+}
