@@ -8,6 +8,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod audit;
 pub mod budget;
 pub mod codec;
 pub mod codec_server;

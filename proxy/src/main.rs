@@ -27,6 +27,26 @@ enum Command {
     },
     /// Print a new random 32-byte key, base64, for a key file or env var.
     Keygen,
+    /// Key management.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Report, per key id, how many payloads, executions and stored objects it still
+    /// protects at the upstream (every execution visibility lists, open and closed). Run it
+    /// before retiring a key.
+    Audit {
+        /// Namespace to audit (repeatable). Default: every namespace the upstream lists.
+        #[arg(long = "namespace", short = 'n')]
+        namespaces: Vec<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,6 +54,9 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
         Some(Command::Keygen) => keygen(),
+        Some(Command::Keys {
+            action: KeysCommand::Audit { namespaces, json },
+        }) => keys_audit(cli.config, &namespaces, json),
         None => run(cli.config),
     }
 }
@@ -107,6 +130,49 @@ fn keygen() -> ExitCode {
         }
         Err(e) => {
             eprintln!("payload-gateway: cannot generate a key: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `keys audit`: reads the upstream with the gateway's own connection settings and stores.
+fn keys_audit(config_path: Option<PathBuf>, namespaces: &[String], json: bool) -> ExitCode {
+    let config = match Config::load(config_path.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("payload-gateway: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("payload-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(payload_gateway::audit::run(&config, namespaces)) {
+        Ok(report) if json => match serde_json::to_string_pretty(&report) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("payload-gateway: cannot render the report: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(report) => {
+            print!("{}", report.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("payload-gateway: keys audit failed: {e}");
             ExitCode::FAILURE
         }
     }

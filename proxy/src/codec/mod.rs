@@ -69,7 +69,7 @@
 mod error;
 mod keys;
 mod nonce;
-mod wire;
+pub(crate) mod wire;
 mod zstd_layer;
 
 #[cfg(test)]

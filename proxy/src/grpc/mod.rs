@@ -1,6 +1,7 @@
 //! gRPC over HTTP/2 as the gateway sees it: bodies, message framing and statuses.
 
 pub mod body;
+pub mod client;
 pub mod frame;
 pub mod status;
 
