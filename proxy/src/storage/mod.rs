@@ -20,7 +20,7 @@ use crate::budget::MessageBudget;
 use crate::config::{Config, ConfigError, DriverConfig, DriverKind};
 use crate::grpc::Code;
 use crate::metrics::{CacheLabels, StorageLabels, metrics};
-use cache::ByteLru;
+use cache::ByteCache;
 pub use reference::{Kind, Reference};
 
 /// A driver's settings, validated at config load.
@@ -237,7 +237,7 @@ pub struct Storage {
     drivers: HashMap<String, Arc<dyn StorageDriver>>,
     default: Policy,
     namespaces: HashMap<String, Policy>,
-    cache: ByteLru,
+    cache: ByteCache,
     concurrency: usize,
 }
 
@@ -292,7 +292,7 @@ impl Storage {
             drivers,
             default,
             namespaces,
-            cache: ByteLru::new(sc.cache_bytes),
+            cache: ByteCache::new(sc.cache_bytes),
             concurrency: sc.concurrency.max(1),
         }))
     }
@@ -317,7 +317,7 @@ impl Storage {
             },
             drivers,
             namespaces: HashMap::new(),
-            cache: ByteLru::new(cache_bytes),
+            cache: ByteCache::new(cache_bytes),
             concurrency: 16,
         }
     }
