@@ -16,6 +16,7 @@
 //! so no stored key ever contains a dot segment (which the filesystem backend could not hold
 //! and which claim validation refuses).
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use sha2::{Digest, Sha256};
 
 use crate::{ClaimData, DriverError, StoreContext, StoreTarget};
@@ -37,19 +38,22 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Default largest serialized payload a driver stores (the SDK drivers' default, 50 MiB).
 pub const DEFAULT_MAX_PAYLOAD_SIZE: u64 = 50 * 1024 * 1024;
 
+/// What the SDK drivers escape in a key segment: everything but `0-9 a-z A-Z ! - _ . * ' ( )`.
+const SEGMENT_ESCAPES: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'!')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+
 /// Percent-encodes one key segment like the SDK driver: every UTF-8 byte outside
 /// `0-9 a-z A-Z ! - _ . * ' ( )` becomes `%XX` (upper-case hex). `None` for empty input.
 pub fn percent_encode(value: Option<&str>) -> Option<String> {
     let value = value.filter(|v| !v.is_empty())?;
-    let mut out = String::with_capacity(value.len());
-    for &b in value.as_bytes() {
-        if b.is_ascii_alphanumeric() || b"!-_.*'()".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    Some(out)
+    Some(utf8_percent_encode(value, SEGMENT_ESCAPES).to_string())
 }
 
 fn segment(value: &Option<String>) -> String {
