@@ -21,7 +21,8 @@ from collections import defaultdict
 from datetime import timedelta
 
 from temporalio import activity, workflow
-from temporalio.api.common.v1 import Payload
+from temporalio.api.common.v1 import Payload, WorkflowExecution
+from temporalio.api.workflowservice.v1 import request_response_pb2 as wsr
 from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
@@ -139,12 +140,46 @@ def test_keys_audit_counts_payloads_executions_and_objects_per_key(dedicated_tem
         time.sleep(1)
     assert report["executions"] == executions, report
     got = {k: {f: v[f] for f in ("payloads", "executions", "objects")} for k, v in report["keys"].items()}
-    print("audit report:", json.dumps(report, sort_keys=True))
     assert got == expected, f"audit {got}\nindependent {expected}"
     for key in ("k1", "k2", "k3"):
         assert report["keys"][key]["newest_event"], report["keys"][key]
     # k3 was active last: its newest event is the newest of all.
     assert report["keys"]["k3"]["newest_event"] >= report["keys"]["k1"]["newest_event"]
+
+    # Retirement (SECURITY.md "Retiring a key"): once what k1 protects is gone from the server
+    # (retention would do it; here the executions are deleted), the audit no longer lists k1,
+    # k1 is removed by SIGHUP, and everything left still decodes.
+    async def delete_k1_executions():
+        client = await Client.connect(gw.address)
+        for i in range(phases[0][1] + phases[0][2]):
+            await client.workflow_service.delete_workflow_execution(wsr.DeleteWorkflowExecutionRequest(
+                namespace="default", workflow_execution=WorkflowExecution(workflow_id=f"audit-{tag}-k1-{i}")))
+
+    asyncio.run(delete_k1_executions())
+    deadline = time.monotonic() + 60
+    while "k1" in (report := audit(gw, env))["keys"] and time.monotonic() < deadline:
+        time.sleep(1)
+    assert "k1" not in report["keys"], report
+    assert set(report["keys"]) == {"k2", "k3"}, report
+    reloads = gw.output().count("keys reloaded")
+    gw.config["encryption"]["keys"] = [k for k in gw.config["encryption"]["keys"] if k["id"] != "k1"]
+    gw.configure()
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    rig.wait_until(lambda: gw.output().count("keys reloaded") > reloads, 10, what="SIGHUP reload")
+
+    async def read_everything_back():
+        client = await Client.connect(gw.address)
+        seen = 0
+        async for wf in client.list_workflows(""):
+            handle = client.get_workflow_handle(wf.id, run_id=wf.run_id)
+            assert (await handle.result()).count(":") >= 1
+            for event in (await handle.fetch_history()).events:
+                for _, p in iter_payloads(event):
+                    assert p.metadata.get("encoding") != b"binary/encrypted", f"{wf.id}: not decoded"
+            seen += 1
+        return seen
+
+    assert asyncio.run(read_everything_back()) == executions - (phases[0][1] + phases[0][2])
 
 
 def test_keys_audit_names_an_unreachable_upstream(workdir):
