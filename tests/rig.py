@@ -591,7 +591,8 @@ def chromium_bin() -> Optional[str]:
 class Chromium:
     """Headless Chromium driven over the DevTools protocol (`websocket-client`)."""
 
-    def __init__(self, workdir: Path, width: int = 1400, height: int = 1800):
+    def __init__(self, workdir: Path, width: int = 1400, height: int = 1800, extra_args: tuple[str, ...] = ()):
+        self.extra_args = list(extra_args)
         self.workdir = Path(workdir)
         self.profile = self.workdir / "chromium-profile"
         self.profile.mkdir(parents=True, exist_ok=True)
@@ -613,7 +614,7 @@ class Chromium:
                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
                 f"--user-data-dir={self.profile}", "--remote-debugging-address=127.0.0.1",
                 "--remote-debugging-port=0", "--remote-allow-origins=*",
-                f"--window-size={self.width},{self.height}", "about:blank"]
+                f"--window-size={self.width},{self.height}", *self.extra_args, "about:blank"]
         self.proc = ManagedProcess("chromium", argv, self.workdir / "chromium.log")
         port_file = self.profile / "DevToolsActivePort"
         wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "" or not self.proc.alive(),

@@ -404,6 +404,112 @@ def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path):
         server.stop()
 
 
+def ui_session_script(origin: str, token: str | None, auth_enabled: bool) -> str:
+    """Runs in every document before the Web UI's own scripts. The dev server's UI has no
+    OIDC login, so this stands in for a UI server configured with `auth.enabled: true` and
+    `codec.passAccessToken: true` after a login: the settings answer says so, and the session
+    holds `token` where the UI keeps the access token of a login (`localStorage.AuthUser`).
+    Whether the token is sent, and only to an https endpoint, is the UI's own code."""
+    return f"""(() => {{
+  if (location.origin !== {json.dumps(origin)}) return;
+  const token = {json.dumps(token)};
+  if (token) localStorage.setItem('AuthUser', JSON.stringify({{accessToken: token}}));
+  else localStorage.removeItem('AuthUser');
+  const nativeFetch = window.fetch.bind(window);
+  window.fetch = async (input, init) => {{
+    const response = await nativeFetch(input, init);
+    const url = typeof input === 'string' ? input : (input && input.url) || String(input);
+    if (!url.includes('/api/v1/settings')) return response;
+    const settings = await response.clone().json();
+    settings.Auth = Object.assign({{}}, settings.Auth, {{Enabled: {json.dumps(auth_enabled)}}});
+    settings.Codec = Object.assign({{}}, settings.Codec, {{PassAccessToken: true}});
+    return new Response(JSON.stringify(settings),
+                        {{status: response.status, statusText: response.statusText, headers: response.headers}});
+  }};
+}})();"""
+
+
+def decode_answers(gw: rig.Gateway, status: int) -> int:
+    """How many /decode requests the codec endpoint answered with `status`
+    (`pgw_codec_requests_total` on the admin listener)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    prefix = f'pgw_codec_requests_total{{route="decode",status="{status}"}} '
+    return next((int(float(line[len(prefix):])) for line in metrics.splitlines() if line.startswith(prefix)), 0)
+
+
+@pytest.mark.timeout(300)
+def test_web_ui_passes_its_access_token_to_the_https_endpoint(gateway_factory, workdir, tmp_path):
+    """The Web UI sends its access token only to an https endpoint: with `[codec_server.tls]`
+    and bearer tokens required, a UI session holding a valid token shows the decoded
+    payloads; a session without one gets the endpoint's 401 and shows the payloads encrypted.
+    Chromium trusts the test certificate by its key (`--ignore-certificate-errors-spki-list`,
+    which pins that one key rather than ignoring certificate errors)."""
+    require_web_ui_prerequisites()
+    from tls_pki import Ca, spki_sha256_b64
+
+    ca = Ca(tmp_path / "pki", "codec-ca")
+    leaf = ca.server("codec.test")
+    ui_port = rig.free_port()
+    gw = gateway_factory("127.0.0.1:1", config={}, start=False, name="codec-ui-tls-gw",
+                         extra_env={"PGW_TEST_CODEC_KEY": b64(KEY), "PGW_TEST_CODEC_TOKENS": ",".join(TOKENS)})
+    endpoint = f"https://127.0.0.1:{gw.codec_port}"
+    server = rig.TemporalServerWithUI(rig.new_tmpdir(workdir, "temporal-ui-tls-"), codec_endpoint=endpoint, ui_port=ui_port)
+    server.start()
+    try:
+        gw.upstream = server.address
+        gw.config = codec_config(gw, gw.workdir, [server.ui_origin])
+        gw.config["codec_server"]["tls"] = {"cert_file": str(leaf.cert), "key_file": str(leaf.key)}
+        gw.configure()
+        gw.start()
+        x = 6161
+        wf_id = asyncio.run(run_child_workflow(gw.address, x))
+        url = f"{server.ui_origin}/namespaces/default/workflows/{wf_id}"
+        want = [f"Hello, child {x}!", str(2 * x)]
+        pin = f"--ignore-certificate-errors-spki-list={spki_sha256_b64(leaf)}"
+
+        def session(name: str, token: str | None, auth_enabled: bool, done, what: str) -> str:
+            chrome = rig.Chromium(tmp_path / name, extra_args=(pin,))
+            seen = [""]
+            try:
+                chrome.start()
+                chrome.send("Page.addScriptToEvaluateOnNewDocument",
+                            source=ui_session_script(server.ui_origin, token, auth_enabled))
+                chrome.navigate(url)
+
+                def check() -> bool:
+                    seen[0] = chrome.text()
+                    return done(seen[0])
+
+                try:
+                    rig.wait_until(check, 90, interval=1.0, what=what)
+                finally:
+                    print(f"screenshot: {chrome.screenshot(tmp_path / f'{name}.png')}")
+            finally:
+                chrome.stop()
+            return seen[0]
+
+        # A logged-in session: the UI passes its token, the endpoint decodes.
+        shown = session("with-token", TOKEN, True, lambda t: all(w in t for w in want),
+                        "decoded input and result on the workflow page")
+        assert "YmluYXJ5L2VuY3J5cHRlZA" not in shown
+        decoded_with_token = decode_answers(gw, 200)
+        assert decoded_with_token > 0, "the UI never decoded through the https endpoint"
+        assert decode_answers(gw, 401) == 0, "a request of the logged-in session was refused"
+
+        # No token: the endpoint answers 401; the UI says the codec server failed and shows
+        # the payloads' ciphertext (UI 2.54: "Codec Server could not connect", no status code).
+        shown = session("without-token", None, False, lambda t: "Codec Server could not connect" in t,
+                        "the codec failure banner on the workflow page")
+        assert decode_answers(gw, 401) > 0, "the endpoint never refused the session without a token"
+        assert decode_answers(gw, 200) == decoded_with_token, "a request without the token was decoded"
+        for plain in (f"child {x}", f"Hello, child {x}!", f'"doubled": {2 * x}', f"doubled"):
+            assert plain not in shown, f"plaintext {plain!r} on the page of the session without a token"
+    finally:
+        gw.stop()
+        server.stop()
+
+
 # ----------------------------------------------------------------------------- hostile input
 
 

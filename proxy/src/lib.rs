@@ -17,6 +17,7 @@ pub mod drain;
 pub mod grpc;
 pub mod kms;
 pub mod metrics;
+pub mod non_grpc;
 pub mod observe;
 pub mod payload;
 pub mod rewrite;

@@ -6,6 +6,7 @@
 //! past the first [`MAX_NAMESPACE_LABELS`] share `other`.
 
 use std::sync::{Arc, LazyLock, RwLock, Weak};
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -72,6 +73,23 @@ pub struct PolicyLabels {
     /// `refused_unknown_method`, `forwarded_unknown_method`, `refused_unknown_any`,
     /// `forwarded_unknown_any`.
     pub action: &'static str,
+}
+
+/// Labels of a codec endpoint answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodecLabels {
+    /// `encode`, `decode`, `download`, `preflight` (`OPTIONS`) or `other` (unknown paths,
+    /// refused hosts): a fixed set, whatever paths clients invent.
+    pub route: &'static str,
+    /// The HTTP status code, e.g. `200`, `401`, `422` (only the codes the endpoint answers).
+    pub status: u16,
+}
+
+/// Labels naming a codec endpoint route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodecRouteLabels {
+    /// As [`CodecLabels::route`].
+    pub route: &'static str,
 }
 
 /// At most this many distinct namespaces get a label value of their own; the rest share
@@ -156,6 +174,10 @@ pub struct Metrics {
     pub unknown_any: Counter,
     /// Policy decisions on methods and types the gateway cannot see inside.
     pub policy: Family<PolicyLabels, Counter>,
+    /// Codec endpoint requests by route and HTTP status.
+    pub codec_requests: Family<CodecLabels, Counter>,
+    /// Codec endpoint latency by route, seconds, from request head to answer.
+    pub codec_duration: Family<CodecRouteLabels, Histogram>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -227,6 +249,20 @@ impl Metrics {
             "requests refused or forwarded untouched because the gateway cannot see inside them",
             policy.clone(),
         );
+        let codec_requests = Family::<CodecLabels, Counter>::default();
+        registry.register(
+            "codec_requests",
+            "codec endpoint requests by route and HTTP status",
+            codec_requests.clone(),
+        );
+        let codec_duration = Family::<CodecRouteLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "codec_request_duration_seconds",
+            "codec endpoint latency by route",
+            codec_duration.clone(),
+        );
         registry.register_collector(Box::new(EncryptionCounts));
         Self {
             registry,
@@ -239,7 +275,19 @@ impl Metrics {
             cache_lookups,
             unknown_any,
             policy,
+            codec_requests,
+            codec_duration,
         }
+    }
+
+    /// Counts one codec endpoint answer of `status` on `route` that took `elapsed`.
+    pub fn count_codec_request(&self, route: &'static str, status: u16, elapsed: Duration) {
+        self.codec_requests
+            .get_or_create(&CodecLabels { route, status })
+            .inc();
+        self.codec_duration
+            .get_or_create(&CodecRouteLabels { route })
+            .observe(elapsed.as_secs_f64());
     }
 
     /// Counts one policy decision.

@@ -1,7 +1,8 @@
 //! TLS on rustls with the aws-lc-rs provider (the same library the codec uses for AES-GCM):
-//! the client-facing acceptor (`[proxy.tls]`) and the client configuration toward the upstream
-//! (`[proxy.upstream_tls]`). Certificates and keys are PEM files, read once at start; a file
-//! that is missing or holds nothing usable is refused with a [`ConfigError`] naming its key.
+//! the client-facing acceptors (`[proxy.tls]` for gRPC, `[codec_server.tls]` for the codec
+//! endpoint) and the client configuration toward the upstream (`[proxy.upstream_tls]`).
+//! Certificates and keys are PEM files, read once at start; a file that is missing or holds
+//! nothing usable is refused with a [`ConfigError`] naming its key.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -20,6 +21,9 @@ use crate::config::{ConfigError, ServerTlsConfig, UpstreamTlsConfig};
 
 /// ALPN protocol of gRPC.
 const H2: &[u8] = b"h2";
+/// ALPN protocol of HTTP/1.1 (browsers and the `temporal` CLI may use either on the codec
+/// endpoint).
+const HTTP1: &[u8] = b"http/1.1";
 
 /// The crypto provider of every TLS configuration the gateway builds.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -42,20 +46,38 @@ impl fmt::Debug for TlsAcceptor {
 }
 
 impl TlsAcceptor {
-    /// Builds the acceptor for `[proxy.tls]`, `None` when TLS is off (no `cert_file`).
+    /// Builds the acceptor for `[proxy.tls]` (ALPN `h2`), `None` when TLS is off (no
+    /// `cert_file`).
     pub fn from_config(config: &ServerTlsConfig) -> Result<Option<Self>, ConfigError> {
+        Self::build("proxy.tls", config, &[H2])
+    }
+
+    /// Builds the acceptor for `[codec_server.tls]` (ALPN `h2` and `http/1.1`), `None` when
+    /// TLS is off (no `cert_file`).
+    pub fn for_codec_server(config: &ServerTlsConfig) -> Result<Option<Self>, ConfigError> {
+        Self::build("codec_server.tls", config, &[H2, HTTP1])
+    }
+
+    /// The acceptor of the `section` settings in `config`, offering `alpn`; errors name
+    /// `section`'s keys.
+    fn build(
+        section: &str,
+        config: &ServerTlsConfig,
+        alpn: &[&[u8]],
+    ) -> Result<Option<Self>, ConfigError> {
         let (Some(cert_file), Some(key_file)) = (&config.cert_file, &config.key_file) else {
             return Ok(None);
         };
-        let certs = load_certs("proxy.tls.cert_file", cert_file)?;
-        let key = load_key("proxy.tls.key_file", key_file)?;
+        let key_of = |name: &str| format!("{section}.{name}");
+        let certs = load_certs(&key_of("cert_file"), cert_file)?;
+        let key = load_key(&key_of("key_file"), key_file)?;
         let provider = provider();
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::invalid("proxy.tls", e.to_string()))?;
+            .map_err(|e| ConfigError::invalid(section, e.to_string()))?;
         let builder = match &config.client_ca_file {
             Some(ca_file) => {
-                let roots = load_roots("proxy.tls.client_ca_file", ca_file)?;
+                let roots = load_roots(&key_of("client_ca_file"), ca_file)?;
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
                 let verifier = if config.require_client_cert.unwrap_or(true) {
@@ -65,18 +87,18 @@ impl TlsAcceptor {
                 };
                 let verifier = verifier
                     .build()
-                    .map_err(|e| ConfigError::invalid("proxy.tls.client_ca_file", e.to_string()))?;
+                    .map_err(|e| ConfigError::invalid(key_of("client_ca_file"), e.to_string()))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
         };
         let mut server = builder.with_single_cert(certs, key).map_err(|e| {
             ConfigError::invalid(
-                "proxy.tls.key_file",
-                format!("does not fit proxy.tls.cert_file: {e}"),
+                key_of("key_file"),
+                format!("does not fit {}: {e}", key_of("cert_file")),
             )
         })?;
-        server.alpn_protocols = vec![H2.to_vec()];
+        server.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Some(Self {
             inner: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             handshake_timeout: Duration::from_millis(config.handshake_timeout_ms),

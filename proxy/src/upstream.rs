@@ -149,8 +149,14 @@ impl Upstream {
             }
         }
         match self.client.request(Request::from_parts(parts, body)).await {
-            Ok(response) => response
-                .map(|body| GatewayBody::new(UpstreamBody::new(body, self.authority.clone()))),
+            Ok(response) => match crate::non_grpc::check(response, &self.authority).await {
+                Ok(response) => response
+                    .map(|body| GatewayBody::new(UpstreamBody::new(body, self.authority.clone()))),
+                Err(status) => {
+                    tracing::warn!(upstream = %self.authority, error = %status.message, "upstream answered without gRPC");
+                    status.into_response()
+                }
+            },
             Err(e) if deadline.is_some_and(|d| std::time::Instant::now() >= d) => {
                 // The server resets the stream when the call's deadline passes (a query
                 // nobody answers): the client's deadline, not the upstream, ended it.

@@ -47,17 +47,30 @@
 //!
 //! # Answers
 //!
-//! 200 with the payloads; 400 bad JSON, namespace or host header; 401 missing or unknown
-//! credentials; 403 a credential limited to other namespaces; 404 other paths; 405 other
-//! methods; 408 body read too slowly; 413 body, payload count, metadata count or decoded size
-//! over the limit (also a payload inflating past `compression.max_decompressed_bytes`); 415
-//! not `application/json`; 421 a host not in `allowed_hosts`; 422 a payload that cannot be
-//! decoded (the message names the payload index and the reason: key id, key not bound to the
-//! namespace, tag mismatch, ...); 500 a payload that cannot be encoded; 503/504 storage
-//! unavailable or too slow, or the request timed out. Errors are plain text and never hold
-//! payload contents. One access log line per request (target
+//! 200 with the payloads. Everything about the request or its payloads is a 4xx, so the
+//! Web UI (which retries 5xx answers three times before it shows a payload undecoded) gives
+//! up at once: 400 bad JSON, namespace or host header, or a non-reference sent to `/download`;
+//! 401 missing or unknown credentials; 403 a credential limited to other namespaces; 404 other
+//! paths; 405 other methods; 408 body read too slowly; 413 body, payload count, metadata count
+//! or decoded size over a limit (also a payload inflating past
+//! `compression.max_decompressed_bytes`); 415 not `application/json`; 421 a host not in
+//! `allowed_hosts`; 422 a payload that cannot be decoded (the message names the payload index
+//! and the reason: unknown key, key not bound to the namespace, tag mismatch, corrupt frame,
+//! stored object missing or refused, storage reference with storage off). 5xx only for what a
+//! retry may cure or what is the gateway's own failure: 500 an internal failure (a payload
+//! that cannot be encoded, a failed decoding task); 503 storage unavailable or memory short;
+//! 504 storage too slow or the request timed out. README.md has the table. Errors are plain
+//! text and never hold payload contents. One access log line per request (target
 //! `payload_gateway::codec_server::access`): method, path, status, namespace, payload count,
-//! duration; never payloads or credentials.
+//! duration; never payloads or credentials. Metrics: `pgw_codec_requests_total{route,status}`
+//! and `pgw_codec_request_duration_seconds{route}`, `route` one of `encode`, `decode`,
+//! `download`, `preflight`, `other`.
+//!
+//! # TLS
+//!
+//! With `[codec_server.tls]` the endpoint speaks HTTPS only (ALPN `h2` and `http/1.1`) on the
+//! same rustls stack as the gRPC listener, optionally requiring client certificates. The Web
+//! UI sends its access token ("pass access token") only to an `https://` endpoint.
 
 pub mod auth;
 pub mod json;
@@ -86,6 +99,7 @@ use crate::config::{CodecServerConfig, ConfigError};
 use crate::grpc::Code;
 use crate::rewrite::{CallContext, Direction, Pipeline};
 use crate::storage::{Kind, reference};
+use crate::tls::TlsAcceptor;
 use auth::{Auth, AuthError};
 use json::{ParseError, Payload};
 
@@ -132,6 +146,25 @@ pub fn route(path: &str) -> Option<Route> {
     };
     let namespace = segments.next().map(percent_decode);
     Some(Route { action, namespace })
+}
+
+impl Action {
+    /// The metrics label of the action.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Encode => "encode",
+            Self::Decode => "decode",
+            Self::Download => "download",
+        }
+    }
+}
+
+/// The metrics label of a request: its action, `preflight` for `OPTIONS`, `other` otherwise.
+fn route_label(method: &Method, path: &str) -> &'static str {
+    if method == Method::OPTIONS {
+        return "preflight";
+    }
+    route(path).map_or("other", |r| r.action.label())
 }
 
 /// Decodes `%XX` escapes; anything malformed stays as written.
@@ -195,6 +228,8 @@ struct Inner {
     allowed_hosts: Vec<HostPattern>,
     /// Payloads decoded so far (tests watch it to see that cancelled work stops).
     decoded: AtomicU64,
+    /// HTTPS (`[codec_server.tls]`); `None`: cleartext HTTP.
+    tls: Option<TlsAcceptor>,
 }
 
 /// A finished answer: status and plain-text message or JSON body, plus what the access log
@@ -244,6 +279,15 @@ impl CodecServer {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, ConfigError> {
         let auth = Auth::from_config(config, env)?;
+        let tls = TlsAcceptor::for_codec_server(&config.tls)?;
+        if auth.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.listen,
+                "codec_server checks tokens but listens beyond loopback without TLS: tokens \
+                 and decoded payloads cross the network in cleartext, and the Web UI sends \
+                 its access token only to https endpoints; set codec_server.tls.cert_file"
+            );
+        }
         if auth.is_none() {
             let warn = !config.listen.ip().is_loopback();
             if warn {
@@ -286,6 +330,7 @@ impl CodecServer {
                 max_decoded_bytes: config.max_decoded_bytes,
                 allowed_hosts,
                 decoded: AtomicU64::new(0),
+                tls,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 connection_limit: crate::server::ConnectionLimit::new(
                     config.max_connections,
@@ -304,6 +349,7 @@ impl CodecServer {
         let started = Instant::now();
         let method = request.method().clone();
         let path = request.uri().path().to_owned();
+        let route = route_label(&method, &path);
         let origin = request.headers().get(header::ORIGIN).cloned();
         let allowed_origin = origin.filter(|o| {
             o.to_str()
@@ -332,6 +378,11 @@ impl CodecServer {
                 HeaderValue::from_static("true"),
             );
         }
+        crate::metrics::metrics().count_codec_request(
+            route,
+            answer.status.as_u16(),
+            started.elapsed(),
+        );
         tracing::info!(
             target: "payload_gateway::codec_server::access",
             method = %method,
@@ -671,14 +722,8 @@ impl CodecServer {
                     .resolve(ns.as_deref(), vec![(index, r)], &budget)
                     .await
                     .map_err(|e| {
-                        let status = match e.code {
-                            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-                            Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
-                            _ => StatusCode::UNPROCESSABLE_ENTITY,
-                        };
                         Answer::error(
-                            status,
+                            pipeline_status(e.code),
                             format!("cannot decode payload {index}: {}", e.reason),
                         )
                     })?;
@@ -718,14 +763,19 @@ impl CodecServer {
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, Answer> {
         let flag = cancel.0.clone();
-        tokio::task::spawn_blocking(move || {
+        let ran = tokio::task::spawn_blocking(move || {
             // Queued behind other work and cancelled meanwhile: do nothing.
             (!flag.load(Ordering::Relaxed)).then(work)
         })
         .await
-        .ok()
-        .flatten()
-        .ok_or_else(|| Answer::error(StatusCode::GATEWAY_TIMEOUT, "request cancelled"))
+        .map_err(|e| {
+            tracing::error!(error = %e, "codec_server: a decoding task failed");
+            Answer::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error: a decoding task failed",
+            )
+        })?;
+        ran.ok_or_else(|| Answer::error(StatusCode::GATEWAY_TIMEOUT, "request cancelled"))
     }
 
     /// `/encode`: the pipeline outward, in groups of at most [`ENCODE_GROUP_BYTES`] so a
@@ -753,13 +803,8 @@ impl CodecServer {
                 .run(Direction::Encode, &ctx, group)
                 .await
                 .map_err(|e| {
-                    let status = match e.code {
-                        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-                        _ => StatusCode::INTERNAL_SERVER_ERROR,
-                    };
                     Answer::error(
-                        status,
+                        pipeline_status(e.code),
                         format!("cannot encode payload {}: {}", start + e.index, e.reason),
                     )
                 })?;
@@ -847,6 +892,26 @@ impl CodecServer {
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT);
+            if let Some(tls) = self.inner.tls.clone() {
+                // The handshake runs in the connection's task so a slow client never holds up
+                // the accept loop; the watcher keeps shutdown waiting for it (bounded by the
+                // handshake timeout).
+                let watcher = graceful.watcher();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let Some(stream) = tls.handshake(stream, peer).await else {
+                        return;
+                    };
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .into_owned();
+                    let conn = watcher.watch(conn);
+                    if let Err(e) = first.deadline(conn, HEADER_READ_TIMEOUT).await {
+                        tracing::debug!(%peer, error = %e, "codec_server: connection ended");
+                    }
+                });
+                continue;
+            }
             let conn = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned();
@@ -870,9 +935,11 @@ impl CodecServer {
     }
 }
 
+/// A storage reference this gateway cannot resolve: 422, as retrying cannot change it (the
+/// Web UI retries 5xx answers before showing the payload undecoded).
 fn storage_unavailable() -> Answer {
     Answer::error(
-        StatusCode::NOT_IMPLEMENTED,
+        StatusCode::UNPROCESSABLE_ENTITY,
         "cannot resolve external storage reference: external storage is not enabled in this \
          gateway ([storage] enabled = false) or no configured driver resolves it",
     )
@@ -965,24 +1032,60 @@ fn over_budget(index: usize, budget: usize) -> Answer {
     )
 }
 
-/// The answer for a payload the codec could not decode.
+/// The answer for a payload the codec could not decode: 4xx for everything about the payload
+/// (the Web UI retries 5xx answers three times before showing the payload undecoded, and
+/// retrying cannot change these), 5xx only for failures of the gateway itself.
 fn codec_answer(index: usize, e: &CodecError) -> Answer {
+    let status = codec_status(e);
+    let message = match e {
+        CodecError::OverBudget { .. } => format!(
+            "cannot decode payload {index}: decoded payloads exceed \
+             codec_server.max_decoded_bytes ({e})"
+        ),
+        _ => format!("cannot decode payload {index}: {e}"),
+    };
+    Answer::error(status, message)
+}
+
+/// The HTTP status of a codec error met while decoding. Exhaustive on purpose: a new kind of
+/// error must be given its status here.
+fn codec_status(e: &CodecError) -> StatusCode {
     match e {
-        CodecError::OverBudget { .. } => Answer::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "cannot decode payload {index}: decoded payloads exceed \
-                 codec_server.max_decoded_bytes ({e})"
-            ),
-        ),
-        CodecError::DecompressedTooLarge { .. } => Answer::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("cannot decode payload {index}: {e}"),
-        ),
-        _ => Answer::error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!("cannot decode payload {index}: {e}"),
-        ),
+        // Over a size limit of this endpoint or of the codec.
+        CodecError::OverBudget { .. } | CodecError::DecompressedTooLarge { .. } => {
+            StatusCode::PAYLOAD_TOO_LARGE
+        }
+        // The payload cannot be decoded here, now or on a retry.
+        CodecError::UnknownKey(_)
+        | CodecError::KeyNotBound { .. }
+        | CodecError::AuthenticationFailed { .. }
+        | CodecError::TooShort { .. }
+        | CodecError::CorruptFrame(_)
+        | CodecError::Malformed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        // The process is short of memory for now: a retry may succeed.
+        CodecError::Budget(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // Encoding-side failures and failures of the gateway itself.
+        CodecError::NonceLimitReached { .. }
+        | CodecError::EncryptFailed { .. }
+        | CodecError::Random
+        | CodecError::Compress(_)
+        | CodecError::Worker(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+/// The HTTP status of a failed pipeline or storage step, from its gRPC code: unavailable or
+/// slow storage is worth retrying (503/504); what the payload or the request asks for that
+/// cannot be done is not (4xx); everything else is the gateway's own failure (500).
+fn pipeline_status(code: Code) -> StatusCode {
+    match code {
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
+        Code::InvalidArgument
+        | Code::PermissionDenied
+        | Code::DataLoss
+        | Code::FailedPrecondition => StatusCode::UNPROCESSABLE_ENTITY,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

@@ -346,10 +346,131 @@ async fn preserve_storage_refs_keeps_references_and_download_needs_storage() {
     let reply = call(&f.server, "POST", "/download", &[], &body_of(&[plain("p")])).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
     assert!(reply.body.contains("reference"), "{}", reply.body);
-    // ...and cannot resolve one without storage.
+    // ...and cannot resolve one without storage: 422 (a retry cannot change it).
     let reply = call(&f.server, "POST", "/download", &[], &body_of(&[reference])).await;
-    assert!(reply.status.is_client_error() || reply.status.is_server_error());
-    assert_ne!(reply.status, StatusCode::OK);
+    assert_eq!(
+        reply.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        reply.body
+    );
+    assert!(
+        reply.body.contains("storage is not enabled"),
+        "{}",
+        reply.body
+    );
+}
+
+// ------------------------------------------------------------------ statuses and metrics
+
+#[test]
+fn decode_failures_of_the_payload_are_4xx_and_of_the_gateway_5xx() {
+    use super::{codec_status, pipeline_status};
+    use crate::codec::CodecError;
+    use crate::grpc::Code;
+    let payload_errors = [
+        CodecError::UnknownKey("k9".to_owned()),
+        CodecError::KeyNotBound {
+            key_id: "k1".to_owned(),
+            namespace: Some("a".to_owned()),
+        },
+        CodecError::AuthenticationFailed {
+            key_id: "k1".to_owned(),
+        },
+        CodecError::TooShort {
+            key_id: "k1".to_owned(),
+            len: 3,
+        },
+        CodecError::CorruptFrame("x".to_owned()),
+        CodecError::Malformed("x".to_owned()),
+    ];
+    for e in &payload_errors {
+        assert_eq!(codec_status(e), StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+    }
+    assert_eq!(
+        codec_status(&CodecError::DecompressedTooLarge { limit: 1 }),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        codec_status(&CodecError::OverBudget { budget: 1 }),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        codec_status(&CodecError::Worker("panicked".to_owned())),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    // Storage: missing or refused objects are the payload's problem, an unreachable store
+    // is worth the Web UI's retries.
+    for code in [
+        Code::DataLoss,
+        Code::PermissionDenied,
+        Code::InvalidArgument,
+    ] {
+        assert_eq!(
+            pipeline_status(code),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{code:?}"
+        );
+    }
+    assert_eq!(
+        pipeline_status(Code::Unavailable),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        pipeline_status(Code::DeadlineExceeded),
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    assert_eq!(
+        pipeline_status(Code::ResourceExhausted),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        pipeline_status(Code::Internal),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+}
+
+/// The value of `pgw_codec_requests_total` for `route` and `status` (0 when absent).
+fn codec_count(route: &str, status: u16) -> u64 {
+    let needle = format!("pgw_codec_requests_total{{route=\"{route}\",status=\"{status}\"}} ");
+    crate::metrics::metrics()
+        .render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(|v| v.trim().parse().unwrap()))
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn requests_are_counted_by_route_and_status_with_bounded_labels() {
+    let f = fixture();
+    let decode_422 = codec_count("decode", 422);
+    let decode_200 = codec_count("decode", 200);
+    let other_404 = codec_count("other", 404);
+    let preflight = codec_count("preflight", 204);
+    let encoded = call(&f.server, "POST", "/encode", &[], &body_of(&[plain("p")])).await;
+    let ok = call(&f.server, "POST", "/ns/decode", &[], &encoded.body).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    let mut tampered = parse(&encoded.body);
+    tampered[0]
+        .metadata
+        .insert("encryption-key-id".to_owned(), b"k-invented".to_vec());
+    let bad = call(&f.server, "POST", "/decode", &[], &body_of(&tampered)).await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.body);
+    // Invented paths share one label.
+    for path in ["/a-1", "/b-2", "/c/3"] {
+        let r = call(&f.server, "POST", path, &[], "{}").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
+    let r = call(&f.server, "OPTIONS", "/decode", &[], "").await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    // Other tests run in parallel on the same registry: at least these were counted.
+    assert!(codec_count("decode", 200) > decode_200);
+    assert!(codec_count("decode", 422) > decode_422);
+    assert!(codec_count("other", 404) >= other_404 + 3);
+    assert!(codec_count("preflight", 204) > preflight);
+    let rendered = crate::metrics::metrics().render();
+    assert!(!rendered.contains("a-1"), "a path became a label value");
+    assert!(rendered.contains("pgw_codec_request_duration_seconds_count{route=\"decode\"}"));
 }
 
 // ------------------------------------------------------------------ limits
@@ -634,8 +755,41 @@ fn config_validation_names_keys() {
         "[[codec_server.tokens]]\nenv = \"X\"\nnamespaces = []\n",
         "codec_server.tokens[0].namespaces",
     );
+    bad(
+        "[codec_server.tls]\ncert_file = \"c.pem\"\n",
+        "codec_server.tls.key_file: required with codec_server.tls.cert_file",
+    );
+    bad(
+        "[codec_server.tls]\nclient_ca_file = \"ca.pem\"\n",
+        "codec_server.tls.cert_file",
+    );
+    bad(
+        "[codec_server.tls]\nrequire_client_cert = true\ncert_file = \"c\"\nkey_file = \"k\"\n",
+        "codec_server.tls.client_ca_file",
+    );
     let ok = Config::from_toml("", Vec::new()).unwrap();
     assert!(ok.codec_server.enabled);
+    assert!(!ok.codec_server.tls.enabled());
+}
+
+#[test]
+fn tls_files_are_read_when_the_server_is_built() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CodecServerConfig::default();
+    config.tls.cert_file = Some(dir.path().join("missing.pem"));
+    config.tls.key_file = Some(dir.path().join("missing.key"));
+    let err = CodecServer::with_env(&config, None, |_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("codec_server.tls.cert_file: cannot read"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("missing.pem"), "not pem").unwrap();
+    let err = CodecServer::with_env(&config, None, |_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("codec_server.tls.cert_file"), "{err}");
 }
 
 // ------------------------------------------------------------------ JWT

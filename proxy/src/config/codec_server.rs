@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::ConfigError;
+use super::{ConfigError, ServerTlsConfig};
 
 /// `[codec_server]`: the remote codec endpoint the Temporal Web UI and `temporal` CLI call
 /// (`POST /encode`, `/decode`, `/download`, also under `/{namespace}/...`).
@@ -59,6 +59,11 @@ pub struct CodecServerConfig {
     /// are decoded one after the other and a compressed payload may only inflate to what is
     /// left of this budget.
     pub max_decoded_bytes: usize,
+    /// `[codec_server.tls]`: HTTPS on the endpoint (ALPN `h2` and `http/1.1`), off unless
+    /// `cert_file` is set. Same keys as `[proxy.tls]`: `cert_file`, `key_file`,
+    /// `client_ca_file`, `require_client_cert`, `handshake_timeout_ms`. The Web UI passes
+    /// its access token ("pass access token") only to an `https://` endpoint.
+    pub tls: ServerTlsConfig,
 }
 
 /// One `[[codec_server.tokens]]` entry: tokens valid only for some namespaces.
@@ -96,6 +101,7 @@ impl Default for CodecServerConfig {
                 "[::1]".to_owned(),
             ],
             max_decoded_bytes: 128 * 1024 * 1024,
+            tls: ServerTlsConfig::default(),
         }
     }
 }
@@ -104,6 +110,7 @@ impl CodecServerConfig {
     /// Checks what serde cannot (origins, limits, JWT settings); files and environment
     /// variables are read when the server is built.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.tls.validate_section("codec_server.tls")?;
         for (i, origin) in self.cors_origins.iter().enumerate() {
             let key = format!("codec_server.cors_origins[{i}]");
             let Some((scheme, rest)) = origin.split_once("://") else {

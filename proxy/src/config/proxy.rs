@@ -84,18 +84,24 @@ impl ServerTlsConfig {
     }
 
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let key = |k: &str| format!("proxy.tls.{k}");
+        self.validate_section("proxy.tls")
+    }
+
+    /// Checks the settings of `section` (`proxy.tls` or `codec_server.tls`, which share this
+    /// shape); errors name `section`'s keys.
+    pub(super) fn validate_section(&self, section: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{section}.{k}");
         match (&self.cert_file, &self.key_file) {
             (Some(_), None) => {
                 return Err(ConfigError::invalid(
                     key("key_file"),
-                    "required with proxy.tls.cert_file",
+                    format!("required with {section}.cert_file"),
                 ));
             }
             (None, Some(_)) => {
                 return Err(ConfigError::invalid(
                     key("cert_file"),
-                    "required with proxy.tls.key_file",
+                    format!("required with {section}.key_file"),
                 ));
             }
             _ => {}
@@ -103,13 +109,13 @@ impl ServerTlsConfig {
         if self.cert_file.is_none() && self.client_ca_file.is_some() {
             return Err(ConfigError::invalid(
                 key("cert_file"),
-                "required with proxy.tls.client_ca_file (client certificates need TLS)",
+                format!("required with {section}.client_ca_file (client certificates need TLS)"),
             ));
         }
         if self.require_client_cert == Some(true) && self.client_ca_file.is_none() {
             return Err(ConfigError::invalid(
                 key("client_ca_file"),
-                "required with proxy.tls.require_client_cert = true",
+                format!("required with {section}.require_client_cert = true"),
             ));
         }
         if self.handshake_timeout_ms == 0 {
