@@ -74,6 +74,15 @@ pub struct PolicyLabels {
     pub action: &'static str,
 }
 
+/// Labels of an inbound authorization decision (`[proxy.auth]`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `allowed`, `unauthenticated` or `permission_denied`.
+    pub result: &'static str,
+    /// The credential that decided: `token`, `jwt`, `client_cert`, or `none`.
+    pub credential: &'static str,
+}
+
 /// At most this many distinct namespaces get a label value of their own; the rest share
 /// `other`, so a client inventing namespaces cannot grow the registry without bound.
 pub const MAX_NAMESPACE_LABELS: usize = 256;
@@ -156,6 +165,8 @@ pub struct Metrics {
     pub unknown_any: Counter,
     /// Policy decisions on methods and types the gateway cannot see inside.
     pub policy: Family<PolicyLabels, Counter>,
+    /// Inbound authorization decisions (`[proxy.auth]`).
+    pub auth: Family<AuthLabels, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -227,6 +238,12 @@ impl Metrics {
             "requests refused or forwarded untouched because the gateway cannot see inside them",
             policy.clone(),
         );
+        let auth = Family::<AuthLabels, Counter>::default();
+        registry.register(
+            "auth_decisions",
+            "gRPC requests allowed or refused by [proxy.auth], by result and credential kind",
+            auth.clone(),
+        );
         registry.register_collector(Box::new(EncryptionCounts));
         Self {
             registry,
@@ -239,7 +256,15 @@ impl Metrics {
             cache_lookups,
             unknown_any,
             policy,
+            auth,
         }
+    }
+
+    /// Counts one inbound authorization decision.
+    pub fn count_auth(&self, result: &'static str, credential: &'static str) {
+        self.auth
+            .get_or_create(&AuthLabels { result, credential })
+            .inc();
     }
 
     /// Counts one policy decision.
