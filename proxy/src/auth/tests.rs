@@ -478,6 +478,7 @@ fn a_namespace_named_by_id_is_global() {
     let by_id = temporalio_protos::temporal::api::workflowservice::v1::DescribeNamespaceRequest {
         namespace: "a".into(),
         id: "0000-1111".into(),
+        ..Default::default()
     }
     .encode_to_vec();
     assert!(matches!(
