@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
+use crate::auth::{AuthLayer, Authorizer};
 use crate::budget::ProcessBudget;
 use crate::codec::PayloadCodec;
 use crate::codec_server::CodecServer;
@@ -44,6 +45,7 @@ pub struct Gateway {
     admin_listener: Option<TcpListener>,
     upstream: Upstream,
     rewrite: Option<RewriteLayer>,
+    auth: Option<AuthLayer>,
     codec_server: Option<(TcpListener, CodecServer)>,
     settings: ServerSettings,
     readiness: Readiness,
@@ -66,6 +68,9 @@ pub async fn check(config: &Config) -> Result<CheckReport, StartError> {
     refuse_unsupported(config)?;
     Upstream::new(&config.proxy)?;
     crate::tls::TlsAcceptor::from_config(&config.proxy.tls)?;
+    if let Some(auth) = &config.proxy.auth {
+        Authorizer::from_config(auth, |var| std::env::var(var).ok())?;
+    }
     let storage = Storage::from_config(config).await?;
     let dev_key = &config.encryption.dev_key_file;
     let would_generate_dev_key = config.encryption.keys.is_empty() && !dev_key.exists();
@@ -111,11 +116,34 @@ impl Gateway {
             Some(RewriteLayer::new(
                 Pipeline::new(codec).with_storage(storage),
                 config.proxy.max_message_bytes,
-                process_budget,
+                process_budget.clone(),
             ))
         } else {
             tracing::info!("no namespace encrypts, compresses or offloads: forwarding only");
             None
+        };
+        let auth = match &config.proxy.auth {
+            Some(auth) => {
+                let authorizer = Authorizer::from_config(auth, |var| std::env::var(var).ok())?;
+                tracing::info!(
+                    forward_client_authorization = auth.forward_client_authorization,
+                    "proxy.auth: every gRPC request is authenticated and checked against its namespace"
+                );
+                Some(AuthLayer::new(
+                    Arc::new(authorizer),
+                    config.proxy.max_message_bytes,
+                    process_budget.clone(),
+                ))
+            }
+            None => {
+                if !config.proxy.listen.ip().is_loopback() {
+                    tracing::warn!(
+                        listen = %config.proxy.listen,
+                        "no [proxy.auth]: anyone who reaches the gRPC listener may call it for any namespace"
+                    );
+                }
+                None
+            }
         };
         let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
         let codec_server = if config.codec_server.enabled {
@@ -136,6 +164,7 @@ impl Gateway {
             admin_listener,
             upstream,
             rewrite,
+            auth,
             codec_server,
             settings: ServerSettings {
                 shutdown_grace: Duration::from_millis(config.proxy.shutdown_grace_ms),
@@ -216,6 +245,7 @@ impl Gateway {
         let service = tower::ServiceBuilder::new()
             .layer(ObserveLayer)
             .layer(DrainLayer::new(shutdown.clone()))
+            .option_layer(self.auth)
             .option_layer(self.rewrite)
             .service(self.upstream);
         server::serve(

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod audit;
+pub mod auth;
 pub mod budget;
 pub mod codec;
 pub mod codec_server;

@@ -92,6 +92,15 @@ pub struct CodecRouteLabels {
     pub route: &'static str,
 }
 
+/// Labels of an inbound authorization decision (`[proxy.auth]`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthLabels {
+    /// `allowed`, `unauthenticated` or `permission_denied`.
+    pub result: &'static str,
+    /// The credential that decided: `token`, `jwt`, `client_cert`, or `none`.
+    pub credential: &'static str,
+}
+
 /// At most this many distinct namespaces get a label value of their own; the rest share
 /// `other`, so a client inventing namespaces cannot grow the registry without bound.
 pub const MAX_NAMESPACE_LABELS: usize = 256;
@@ -178,6 +187,8 @@ pub struct Metrics {
     pub codec_requests: Family<CodecLabels, Counter>,
     /// Codec endpoint latency by route, seconds, from request head to answer.
     pub codec_duration: Family<CodecRouteLabels, Histogram>,
+    /// Inbound authorization decisions (`[proxy.auth]`).
+    pub auth: Family<AuthLabels, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -263,6 +274,12 @@ impl Metrics {
             "codec endpoint latency by route",
             codec_duration.clone(),
         );
+        let auth = Family::<AuthLabels, Counter>::default();
+        registry.register(
+            "auth_decisions",
+            "gRPC requests allowed or refused by [proxy.auth], by result and credential kind",
+            auth.clone(),
+        );
         registry.register_collector(Box::new(EncryptionCounts));
         Self {
             registry,
@@ -277,6 +294,7 @@ impl Metrics {
             policy,
             codec_requests,
             codec_duration,
+            auth,
         }
     }
 
@@ -288,6 +306,13 @@ impl Metrics {
         self.codec_duration
             .get_or_create(&CodecRouteLabels { route })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one inbound authorization decision.
+    pub fn count_auth(&self, result: &'static str, credential: &'static str) {
+        self.auth
+            .get_or_create(&AuthLabels { result, credential })
+            .inc();
     }
 
     /// Counts one policy decision.

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Service, ServiceExt};
 
+use crate::auth::client_cert::ClientIdentity;
 use crate::grpc::GatewayBody;
 use crate::tls::TlsAcceptor;
 
@@ -187,10 +188,18 @@ pub async fn serve<S>(
         let service = service.clone();
         let first = FirstRequest::default();
         let marker = first.clone();
-        let hyper_service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            marker.seen();
-            service.clone().oneshot(request.map(GatewayBody::new))
-        });
+        // Every request of the connection carries the identity of its verified client
+        // certificate, if any (for `[proxy.auth]`).
+        let make_service = move |identity: Option<Arc<ClientIdentity>>| {
+            hyper::service::service_fn(move |request: Request<Incoming>| {
+                marker.seen();
+                let mut request = request.map(GatewayBody::new);
+                if let Some(identity) = &identity {
+                    request.extensions_mut().insert(identity.clone());
+                }
+                service.clone().oneshot(request)
+            })
+        };
         let timeout = settings.first_request_timeout;
         if let Some(tls) = settings.tls.clone() {
             // The handshake runs in the connection's task so a slow client never holds up the
@@ -202,6 +211,13 @@ pub async fn serve<S>(
                 let Some(stream) = tls.handshake(stream, peer).await else {
                     return;
                 };
+                let identity = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|leaf| ClientIdentity::from_der(leaf.as_ref()));
+                let hyper_service = make_service(identity);
                 let connection =
                     watcher.watch(http.serve_connection(TokioIo::new(stream), hyper_service));
                 if let Err(e) = first.deadline(connection, timeout).await {
@@ -210,7 +226,8 @@ pub async fn serve<S>(
             });
             continue;
         }
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), hyper_service));
+        let connection =
+            graceful.watch(http.serve_connection(TokioIo::new(stream), make_service(None)));
         tokio::spawn(async move {
             let _permit = permit;
             if let Err(e) = first.deadline(connection, timeout).await {

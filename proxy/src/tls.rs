@@ -170,7 +170,7 @@ impl UpstreamTls {
         })?;
         let roots = match &config.ca_file {
             Some(ca_file) => load_roots("proxy.upstream_tls.ca_file", ca_file)?,
-            None => platform_roots()?,
+            None => platform_roots("proxy.upstream_tls.ca_file")?,
         };
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -197,9 +197,27 @@ impl UpstreamTls {
     }
 }
 
+/// A client configuration for HTTPS fetches (the JWKS of an identity provider): the server is
+/// verified against the CA certificates in `ca_file` (config key `ca_key`), else the
+/// platform's trust store. ALPN is left to the HTTP client.
+pub fn https_client_config(
+    ca_key: &str,
+    ca_file: Option<&Path>,
+) -> Result<ClientConfig, ConfigError> {
+    let roots = match ca_file {
+        Some(path) => load_roots(ca_key, path)?,
+        None => platform_roots(ca_key)?,
+    };
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::invalid(ca_key, e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// The platform's trust store (`rustls-native-certs`: the OS store, or `SSL_CERT_FILE` /
-/// `SSL_CERT_DIR`).
-fn platform_roots() -> Result<RootCertStore, ConfigError> {
+/// `SSL_CERT_DIR`); `key` names the CA setting that replaces it.
+fn platform_roots(key: &str) -> Result<RootCertStore, ConfigError> {
     let found = rustls_native_certs::load_native_certs();
     for e in &found.errors {
         tracing::warn!(error = %e, "cannot load some platform CA certificates");
@@ -208,7 +226,7 @@ fn platform_roots() -> Result<RootCertStore, ConfigError> {
     let (added, _ignored) = roots.add_parsable_certificates(found.certs);
     if added == 0 {
         return Err(ConfigError::invalid(
-            "proxy.upstream_tls.ca_file",
+            key,
             "not set and the platform trust store holds no usable CA certificate",
         ));
     }

@@ -294,8 +294,8 @@ impl CodecServer {
                 tracing::warn!(
                     listen = %config.listen,
                     "codec_server has no authentication and listens beyond loopback: anyone \
-                     who reaches it can decrypt payloads; set codec_server.bearer_tokens_env \
-                     or jwks_file"
+                     who reaches it can decrypt payloads; set codec_server.bearer_tokens_env, \
+                     jwks_file or jwks_url"
                 );
             } else {
                 tracing::info!("codec_server: no authentication configured (loopback only)");
@@ -473,9 +473,9 @@ impl CodecServer {
                 .headers()
                 .get(header::AUTHORIZATION)
                 .map(HeaderValue::as_bytes);
-            match auth.authenticate(header) {
+            match auth.authenticate(header).await {
                 Ok(grant) => {
-                    if let Err(why) = grant.allows(namespace.as_deref()) {
+                    if let Err(why) = auth::allows(&grant, namespace.as_deref()) {
                         return (Answer::error(StatusCode::FORBIDDEN, why), namespace);
                     }
                 }

@@ -32,6 +32,13 @@ pub struct CodecServerConfig {
     /// A JWKS file (`{"keys": [...]}`): bearer JWTs signed by one of its keys (RSA, EC or
     /// Ed25519; matched by `kid`) with the configured issuer and audience are accepted.
     pub jwks_file: Option<PathBuf>,
+    /// An `https://` URL serving the JWKS (instead of `jwks_file`), fetched in the background
+    /// every 5 minutes and on a token with an unknown `kid` (at most every 30 seconds); the
+    /// last good set is kept while the URL fails.
+    pub jwks_url: Option<String>,
+    /// PEM CA certificates the `jwks_url` server is verified against, instead of the
+    /// platform's trust store.
+    pub jwks_ca_file: Option<PathBuf>,
     /// Required `iss` of accepted JWTs (required with `jwks_file`).
     pub jwt_issuer: Option<String>,
     /// Required `aud` of accepted JWTs (required with `jwks_file`).
@@ -88,6 +95,8 @@ impl Default for CodecServerConfig {
             bearer_tokens_env: None,
             tokens: Vec::new(),
             jwks_file: None,
+            jwks_url: None,
+            jwks_ca_file: None,
             jwt_issuer: None,
             jwt_audience: None,
             jwt_namespaces_claim: None,
@@ -178,13 +187,30 @@ impl CodecServerConfig {
                 ));
             }
         }
-        if self.jwks_file.is_some() {
+        if self.jwks_file.is_some() && self.jwks_url.is_some() {
+            return Err(ConfigError::invalid(
+                "codec_server.jwks_url",
+                "give only one of jwks_file and jwks_url",
+            ));
+        }
+        if let Some(url) = &self.jwks_url {
+            super::auth::check_jwks_url("codec_server.jwks_url", url)?;
+        } else if self.jwks_ca_file.is_some() {
+            return Err(ConfigError::invalid(
+                "codec_server.jwks_ca_file",
+                "has no effect without jwks_url",
+            ));
+        }
+        if self.jwks_file.is_some() || self.jwks_url.is_some() {
             for (key, value) in [
                 ("codec_server.jwt_issuer", &self.jwt_issuer),
                 ("codec_server.jwt_audience", &self.jwt_audience),
             ] {
                 if value.as_deref().is_none_or(str::is_empty) {
-                    return Err(ConfigError::invalid(key, "required with jwks_file"));
+                    return Err(ConfigError::invalid(
+                        key,
+                        "required with jwks_file or jwks_url",
+                    ));
                 }
             }
         } else if self.jwt_issuer.is_some()
@@ -193,7 +219,8 @@ impl CodecServerConfig {
         {
             return Err(ConfigError::invalid(
                 "codec_server.jwks_file",
-                "required when jwt_issuer, jwt_audience or jwt_namespaces_claim is set",
+                "required (or jwks_url) when jwt_issuer, jwt_audience or jwt_namespaces_claim \
+                 is set",
             ));
         }
         Ok(())

@@ -4,6 +4,7 @@
 //! support is refused with a [`ConfigError`] naming the key, so a typo never silently weakens
 //! what the operator asked for.
 
+mod auth;
 mod codec_server;
 mod encryption;
 mod proxy;
@@ -11,6 +12,7 @@ mod storage;
 #[cfg(test)]
 mod tests;
 
+pub use auth::{ALL_NAMESPACES, AuthConfig, AuthJwtConfig, AuthTokenConfig, ClientCertConfig};
 pub use codec_server::{CodecServerConfig, CodecTokenConfig};
 pub use encryption::{CompressionConfig, EncryptionConfig, KeySpec, NamespaceConfig};
 pub use proxy::{
@@ -124,6 +126,24 @@ impl Config {
             return Err(ConfigError::invalid(
                 "proxy.api_key_env",
                 "must name an environment variable",
+            ));
+        }
+        if let Some(auth) = &self.proxy.auth {
+            auth.validate(self.proxy.tls.client_ca_file.is_some())?;
+        } else if self.proxy.api_key_env.is_some()
+            && !self.proxy.listen.ip().is_loopback()
+            && !self.proxy.allow_unauthenticated
+        {
+            return Err(ConfigError::invalid(
+                "proxy.auth",
+                format!(
+                    "required: proxy.api_key_env is set and proxy.listen ({}) is not a loopback \
+                     address, so anyone who reaches the listener would call the upstream with \
+                     the API key and get payloads decrypted; configure [proxy.auth] (or set \
+                     proxy.allow_unauthenticated = true when a network policy restricts who \
+                     reaches the listener)",
+                    self.proxy.listen
+                ),
             ));
         }
         if self.proxy.max_message_bytes < 4 * 1024 * 1024 {

@@ -42,6 +42,14 @@ pub struct ProxyConfig {
     /// on requests that carry no `authorization` header of their own (Temporal Cloud API keys).
     /// When set, the variable must exist and be non-empty (refused at start otherwise).
     pub api_key_env: Option<String>,
+    /// `[proxy.auth]`: who may call the listener, for which namespaces. Unset: anyone who
+    /// reaches the listener may (refused at start with `api_key_env` set and a listener
+    /// beyond loopback, unless `allow_unauthenticated = true`).
+    pub auth: Option<super::AuthConfig>,
+    /// Start without `[proxy.auth]` although `api_key_env` is set and the listener is not on
+    /// loopback: every caller that reaches the listener uses the API key and gets payloads
+    /// decrypted (a network policy must restrict who reaches it).
+    pub allow_unauthenticated: bool,
     /// `[proxy.tls]`: TLS toward SDKs. Off unless `cert_file` is set.
     pub tls: ServerTlsConfig,
     /// `[proxy.upstream_tls]`: TLS toward the Temporal frontend.
@@ -226,6 +234,8 @@ impl Default for ProxyConfig {
             max_connections: 10_000,
             max_inflight_bytes: 1024 * 1024 * 1024,
             api_key_env: None,
+            auth: None,
+            allow_unauthenticated: false,
             tls: ServerTlsConfig::default(),
             upstream_tls: UpstreamTlsConfig::default(),
         }

@@ -31,6 +31,8 @@ pub enum Code {
     Unavailable = 14,
     /// Data was lost or corrupted.
     DataLoss = 15,
+    /// The caller presented no valid credential.
+    Unauthenticated = 16,
 }
 
 /// A gRPC status: a code and a human-readable message.

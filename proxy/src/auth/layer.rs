@@ -1,0 +1,479 @@
+//! `[proxy.auth]`: the tower layer that decides who may call the gRPC listener, for which
+//! namespace, before anything reaches the payload pipeline or the upstream.
+//!
+//! 1. **Authenticate.** The `authorization` header (when tokens or JWTs are configured) must
+//!    be a configured static token or a valid JWT; a verified client certificate is matched
+//!    against `[[proxy.auth.client_certs]]`. A presented bearer credential that is invalid is
+//!    refused even when a certificate would match (no silent fallback). The grants of every
+//!    valid credential add up. Nothing valid: `UNAUTHENTICATED`.
+//! 2. **Find the namespace** the server will act on ([`super::namespace`]); for that the
+//!    request body is read, only after authentication (an anonymous caller cannot make the
+//!    gateway buffer anything).
+//! 3. **Authorize.** The namespace must be granted; a `temporal-namespace` header that
+//!    disagrees with the body, a namespace-less or unknown method without a `"*"` grant, and
+//!    an empty namespace are refused: `PERMISSION_DENIED`, naming what is missing.
+//! 4. **Forward**, with the client's `authorization` removed unless
+//!    `forward_client_authorization = true` (then the upstream's API key from
+//!    `proxy.api_key_env` is attached instead, by the upstream connection).
+//!
+//! Refused requests never reach the upstream, so the upstream credential is never attached
+//! to them. Denials never contain the presented token.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, Request, Response};
+use payload_gateway_proto::Method;
+use tower::{Layer, Service, ServiceExt};
+
+use super::client_cert::{CertMappings, ClientIdentity};
+use super::jwks::{Jwks, JwksSettings, JwksSource, JwtVerifier};
+use super::namespace::{self, Plan, Target};
+use super::tokens::{TokenSet, bearer};
+use super::{Grant, grant_from_claim};
+use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
+use crate::config::{AuthConfig, ConfigError};
+use crate::grpc::body::{self, TooLarge};
+use crate::grpc::frame::{self, Encoding};
+use crate::grpc::{Code, GatewayBody, Status};
+use crate::metrics::{method_label, metrics};
+
+/// The header naming the namespace for routing (Temporal Cloud); must agree with the body.
+const NAMESPACE_HEADER: &str = "temporal-namespace";
+
+/// A refused request: the status and the metric labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    /// `UNAUTHENTICATED` or `PERMISSION_DENIED`, with a message naming what is missing.
+    pub status: Status,
+    /// The credential kind that was presented (`none` when none).
+    pub credential: &'static str,
+}
+
+impl Denial {
+    fn unauthenticated(credential: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: Status::new(Code::Unauthenticated, message),
+            credential,
+        }
+    }
+
+    fn denied(credential: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: Status::new(Code::PermissionDenied, message),
+            credential,
+        }
+    }
+
+    fn result(&self) -> &'static str {
+        if self.status.code == Code::Unauthenticated {
+            "unauthenticated"
+        } else {
+            "permission_denied"
+        }
+    }
+}
+
+/// An authenticated caller: what it may act on and how it proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The namespaces granted.
+    pub grant: Grant,
+    /// `token`, `jwt` or `client_cert` (the first valid credential).
+    pub credential: &'static str,
+}
+
+/// The configured credentials of `[proxy.auth]`.
+#[derive(Debug)]
+pub struct Authorizer {
+    tokens: TokenSet,
+    jwt: Option<(JwtVerifier, String)>,
+    certs: CertMappings,
+    forward_client_authorization: bool,
+}
+
+impl Authorizer {
+    /// Reads token variables through `env` (`std::env::var` in production) and loads the
+    /// JWKS (a file now; a URL in the background, see [`Jwks::new`]).
+    pub fn from_config(
+        config: &AuthConfig,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let mut tokens = TokenSet::default();
+        for (i, t) in config.tokens.iter().enumerate() {
+            tokens.add_from_env(
+                &format!("proxy.auth.tokens[{i}].env"),
+                &t.env,
+                Grant::from_list(&t.namespaces),
+                &env,
+            )?;
+        }
+        let jwt = match &config.jwt {
+            None => None,
+            Some(j) => {
+                let mut settings = JwksSettings::new(
+                    "proxy.auth.jwt.",
+                    j.jwks_file.as_deref(),
+                    j.jwks_url.as_deref(),
+                    j.jwks_ca_file.as_deref(),
+                )?
+                .ok_or_else(|| {
+                    ConfigError::invalid("proxy.auth.jwt.jwks_url", "give jwks_file or jwks_url")
+                })?;
+                settings.refresh = Duration::from_secs(j.jwks_refresh_secs);
+                settings.min_refresh = Duration::from_secs(j.jwks_min_refresh_secs);
+                let jwks = Jwks::new(settings)?;
+                Some((
+                    JwtVerifier::new(jwks, &j.issuer, &j.audience),
+                    j.namespaces_claim.clone(),
+                ))
+            }
+        };
+        Ok(Self {
+            tokens,
+            jwt,
+            certs: CertMappings::from_config(&config.client_certs),
+            forward_client_authorization: config.forward_client_authorization,
+        })
+    }
+
+    /// The JWKS of `[proxy.auth.jwt]`, if configured.
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwt.as_ref().map(|(v, _)| v.jwks())
+    }
+
+    /// Whether bearer credentials (tokens or JWTs) are configured: only then is the
+    /// `authorization` header the gateway's to check.
+    fn takes_bearer(&self) -> bool {
+        !self.tokens.is_empty() || self.jwt.is_some()
+    }
+
+    /// What a caller without a valid credential is told to bring.
+    fn accepted(&self) -> String {
+        let mut kinds = Vec::new();
+        if !self.tokens.is_empty() {
+            kinds.push("a bearer token of proxy.auth.tokens");
+        }
+        if self.jwt.is_some() {
+            kinds.push("a JWT accepted by proxy.auth.jwt");
+        }
+        if !self.certs.is_empty() {
+            kinds.push("a client certificate mapped in proxy.auth.client_certs");
+        }
+        kinds.join(" or ")
+    }
+
+    /// Authenticates a request from its headers and the connection's verified client
+    /// certificate.
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Caller, Denial> {
+        let mut caller: Option<Caller> = None;
+        if self.takes_bearer() {
+            let mut values = headers.get_all(AUTHORIZATION).iter();
+            let first = values.next();
+            if values.next().is_some() {
+                return Err(Denial::unauthenticated(
+                    "none",
+                    "more than one authorization header",
+                ));
+            }
+            let token = match first.map(|v| bearer(v.as_bytes())) {
+                Some(Err(why)) => return Err(Denial::unauthenticated("none", why)),
+                Some(Ok(token)) => token,
+                None => None,
+            };
+            if let Some(token) = token {
+                caller = Some(self.bearer_caller(token).await?);
+            }
+        }
+        if let Some(identity) = identity
+            && let Some(grant) = self.certs.grant(identity)
+        {
+            caller = Some(match caller {
+                Some(c) => Caller {
+                    grant: c.grant.union(grant),
+                    credential: c.credential,
+                },
+                None => Caller {
+                    grant,
+                    credential: "client_cert",
+                },
+            });
+        }
+        caller.ok_or_else(|| {
+            let unmapped = match identity {
+                Some(id) if !self.certs.is_empty() => format!(
+                    "; the client certificate ({}) is not mapped in proxy.auth.client_certs",
+                    id.describe()
+                ),
+                _ => String::new(),
+            };
+            Denial::unauthenticated(
+                "none",
+                format!(
+                    "authentication required: present {}{unmapped}",
+                    self.accepted()
+                ),
+            )
+        })
+    }
+
+    async fn bearer_caller(&self, token: &str) -> Result<Caller, Denial> {
+        if let Some(grant) = self.tokens.find(token) {
+            return Ok(Caller {
+                grant,
+                credential: "token",
+            });
+        }
+        match &self.jwt {
+            Some((verifier, claim)) if JwtVerifier::looks_like_jwt(token) => {
+                let claims = verifier
+                    .verify(token)
+                    .await
+                    .map_err(|e| Denial::unauthenticated("jwt", format!("invalid JWT: {e}")))?;
+                let grant = grant_from_claim(&claims, claim)
+                    .map_err(|why| Denial::unauthenticated("jwt", format!("invalid JWT: {why}")))?;
+                Ok(Caller {
+                    grant,
+                    credential: "jwt",
+                })
+            }
+            _ => Err(Denial::unauthenticated(
+                "token",
+                format!(
+                    "invalid credentials: the bearer token is not one the gateway accepts \
+                     (present {})",
+                    self.accepted()
+                ),
+            )),
+        }
+    }
+
+    /// Whether `caller` may act on `target`; `header`: the `temporal-namespace` header.
+    pub fn authorize(
+        &self,
+        caller: &Caller,
+        target: &Target,
+        header: Option<&str>,
+    ) -> Result<(), Denial> {
+        let denied = |message: String| Denial::denied(caller.credential, message);
+        match target {
+            Target::Open => Ok(()),
+            Target::Global(why) => match caller.grant {
+                Grant::All => Ok(()),
+                Grant::Namespaces(_) => Err(denied(format!(
+                    "{why}; only an identity granted every namespace (\"*\") may call it"
+                ))),
+            },
+            Target::Namespace(ns) => {
+                if let Some(h) = header
+                    && h != ns
+                {
+                    return Err(denied(format!(
+                        "the temporal-namespace header names {h:?} but the request acts on \
+                         namespace {ns:?}"
+                    )));
+                }
+                if ns.is_empty() && caller.grant != Grant::All {
+                    return Err(denied(
+                        "the request names no namespace; only an identity granted every \
+                         namespace (\"*\") may send it"
+                            .to_owned(),
+                    ));
+                }
+                if !caller.grant.permits(ns) {
+                    return Err(denied(format!(
+                        "this credential is not granted namespace {ns:?}"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Adds `[proxy.auth]` in front of a service.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    authorizer: Arc<Authorizer>,
+    max_message_bytes: usize,
+    process_budget: Arc<ProcessBudget>,
+}
+
+impl AuthLayer {
+    /// Checks requests with `authorizer`; request bodies read to find the namespace are
+    /// limited to `max_message_bytes` and held against `process_budget`.
+    pub fn new(
+        authorizer: Arc<Authorizer>,
+        max_message_bytes: usize,
+        process_budget: Arc<ProcessBudget>,
+    ) -> Self {
+        if let Some(jwks) = authorizer.jwks()
+            && let JwksSource::Url(url) = jwks.source()
+        {
+            tracing::info!(jwks = %url, "proxy.auth: JWTs verified against a JWKS URL");
+        }
+        Self {
+            authorizer,
+            max_message_bytes,
+            process_budget,
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S> Service<Request<GatewayBody>> for AuthService<S>
+where
+    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<GatewayBody>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<GatewayBody>) -> Self::Future {
+        let inner = self.inner.clone();
+        let layer = self.layer.clone();
+        Box::pin(async move { Ok(layer.handle(inner, request).await) })
+    }
+}
+
+impl AuthLayer {
+    async fn handle<S>(&self, inner: S, request: Request<GatewayBody>) -> Response<GatewayBody>
+    where
+        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>,
+    {
+        let (mut parts, body) = request.into_parts();
+        let path = parts.uri.path().to_owned();
+        let identity = parts.extensions.get::<Arc<ClientIdentity>>().cloned();
+        let refuse = |denial: Denial| {
+            metrics().count_auth(denial.result(), denial.credential);
+            tracing::warn!(
+                method = %method_label(&path),
+                credential = denial.credential,
+                code = ?denial.status.code,
+                reason = %denial.status.message,
+                "request refused by proxy.auth"
+            );
+            denial.status.into_response()
+        };
+        let caller = match self
+            .authorizer
+            .authenticate(&parts.headers, identity.as_deref())
+            .await
+        {
+            Ok(caller) => caller,
+            Err(denial) => return refuse(denial),
+        };
+        let (target, body) = match namespace::plan(&path) {
+            Plan::Decided(kind) => (namespace::decided_target(&path, kind), body),
+            Plan::ReadBody(m) => match self.read_first(&parts.headers, body, m).await {
+                Ok((first, body)) => (namespace::target_of(m, first.as_deref()), body),
+                Err(status) => return status.into_response(),
+            },
+        };
+        let header = match parts.headers.get_all(NAMESPACE_HEADER).iter().count() {
+            0 => None,
+            1 => Some(
+                parts
+                    .headers
+                    .get(NAMESPACE_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("(not UTF-8)"),
+            ),
+            _ => Some("(several headers)"),
+        };
+        if let Err(denial) = self.authorizer.authorize(&caller, &target, header) {
+            return refuse(denial);
+        }
+        metrics().count_auth("allowed", caller.credential);
+        if !self.authorizer.forward_client_authorization {
+            parts.headers.remove(AUTHORIZATION);
+        }
+        inner
+            .oneshot(Request::from_parts(parts, body))
+            .await
+            .unwrap_or_else(|never| match never {})
+    }
+
+    /// Reads the request body whole and returns its first message (inflated) and the body
+    /// to forward, byte for byte as received.
+    async fn read_first(
+        &self,
+        headers: &HeaderMap,
+        body: GatewayBody,
+        m: Method,
+    ) -> Result<(Option<bytes::Bytes>, GatewayBody), Status> {
+        let encoding =
+            Encoding::from_header(headers.get("grpc-encoding").and_then(|v| v.to_str().ok()))
+                .map_err(|e| Status::new(Code::Unimplemented, e.to_string()))?;
+        let budget = MessageBudget::new(self.process_budget.clone(), self.max_message_bytes);
+        let limit = self.max_message_bytes.saturating_add(frame::PREFIX_LEN);
+        let collected = body::collect(body, limit, &budget).await.map_err(|e| {
+            if e.is::<TooLarge>() || e.is::<Exhausted>() {
+                Status::new(Code::ResourceExhausted, e.to_string())
+            } else {
+                Status::new(
+                    Code::Unavailable,
+                    format!("connection lost while reading the message: {e}"),
+                )
+            }
+        })?;
+        let joined = frame::join(collected.chunks, collected.len);
+        let messages = frame::split(
+            &joined,
+            encoding,
+            self.max_message_bytes,
+            !m.client_streaming,
+            &budget,
+        )
+        .map_err(|e| {
+            let code = match e {
+                frame::FrameError::TooLarge { .. } | frame::FrameError::Budget(_) => {
+                    Code::ResourceExhausted
+                }
+                _ => Code::InvalidArgument,
+            };
+            Status::new(code, e.to_string())
+        })?;
+        let first = messages.into_iter().next();
+        Ok((
+            first,
+            GatewayBody::buffered(vec![joined], collected.trailers),
+        ))
+    }
+}
