@@ -22,6 +22,7 @@ import json
 import ssl
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from concurrent import futures
@@ -294,8 +295,11 @@ def setup(workdir):
         front = RecordingFront(server.address).start()
         gw = rig.Gateway(base / "gw", front.address, config={}, name="gateway-auth",
                          extra_env={"PGW_T_TOKEN_A": TOKEN_A, "PGW_T_ADMIN": TOKEN_ADMIN, "PGW_T_API_KEY": API_KEY})
-        sections = gw.listener_sections()
+        sections = gw.listener_sections(codec_server=True)
         sections["proxy"].update({"api_key_env": "PGW_T_API_KEY"})
+        # The codec endpoint verifies JWTs against the same JWKS URL.
+        sections["codec_server"].update({"jwks_url": s.jwks.url, "jwks_ca_file": str(base / "ca.pem"),
+                                         "jwt_issuer": ISS, "jwt_audience": AUD})
         gw.configure({
             **sections,
             "proxy.tls": {"cert_file": str(base / "server.pem"), "key_file": str(base / "server.key"),
@@ -501,6 +505,20 @@ async def test_jwts_from_an_https_jwks(setup):
         assert reason in msg, f"{what}: {msg}"
         assert token not in msg, what
 
+    # The codec endpoint uses the same JWKS URL and rules.
+    def codec(token):
+        req = urllib.request.Request(f"http://127.0.0.1:{setup.gw.codec_port}/{NS_A}/decode", data=b'{"payloads":[]}',
+                                     headers={"content-type": "application/json",
+                                              **({"authorization": f"Bearer {token}"} if token else {})})
+        try:
+            return urllib.request.urlopen(req, timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+    assert codec(setup.signers["EdDSA"].token()) == 200
+    assert codec(None) == 401
+    assert codec(refused["alg none"][0]) == 401
+    assert codec(refused["expired"][0]) == 401
+
     # Keys rotated on the server are picked up without a restart (unknown kid -> fetch).
     rotated = Signer("ES256", "kid-rotated")
     token = rotated.token()
@@ -533,3 +551,21 @@ async def test_jwts_from_an_https_jwks(setup):
     await refused_connect(describe_a(setup, Signer("ES256", "kid-unknown").token()))
     assert "JWKS refresh failed; keeping the last good set" in setup.gw.output()
     upstream_saw_nothing_of_b_and_only_the_api_key(setup, [t for t, _ in refused.values()] + [token])
+
+
+def test_the_api_key_beyond_loopback_needs_proxy_auth(workdir):
+    d = rig.new_tmpdir(workdir, "auth-start-")
+    base = {"proxy": {"listen": f"0.0.0.0:{rig.free_port()}", "api_key_env": "PGW_T_API_KEY"},
+            "codec_server": {"enabled": False}, "admin": {"enabled": False},
+            "encryption": {"enabled": False}, "compression": {"enabled": False}, "storage": {"enabled": False}}
+    env = {"PGW_T_API_KEY": API_KEY}
+    p = rig.run_gateway_once(rig.render_toml(base), d, extra_env=env)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "proxy.auth: required" in p.stderr and "allow_unauthenticated" in p.stderr, p.stderr
+    assert API_KEY not in p.stderr + p.stdout
+    # The explicit opt-out starts (check-config loads what start loads, without listening).
+    base["proxy"]["allow_unauthenticated"] = True
+    cfg = d / "optout.toml"
+    cfg.write_text(rig.render_toml(base))
+    p = rig.run_gateway_once(None, d, extra_env=env, args=["check-config", str(cfg)])
+    assert p.returncode == 0, p.stderr
