@@ -22,6 +22,7 @@ import json
 import ssl
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from concurrent import futures
@@ -294,8 +295,11 @@ def setup(workdir):
         front = RecordingFront(server.address).start()
         gw = rig.Gateway(base / "gw", front.address, config={}, name="gateway-auth",
                          extra_env={"PGW_T_TOKEN_A": TOKEN_A, "PGW_T_ADMIN": TOKEN_ADMIN, "PGW_T_API_KEY": API_KEY})
-        sections = gw.listener_sections()
+        sections = gw.listener_sections(codec_server=True)
         sections["proxy"].update({"api_key_env": "PGW_T_API_KEY"})
+        # The codec endpoint verifies JWTs against the same JWKS URL.
+        sections["codec_server"].update({"jwks_url": s.jwks.url, "jwks_ca_file": str(base / "ca.pem"),
+                                         "jwt_issuer": ISS, "jwt_audience": AUD})
         gw.configure({
             **sections,
             "proxy.tls": {"cert_file": str(base / "server.pem"), "key_file": str(base / "server.key"),
@@ -360,6 +364,16 @@ async def run_in_a(client: Client) -> None:
         assert len((await handle.fetch_history()).events) > 3
 
 
+async def refused_connect(coro) -> str:
+    """A connect whose first call (GetSystemInfo) is refused: the SDK raises RuntimeError
+    carrying the status; returns the status message."""
+    with pytest.raises(RuntimeError) as info:
+        await coro
+    text = str(info.value)
+    assert "code: Unauthenticated" in text, text
+    return text
+
+
 async def expect(status: RPCStatusCode, coro) -> str:
     with pytest.raises(RPCError) as info:
         await coro
@@ -422,21 +436,29 @@ async def test_a_token_for_a_works_in_a_and_is_refused_in_b(setup):
     admin = await connect(setup, NS_A, TOKEN_ADMIN)
     created = await admin.operator_service.create_nexus_endpoint(nexus_request(f"ep-{uuid.uuid4().hex[:6]}", NS_A))
     await admin.operator_service.delete_nexus_endpoint(DeleteNexusEndpointRequest(id=created.endpoint.id, version=created.endpoint.version))
-    # A temporal-namespace header that disagrees with the body is refused.
-    raw = await connect(setup, NS_A, TOKEN_A)
-    msg = await expect(RPCStatusCode.PERMISSION_DENIED, raw.workflow_service.describe_namespace(
-        DescribeNamespaceRequest(namespace=NS_A), metadata={"temporal-namespace": NS_B}))
-    assert "temporal-namespace header" in msg, msg
+    # A temporal-namespace header that disagrees with the body is refused (raw gRPC: the SDK
+    # sets the header from the request itself).
+    creds = grpc.ssl_channel_credentials(root_certificates=setup.pki.ca_pem)
+    with grpc.secure_channel(setup.gw.address, creds, options=[("grpc.ssl_target_name_override", "localhost")]) as ch:
+        describe = ch.unary_unary("/temporal.api.workflowservice.v1.WorkflowService/DescribeNamespace",
+                                  request_serializer=None, response_deserializer=None)
+        body = DescribeNamespaceRequest(namespace=NS_A).SerializeToString()
+        auth = ("authorization", f"Bearer {TOKEN_A}")
+        describe(body, metadata=[auth, ("temporal-namespace", NS_A)], timeout=10)
+        with pytest.raises(grpc.RpcError) as info:
+            describe(body, metadata=[auth, ("temporal-namespace", NS_B)], timeout=10)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, info.value
+        assert "temporal-namespace header" in info.value.details(), info.value.details()
     upstream_saw_nothing_of_b_and_only_the_api_key(setup, [TOKEN_A, TOKEN_ADMIN])
 
 
 @sync
 async def test_without_credentials_unauthenticated_and_nothing_reaches_the_upstream(setup):
     before = len(setup.front.snapshot())
-    msg = await expect(RPCStatusCode.UNAUTHENTICATED, connect(setup, NS_A))
+    msg = await refused_connect(connect(setup, NS_A))
     assert "authentication required" in msg, msg
     bad = "tok-guess-" + uuid.uuid4().hex
-    msg = await expect(RPCStatusCode.UNAUTHENTICATED, connect(setup, NS_A, bad))
+    msg = await refused_connect(connect(setup, NS_A, bad))
     assert bad not in msg, msg
     assert len(setup.front.snapshot()) == before, "a refused request reached the upstream"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{setup.gw.admin_port}/metrics", timeout=5).read().decode()
@@ -450,7 +472,7 @@ async def test_a_client_certificate_mapped_to_a_is_treated_like_the_token(setup)
     await run_in_a(await connect(setup, NS_A, cert=cert))
     await all_refused_in_b(await connect(setup, NS_B, cert=cert))
     stranger = setup.pki.client("spiffe://test/stranger")
-    msg = await expect(RPCStatusCode.UNAUTHENTICATED, connect(setup, NS_A, cert=stranger))
+    msg = await refused_connect(connect(setup, NS_A, cert=stranger))
     assert "spiffe://test/stranger" in msg and "not mapped" in msg, msg
     upstream_saw_nothing_of_b_and_only_the_api_key(setup, [TOKEN_A])
 
@@ -479,9 +501,23 @@ async def test_jwts_from_an_https_jwks(setup):
         "no namespaces claim": (rs.token(namespaces=None), "namespaces"),
     }
     for what, (token, reason) in refused.items():
-        msg = await expect(RPCStatusCode.UNAUTHENTICATED, describe_a(setup, token))
+        msg = await refused_connect(describe_a(setup, token))
         assert reason in msg, f"{what}: {msg}"
         assert token not in msg, what
+
+    # The codec endpoint uses the same JWKS URL and rules.
+    def codec(token):
+        req = urllib.request.Request(f"http://127.0.0.1:{setup.gw.codec_port}/{NS_A}/decode", data=b'{"payloads":[]}',
+                                     headers={"content-type": "application/json",
+                                              **({"authorization": f"Bearer {token}"} if token else {})})
+        try:
+            return urllib.request.urlopen(req, timeout=10).status
+        except urllib.error.HTTPError as e:
+            return e.code
+    assert codec(setup.signers["EdDSA"].token()) == 200
+    assert codec(None) == 401
+    assert codec(refused["alg none"][0]) == 401
+    assert codec(refused["expired"][0]) == 401
 
     # Keys rotated on the server are picked up without a restart (unknown kid -> fetch).
     rotated = Signer("ES256", "kid-rotated")
@@ -492,17 +528,17 @@ async def test_jwts_from_an_https_jwks(setup):
         try:
             await describe_a(setup, token)
             break
-        except RPCError as e:
-            assert e.status == RPCStatusCode.UNAUTHENTICATED, e.message
-            assert time.monotonic() < deadline, f"rotated key never picked up: {e.message}"
+        except RuntimeError as e:
+            assert "code: Unauthenticated" in str(e), e
+            assert time.monotonic() < deadline, f"rotated key never picked up: {e}"
             await asyncio.sleep(0.5)
     # The old keys are gone after the next refresh.
     deadline = time.monotonic() + 10
     while True:
         try:
             await describe_a(setup, rs.token())
-        except RPCError as e:
-            assert e.status == RPCStatusCode.UNAUTHENTICATED
+        except RuntimeError as e:
+            assert "code: Unauthenticated" in str(e), e
             break
         assert time.monotonic() < deadline, "a removed key is still accepted"
         await asyncio.sleep(0.5)
@@ -512,6 +548,24 @@ async def test_jwts_from_an_https_jwks(setup):
     await asyncio.sleep(5)  # > jwks_refresh_secs: background refreshes fail meanwhile
     assert (await describe_a(setup, token)).namespace_info.name == NS_A
     # An unknown kid while it is down: still refused, the gateway keeps serving.
-    await expect(RPCStatusCode.UNAUTHENTICATED, describe_a(setup, Signer("ES256", "kid-unknown").token()))
+    await refused_connect(describe_a(setup, Signer("ES256", "kid-unknown").token()))
     assert "JWKS refresh failed; keeping the last good set" in setup.gw.output()
     upstream_saw_nothing_of_b_and_only_the_api_key(setup, [t for t, _ in refused.values()] + [token])
+
+
+def test_the_api_key_beyond_loopback_needs_proxy_auth(workdir):
+    d = rig.new_tmpdir(workdir, "auth-start-")
+    base = {"proxy": {"listen": f"0.0.0.0:{rig.free_port()}", "api_key_env": "PGW_T_API_KEY"},
+            "codec_server": {"enabled": False}, "admin": {"enabled": False},
+            "encryption": {"enabled": False}, "compression": {"enabled": False}, "storage": {"enabled": False}}
+    env = {"PGW_T_API_KEY": API_KEY}
+    p = rig.run_gateway_once(rig.render_toml(base), d, extra_env=env)
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "proxy.auth: required" in p.stderr and "allow_unauthenticated" in p.stderr, p.stderr
+    assert API_KEY not in p.stderr + p.stdout
+    # The explicit opt-out starts (check-config loads what start loads, without listening).
+    base["proxy"]["allow_unauthenticated"] = True
+    cfg = d / "optout.toml"
+    cfg.write_text(rig.render_toml(base))
+    p = rig.run_gateway_once(None, d, extra_env=env, args=["check-config", str(cfg)])
+    assert p.returncode == 0, p.stderr

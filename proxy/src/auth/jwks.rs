@@ -310,7 +310,17 @@ impl Jwks {
         };
         match loaded {
             Ok(set) => {
-                tracing::info!(source = %self.source, keys = set.keys.len(), "JWKS loaded");
+                let kids = |s: &KeySet| s.keys.iter().map(|k| k.kid.clone()).collect::<Vec<_>>();
+                let changed = self
+                    .current
+                    .load()
+                    .as_deref()
+                    .is_none_or(|old| kids(old) != kids(&set));
+                if changed {
+                    tracing::info!(source = %self.source, keys = set.keys.len(), "JWKS loaded");
+                } else {
+                    tracing::debug!(source = %self.source, "JWKS refreshed, key ids unchanged");
+                }
                 self.current.store(Some(Arc::new(set)));
                 *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 true
