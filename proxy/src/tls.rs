@@ -106,16 +106,18 @@ impl TlsAcceptor {
     }
 
     /// Runs the server side of the handshake on `stream`. A failed or too slow handshake is
-    /// logged at debug and yields `None` (the connection is dropped).
+    /// logged at debug and yields `None` (the connection is closed).
     pub async fn handshake(
         &self,
         stream: TcpStream,
         peer: SocketAddr,
     ) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
-        match tokio::time::timeout(self.handshake_timeout, self.inner.accept(stream)).await {
+        let accept = self.inner.accept(stream).into_fallible();
+        match tokio::time::timeout(self.handshake_timeout, accept).await {
             Ok(Ok(stream)) => Some(stream),
-            Ok(Err(e)) => {
+            Ok(Err((e, stream))) => {
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                linger_close(stream).await;
                 None
             }
             Err(_) => {
@@ -128,6 +130,25 @@ impl TlsAcceptor {
             }
         }
     }
+}
+
+/// How long a connection whose handshake failed is drained before it is closed.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Closes a connection whose handshake failed so the client reads the alert rustls sent
+/// (`certificate_required`, `unknown_ca`, ...): in TLS 1.3 the client has often sent its first
+/// request by then, and closing with that request unread would reset the connection, which
+/// can discard the alert before the client reads it (the client then reports "connection
+/// closed" instead of what was wrong). Half-closes, then drains what the client still sends for
+/// at most [`LINGER`].
+async fn linger_close(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// The upstream's TLS settings, ready for a connector.
