@@ -637,6 +637,7 @@ impl CodecServer {
             })?;
             let kind = match kind {
                 Kind::Marked(encoded) => {
+                    self.prepare(&codec, ns.as_deref(), index, &encoded).await?;
                     let decoded = self
                         .blocking(cancel, {
                             let codec = codec.clone();
@@ -701,6 +702,7 @@ impl CodecServer {
         {
             return Ok(None);
         }
+        self.prepare(&codec, ns.as_deref(), index, &input).await?;
         let decoded = self
             .blocking(cancel, move || {
                 codec.decode_for_within(ns.as_deref(), &input, remaining)
@@ -709,6 +711,21 @@ impl CodecServer {
             .map_err(fail)?;
         self.inner.decoded.fetch_add(1, Ordering::Relaxed);
         Ok(decoded.or(resolved))
+    }
+
+    /// Unwraps the data key an envelope-encrypted payload carries, when the namespace may
+    /// decrypt with its key (nothing to do for other payloads or with static keys only).
+    async fn prepare(
+        &self,
+        codec: &crate::codec::PayloadCodec,
+        namespace: Option<&str>,
+        index: usize,
+        payload: &Bytes,
+    ) -> Result<(), Answer> {
+        codec
+            .prepare_decode(namespace, std::slice::from_ref(payload), true)
+            .await
+            .map_err(|e| codec_answer(index, &e.error))
     }
 
     /// Runs `work` on the blocking pool unless the request was cancelled meanwhile.
@@ -974,6 +991,10 @@ fn codec_answer(index: usize, e: &CodecError) -> Answer {
                 "cannot decode payload {index}: decoded payloads exceed \
                  codec_server.max_decoded_bytes ({e})"
             ),
+        ),
+        CodecError::KeyUnavailable { .. } => Answer::error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot decode payload {index}: {e}"),
         ),
         CodecError::DecompressedTooLarge { .. } => Answer::error(
             StatusCode::PAYLOAD_TOO_LARGE,
