@@ -560,13 +560,10 @@ impl PayloadCodec {
                 let key_id = std::str::from_utf8(key_id).map_err(|_| {
                     CodecError::Malformed("encryption-key-id is not UTF-8".to_owned())
                 })?;
-                let key = match state.keys.get(key_id) {
-                    Some(key) => key.clone(),
-                    None if state.keks.contains_key(key_id) => {
-                        self.envelope_key(key_id, &outer, envelope_ns)?
-                    }
-                    None => return Err(CodecError::UnknownKey(key_id.to_owned())),
-                };
+                let static_key = state.keys.get(key_id);
+                if static_key.is_none() && !state.keks.contains_key(key_id) {
+                    return Err(CodecError::UnknownKey(key_id.to_owned()));
+                }
                 if let Some(namespace) = scope
                     && !state.decrypt.get(namespace).contains(key_id)
                 {
@@ -575,6 +572,14 @@ impl PayloadCodec {
                         namespace: namespace.map(str::to_owned),
                     });
                 }
+                let envelope_key;
+                let key: &KeyEntry = match static_key {
+                    Some(key) => key,
+                    None => {
+                        envelope_key = self.envelope_key(key_id, &outer, envelope_ns)?;
+                        &envelope_key
+                    }
+                };
                 if outer.data.len() < NONCE_LEN + TAG_LEN {
                     return Err(CodecError::TooShort {
                         key_id: key.id.clone(),
