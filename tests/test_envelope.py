@@ -167,6 +167,12 @@ def test_envelope_keys_with_offload_few_kms_calls(temporal_server, gateway_facto
     decoded = codec_decode(gw, encrypted[-10:])
     texts = [base64.b64decode(p["data"]).decode() for p in decoded]
     assert any(MARKER in t for t in texts), texts
+    # Our own metrics agree: one wrap, no unwrap (data keys made here are cached).
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.admin_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'pgw_kms_calls_total{provider="awskms",operation="wrap",result="ok"}' in metrics, metrics[-3000:]
+    assert 'operation="unwrap"' not in metrics
+    assert 'pgw_dek_age_seconds{key_id="payments-kek"}' in metrics
     # A fresh gateway (empty data-key cache) unwraps each data key once, at the KMS.
     gw.stop()
     gw2 = start_gateway(gateway_factory, temporal_server.address, kms_server, {"payments-kek": arn}, "payments-kek",
