@@ -149,13 +149,24 @@ fn envelope_keys_are_validated() {
     ))
     .unwrap();
     assert_eq!(c.encryption.dek_rotation_s, 2);
-    assert_eq!(c.encryption.keys[0].kms.as_deref(), Some(&*format!("awskms:///{ARN}")));
+    assert_eq!(
+        c.encryption.keys[0].kms.as_deref(),
+        Some(&*format!("awskms:///{ARN}"))
+    );
     let err = parse(&format!(
         "[encryption]\nactive_key = \"kek\"\nkeys = [{{ id = \"kek\", kms = \"awskms:///{ARN}\", env = \"X\" }}]\n"
     ))
     .unwrap_err();
-    assert!(err.to_string().contains("exactly one of `file`, `env` or `kms`"), "{err}");
-    for (key, value) in [("dek_rotation_s", 0), ("dek_cache_size", 0), ("kms_timeout_ms", 0)] {
+    assert!(
+        err.to_string()
+            .contains("exactly one of `file`, `env` or `kms`"),
+        "{err}"
+    );
+    for (key, value) in [
+        ("dek_rotation_s", 0),
+        ("dek_cache_size", 0),
+        ("kms_timeout_ms", 0),
+    ] {
         let err = parse(&format!("[encryption]\n{key} = {value}\n")).unwrap_err();
         assert!(err.to_string().contains(key), "{err}");
     }
