@@ -93,6 +93,16 @@ def gateway(gateway_factory, temporal_server) -> rig.Gateway:
 
 
 @pytest.fixture
+def kms_server(workdir, request):
+    """moto_server (AWS KMS API) on a free port with its request recorder on."""
+    kms = rig.KmsServer(rig.new_tmpdir(workdir, "kms-"))
+    kms.start()
+    _attach(request, kms.proc)
+    yield kms
+    kms.stop()
+
+
+@pytest.fixture
 def s3_server(workdir, request):
     """s3s-fs on a free port (access key AK, secret SK), with bucket `pgw-test` created."""
     s3 = rig.S3Server(rig.new_tmpdir(workdir, "s3-"))

@@ -471,6 +471,93 @@ class S3Server:
             self.proc.stop(timeout=5)
 
 
+# --------------------------------------------------------------------------- KMS-compatible server (moto)
+
+
+def moto_server_bin() -> str:
+    for cand in (VENV_BIN / "moto_server", TOOLS_DIR / "venv" / "bin" / "moto_server"):
+        if cand.exists():
+            return str(cand)
+    found = shutil.which("moto_server")
+    if not found:
+        raise RuntimeError("moto_server not found; run scripts/setup.sh")
+    return found
+
+
+class KmsServer:
+    """moto's server (AWS KMS API among others) on a free loopback port, with its request
+    recorder on: `calls()` counts the KMS operations the server itself received."""
+
+    REGION = "us-east-1"
+    ACCESS_KEY = "testing"
+    SECRET_KEY = "testing"
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.recording = self.workdir / "kms-requests.jsonl"
+        self.proc: Optional[ManagedProcess] = None
+
+    def start(self, timeout: float = 30.0) -> "KmsServer":
+        env = dict(os.environ)
+        env.update({"MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(self.recording)})
+        self.proc = ManagedProcess("moto-kms", [moto_server_bin(), "-H", "127.0.0.1", "-p", str(self.port)],
+                                   self.workdir / "moto.log", env=env, cwd=self.workdir)
+        wait_until(lambda: port_accepts(self.port) or not self.proc.alive(), timeout, what="moto_server listening")
+        if not self.proc.alive():
+            raise RuntimeError(f"moto_server exited early\n{self.proc.describe()}")
+        return self
+
+    def client(self):
+        import boto3
+        return boto3.client("kms", endpoint_url=self.endpoint, region_name=self.REGION,
+                            aws_access_key_id=self.ACCESS_KEY, aws_secret_access_key=self.SECRET_KEY)
+
+    def create_key(self, description: str = "pgw test KEK") -> str:
+        """A new symmetric KMS key; returns its ARN."""
+        return self.client().create_key(Description=description)["KeyMetadata"]["Arn"]
+
+    def gateway_env(self) -> dict:
+        """What points a gateway's AWS SDK at this server: endpoint and dummy credentials."""
+        return {"AWS_ENDPOINT_URL_KMS": self.endpoint, "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY, "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def calls(self) -> dict[str, int]:
+        """KMS operations received so far (from moto's request recording), by name."""
+        import json
+        counts: dict[str, int] = {}
+        if not self.recording.exists():
+            return counts
+        for line in self.recording.read_text().splitlines():
+            if not line.strip():
+                continue
+            headers = {k.lower(): v for k, v in json.loads(line).get("headers", {}).items()}
+            target = headers.get("x-amz-target", "")
+            if target.startswith("TrentService."):
+                op = target.split(".", 1)[1]
+                counts[op] = counts.get(op, 0) + 1
+        return counts
+
+    def pause(self) -> None:
+        """SIGSTOP: the server accepts connections but answers nothing (a hung KMS)."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            try:
+                self.resume()
+            except ProcessLookupError:
+                pass
+            self.proc.stop(timeout=5)
+
+
 # --------------------------------------------------------------------------- recording upstream
 
 

@@ -83,6 +83,7 @@ fn codec(dir: &std::path::Path) -> PayloadCodec {
         id: "bench".into(),
         file: Some(key_file),
         env: None,
+        kms: None,
     }];
     config.encryption.active_key = Some("bench".into());
     config.encryption.dev_key_file = dir.join("dev.key");

@@ -12,6 +12,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -65,6 +66,26 @@ pub struct StorageLabels {
 pub struct CacheLabels {
     /// `hit` or `miss`.
     pub result: &'static str,
+}
+
+/// Labels of a call to a key service (KMS, HSM, gRPC `KMSService`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KmsCallLabels {
+    /// `awskms`, `pkcs11` or `grpc` ([`crate::kms::Provider::label`]).
+    pub provider: &'static str,
+    /// `wrap` or `unwrap`.
+    pub operation: &'static str,
+    /// `ok`, `unavailable`, `refused`, `invalid` or `config`.
+    pub result: &'static str,
+}
+
+/// Labels of key-service call latency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KmsLatencyLabels {
+    /// `awskms`, `pkcs11` or `grpc`.
+    pub provider: &'static str,
+    /// `wrap` or `unwrap`.
+    pub operation: &'static str,
 }
 
 /// Labels of a policy decision on something the gateway cannot see inside.
@@ -189,6 +210,12 @@ pub struct Metrics {
     pub codec_duration: Family<CodecRouteLabels, Histogram>,
     /// Inbound authorization decisions (`[proxy.auth]`).
     pub auth: Family<AuthLabels, Counter>,
+    /// Key-service calls by provider, operation and result.
+    pub kms_calls: Family<KmsCallLabels, Counter>,
+    /// Key-service call latency, seconds.
+    pub kms_duration: Family<KmsLatencyLabels, Histogram>,
+    /// Lookups of unwrapped data keys for decryption (`hit`: no key-service call).
+    pub dek_cache_lookups: Family<CacheLabels, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -280,6 +307,26 @@ impl Metrics {
             "gRPC requests allowed or refused by [proxy.auth], by result and credential kind",
             auth.clone(),
         );
+        let kms_calls = Family::<KmsCallLabels, Counter>::default();
+        registry.register(
+            "kms_calls",
+            "calls to key services (wrap/unwrap of data keys) by provider, operation and result",
+            kms_calls.clone(),
+        );
+        let kms_duration = Family::<KmsLatencyLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "kms_call_duration_seconds",
+            "latency of calls to key services by provider and operation",
+            kms_duration.clone(),
+        );
+        let dek_cache_lookups = Family::<CacheLabels, Counter>::default();
+        registry.register(
+            "dek_cache_lookups",
+            "lookups of unwrapped data keys for decryption (a miss is one key-service call)",
+            dek_cache_lookups.clone(),
+        );
         registry.register_collector(Box::new(EncryptionCounts));
         Self {
             registry,
@@ -295,6 +342,9 @@ impl Metrics {
             codec_requests,
             codec_duration,
             auth,
+            kms_calls,
+            kms_duration,
+            dek_cache_lookups,
         }
     }
 
@@ -312,6 +362,37 @@ impl Metrics {
     pub fn count_auth(&self, result: &'static str, credential: &'static str) {
         self.auth
             .get_or_create(&AuthLabels { result, credential })
+            .inc();
+    }
+
+    /// Records one key-service call.
+    pub fn record_kms_call(
+        &self,
+        provider: &'static str,
+        operation: &'static str,
+        result: &'static str,
+        seconds: f64,
+    ) {
+        self.kms_calls
+            .get_or_create(&KmsCallLabels {
+                provider,
+                operation,
+                result,
+            })
+            .inc();
+        self.kms_duration
+            .get_or_create(&KmsLatencyLabels {
+                provider,
+                operation,
+            })
+            .observe(seconds);
+    }
+
+    /// Counts one lookup of an unwrapped data key.
+    pub fn count_dek_lookup(&self, hit: bool) {
+        let result = if hit { "hit" } else { "miss" };
+        self.dek_cache_lookups
+            .get_or_create(&CacheLabels { result })
             .inc();
     }
 
@@ -366,16 +447,32 @@ impl Collector for EncryptionCounts {
         let Some(codec) = codec else {
             return Ok(());
         };
-        let mut family = encoder.encode_descriptor(
-            "encryptions",
-            "AES-GCM encryptions per key id (random nonces: NIST SP 800-38D allows 2^32 per key)",
-            None,
-            prometheus_client::metrics::MetricType::Counter,
-        )?;
-        for (key_id, count) in codec.encryption_counts() {
-            let labels = [("key_id", key_id)];
-            let metric_encoder = family.encode_family(&labels)?;
-            ConstCounter::new(count).encode(metric_encoder)?;
+        {
+            let mut family = encoder.encode_descriptor(
+                "encryptions",
+                "AES-GCM encryptions per key id (random nonces: NIST SP 800-38D allows 2^32 per key)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (key_id, count) in codec.encryption_counts() {
+                let labels = [("key_id", key_id)];
+                let metric_encoder = family.encode_family(&labels)?;
+                ConstCounter::new(count).encode(metric_encoder)?;
+            }
+        }
+        let ages = codec.dek_ages();
+        if !ages.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "dek_age_seconds",
+                "age of the oldest data key still encrypting new payloads, per key-encryption key",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for (key_id, age) in ages {
+                let labels = [("key_id", key_id)];
+                let metric_encoder = family.encode_family(&labels)?;
+                ConstGauge::new(age).encode(metric_encoder)?;
+            }
         }
         Ok(())
     }

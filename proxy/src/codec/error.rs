@@ -85,6 +85,24 @@ pub enum CodecError {
     /// Decompressing would pass the message's or the process's memory budget.
     #[error("{0}")]
     Budget(#[from] crate::budget::Exhausted),
+    /// An envelope key's data key is not available: its key service could not be reached (or
+    /// has not been asked yet). Retrying later may succeed; nothing was encrypted or decrypted.
+    #[error("encryption key {key_id:?} is unavailable: {reason}")]
+    KeyUnavailable {
+        /// The key-encryption key's id.
+        key_id: String,
+        /// Why (no key material).
+        reason: String,
+    },
+    /// An envelope key's key service refused to wrap or unwrap a data key (permissions, a
+    /// disabled key, or a wrapped key that does not unwrap for this namespace).
+    #[error("encryption key {key_id:?}: {reason}")]
+    KeyService {
+        /// The key-encryption key's id.
+        key_id: String,
+        /// What the key service said (no key material).
+        reason: String,
+    },
     /// A worker thread of a batch failed (panicked or was cancelled).
     #[error("codec worker failed: {0}")]
     Worker(String),

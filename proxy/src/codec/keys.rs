@@ -72,13 +72,17 @@ impl NonceCounter {
     }
 }
 
-/// One AES-256-GCM key.
+/// One AES-256-GCM key: a static key, or an envelope data key (then `id` is its KEK's id).
 pub(crate) struct KeyEntry {
     pub(crate) id: String,
     aead: LessSafeKey,
     pub(crate) counter: Arc<NonceCounter>,
-    /// Serialized metadata of payloads this key encrypts (encoding + key id).
+    /// Serialized metadata of payloads this key encrypts (encoding + key id, and for a data
+    /// key its wrapped form and id).
     pub(crate) header: Vec<u8>,
+    /// AES-GCM associated data: empty for static keys (the SDK sample codecs' layout); for a
+    /// data key the binding of [`envelope_aad`].
+    aad: Box<[u8]>,
 }
 
 impl fmt::Debug for KeyEntry {
@@ -104,6 +108,33 @@ impl KeyEntry {
                 (ENCODING_KEY, ENCODING_ENCRYPTED),
                 (KEY_ID_KEY, id.as_bytes()),
             ]),
+            aad: Box::default(),
+        }
+    }
+
+    /// An envelope data key of `kek_id` for `namespace`: payloads carry `wrapped` and
+    /// `dek_id` in their metadata and are sealed with [`envelope_aad`] as associated data.
+    pub(crate) fn envelope(
+        kek_id: &str,
+        dek: &crate::kms::Dek,
+        wrapped: &[u8],
+        dek_id: &str,
+        namespace: &str,
+    ) -> Self {
+        let aead = LessSafeKey::new(
+            UnboundKey::new(&AES_256_GCM, dek.expose()).expect("32 bytes is an AES-256 key"),
+        );
+        Self {
+            id: kek_id.to_owned(),
+            aead,
+            counter: Arc::default(),
+            header: wire::metadata_prefix(&[
+                (ENCODING_KEY, ENCODING_ENCRYPTED),
+                (KEY_ID_KEY, kek_id.as_bytes()),
+                (wire::DEK_KEY, wrapped),
+                (wire::DEK_ID_KEY, dek_id.as_bytes()),
+            ]),
+            aad: envelope_aad(kek_id, dek_id, namespace).into_boxed_slice(),
         }
     }
 
@@ -123,7 +154,7 @@ impl KeyEntry {
             .aead
             .seal_in_place_separate_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::empty(),
+                Aad::from(&self.aad[..]),
                 &mut buf[start..],
             )
             .map_err(|_| CodecError::EncryptFailed {
@@ -145,12 +176,29 @@ impl KeyEntry {
         let (nonce, rest) = buf.split_at_mut(NONCE_LEN);
         let nonce = Nonce::try_assume_unique_for_key(nonce).expect("12 bytes");
         self.aead
-            .open_in_place(nonce, Aad::empty(), rest)
+            .open_in_place(nonce, Aad::from(&self.aad[..]), rest)
             .map(|plain| plain.len())
             .map_err(|_| CodecError::AuthenticationFailed {
                 key_id: self.id.clone(),
             })
     }
+}
+
+/// Associated data of an envelope-encrypted payload: a version label, then the KEK id, the
+/// data key id and the namespace, each length-prefixed (u32, big endian). A payload moved to
+/// another namespace, or relabelled with another key or data key id, fails authentication
+/// even when its data key is cached.
+pub(crate) fn envelope_aad(kek_id: &str, dek_id: &str, namespace: &str) -> Vec<u8> {
+    const LABEL: &[u8] = b"payload-gateway/envelope/v1";
+    let mut aad =
+        Vec::with_capacity(LABEL.len() + 12 + kek_id.len() + dek_id.len() + namespace.len());
+    aad.extend_from_slice(LABEL);
+    for part in [kek_id, dek_id, namespace] {
+        let len = u32::try_from(part.len()).unwrap_or(u32::MAX);
+        aad.extend_from_slice(&len.to_be_bytes());
+        aad.extend_from_slice(part.as_bytes());
+    }
+    aad
 }
 
 /// Which keys each namespace may decrypt with: keys are bound to the namespaces that use them.
@@ -179,12 +227,12 @@ pub(crate) struct DecryptSets {
 impl DecryptSets {
     /// Applies the rule to `config` over the loaded `keys` (ids not in the keyring are dropped;
     /// configuration validation already refuses them).
-    pub(crate) fn build(config: &Config, keys: &HashMap<String, Arc<KeyEntry>>) -> Self {
+    pub(crate) fn build(config: &Config, keys: &BTreeSet<String>) -> Self {
         let top_key = config
             .encryption
             .active_key
             .clone()
-            .or_else(|| keys.contains_key(DEV_KEY_ID).then(|| DEV_KEY_ID.to_owned()));
+            .or_else(|| keys.contains(DEV_KEY_ID).then(|| DEV_KEY_ID.to_owned()));
         let own_key = |ns: &NamespaceConfig| ns.active_key.clone().or_else(|| top_key.clone());
         let mut owned: BTreeSet<String> = top_key.iter().cloned().collect();
         for ns in config.namespaces.values() {
@@ -194,7 +242,7 @@ impl DecryptSets {
         let default_extra: BTreeSet<String> = match &config.encryption.decrypt_keys {
             Some(ids) => ids.iter().cloned().collect(),
             None => keys
-                .keys()
+                .iter()
                 .filter(|id| !owned.contains(*id))
                 .cloned()
                 .collect(),
@@ -202,7 +250,7 @@ impl DecryptSets {
         let set = |own: Option<String>, extra: &BTreeSet<String>| {
             let mut set = extra.clone();
             set.extend(own);
-            set.retain(|id| keys.contains_key(id));
+            set.retain(|id| keys.contains(id));
             set
         };
         Self {
@@ -257,6 +305,10 @@ pub(crate) fn load_keys(
 ) -> Result<HashMap<String, Arc<KeyEntry>>, ConfigError> {
     let mut keys = HashMap::new();
     for (i, spec) in config.encryption.keys.iter().enumerate() {
+        if spec.kms.is_some() {
+            // A key-encryption key in a key service (`kms::connect`), not key material.
+            continue;
+        }
         let raw = if let Some(file) = &spec.file {
             warn_if_readable_by_others(file, &spec.id);
             std::fs::read(file).map_err(|e| {
@@ -278,7 +330,7 @@ pub(crate) fn load_keys(
         } else {
             return Err(ConfigError::invalid(
                 format!("encryption.keys[{i}]"),
-                "give exactly one of `file` or `env`",
+                "give exactly one of `file`, `env` or `kms`",
             ));
         };
         let material = parse_key(&raw)
@@ -289,7 +341,7 @@ pub(crate) fn load_keys(
             Arc::new(KeyEntry::new(&spec.id, &material, counter)),
         );
     }
-    if keys.is_empty() && encryption_used(config) {
+    if config.encryption.keys.is_empty() && encryption_used(config) {
         let material = load_or_create_dev_key(&config.encryption.dev_key_file, rng)?;
         let counter = counter_for(registry, DEV_KEY_ID, &material);
         keys.insert(

@@ -66,6 +66,7 @@
 //! split them into byte-balanced groups, one per core, on tokio's blocking pool, so large
 //! payloads never stall the async workers. The threshold was measured by the `codec` bench.
 
+mod envelope;
 mod error;
 mod keys;
 mod nonce;
@@ -73,12 +74,15 @@ pub(crate) mod wire;
 mod zstd_layer;
 
 #[cfg(test)]
+mod envelope_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use aws_lc_rs::aead::NONCE_LEN;
@@ -87,6 +91,8 @@ use bytes::Bytes;
 
 use crate::budget::MessageBudget;
 use crate::config::{Config, ConfigError};
+use crate::kms::KeyEncryptionKey;
+use envelope::{DekManager, DekSettings};
 pub use error::{BatchError, CodecError};
 pub use keys::generate_key_base64;
 use keys::{CounterRegistry, KeyEntry, NONCE_LIMIT, TAG_LEN};
@@ -112,11 +118,48 @@ struct Inner {
     nonces: nonce::NonceSource,
     nonce_limit: u64,
     parallel_threshold: AtomicUsize,
+    /// Data keys of envelope keys (kept across reloads).
+    deks: Arc<DekManager>,
+    /// Builds key-encryption keys from their URIs ([`crate::kms::connect`]).
+    connector: Connector,
+    /// Data-key limits that are not configuration (tests shorten them).
+    tuning: DekTuning,
+}
+
+/// Builds a key-encryption key from `(key id, URI, settings)`.
+pub(crate) type Connector = Arc<
+    dyn Fn(
+            &str,
+            &str,
+            &crate::kms::ConnectSettings,
+        ) -> Result<Arc<dyn KeyEncryptionKey>, crate::kms::KmsError>
+        + Send
+        + Sync,
+>;
+
+/// Data-key limits besides the configured ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DekTuning {
+    /// Overrides `encryption.dek_rotation_s` (tests: below a second).
+    pub(crate) lifetime: Option<Duration>,
+    /// Encryptions per data key.
+    pub(crate) max_encryptions: u64,
+}
+
+impl Default for DekTuning {
+    fn default() -> Self {
+        Self {
+            lifetime: None,
+            max_encryptions: envelope::DEFAULT_MAX_ENCRYPTIONS,
+        }
+    }
 }
 
 /// Everything a reload replaces, swapped as one.
 struct State {
     keys: HashMap<String, Arc<KeyEntry>>,
+    /// Key-encryption keys (envelope encryption) by id.
+    keks: HashMap<String, Kek>,
     default_policy: Policy,
     namespaces: HashMap<String, Policy>,
     level: i32,
@@ -128,10 +171,36 @@ struct State {
     decrypt: keys::DecryptSets,
 }
 
+/// A configured key-encryption key.
+struct Kek {
+    /// The `kms` URI and call timeout it was built from (a reload that keeps both keeps it).
+    uri: String,
+    timeout: Duration,
+    kek: Arc<dyn KeyEncryptionKey>,
+}
+
+/// The key that encrypts a namespace's new payloads.
+#[derive(Clone)]
+enum ActiveKey {
+    /// A static key.
+    Static(Arc<KeyEntry>),
+    /// An envelope key: payloads are encrypted with its current data key for the namespace.
+    Envelope(Arc<dyn KeyEncryptionKey>),
+}
+
+impl ActiveKey {
+    fn id(&self) -> &str {
+        match self {
+            ActiveKey::Static(k) => &k.id,
+            ActiveKey::Envelope(k) => k.key_id(),
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Policy {
     /// The active key when encryption is on.
-    encrypt: Option<Arc<KeyEntry>>,
+    encrypt: Option<ActiveKey>,
     compress: bool,
     /// Unknown methods that may pass untouched where encryption applies.
     forward_methods: Arc<[String]>,
@@ -162,13 +231,13 @@ pub struct EffectivePolicy {
 impl fmt::Debug for PayloadCodec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = self.inner.state.load();
-        let mut ids: Vec<&String> = state.keys.keys().collect();
+        let mut ids: Vec<&String> = state.keys.keys().chain(state.keks.keys()).collect();
         ids.sort();
         f.debug_struct("PayloadCodec")
             .field("key_ids", &ids)
             .field(
                 "active_key",
-                &state.default_policy.encrypt.as_ref().map(|k| &k.id),
+                &state.default_policy.encrypt.as_ref().map(ActiveKey::id),
             )
             .field("compress", &state.default_policy.compress)
             .finish_non_exhaustive()
@@ -183,9 +252,24 @@ impl PayloadCodec {
     }
 
     pub(crate) fn with_nonce_limit(config: &Config, nonce_limit: u64) -> Result<Self, ConfigError> {
+        Self::with_parts(
+            config,
+            nonce_limit,
+            Arc::new(crate::kms::connect),
+            DekTuning::default(),
+        )
+    }
+
+    /// The codec with its key-encryption keys built by `connector` and data-key `tuning`.
+    pub(crate) fn with_parts(
+        config: &Config,
+        nonce_limit: u64,
+        connector: Connector,
+        tuning: DekTuning,
+    ) -> Result<Self, ConfigError> {
         let counters = CounterRegistry::default();
         let rng = SystemRandom::new();
-        let state = State::build(config, &counters, &rng)?;
+        let state = State::build(config, &counters, &rng, None, &connector)?;
         Ok(Self {
             inner: Arc::new(Inner {
                 state: ArcSwap::from_pointee(state),
@@ -194,6 +278,9 @@ impl PayloadCodec {
                 nonces: nonce::NonceSource::new(),
                 nonce_limit,
                 parallel_threshold: AtomicUsize::new(DEFAULT_PARALLEL_THRESHOLD),
+                deks: DekManager::new(dek_settings(config, &tuning)),
+                connector,
+                tuning,
             }),
         })
     }
@@ -201,7 +288,17 @@ impl PayloadCodec {
     /// Re-reads keys and policy from `config` and swaps them in atomically. Work already
     /// running finishes with the old keyring. On error the old keyring stays.
     pub fn reload(&self, config: &Config) -> Result<(), ConfigError> {
-        let state = State::build(config, &self.inner.counters, &self.inner.rng)?;
+        let previous = self.inner.state.load_full();
+        let state = State::build(
+            config,
+            &self.inner.counters,
+            &self.inner.rng,
+            Some(&previous),
+            &self.inner.connector,
+        )?;
+        self.inner
+            .deks
+            .set_settings(dek_settings(config, &self.inner.tuning));
         self.inner.state.store(Arc::new(state));
         let mut ids: Vec<&String> = config.encryption.keys.iter().map(|k| &k.id).collect();
         ids.sort();
@@ -254,7 +351,7 @@ impl PayloadCodec {
         let state = self.inner.state.load();
         let describe = |namespace: Option<&String>, p: &Policy| EffectivePolicy {
             namespace: namespace.cloned(),
-            encrypt_key: p.encrypt.as_ref().map(|k| k.id.clone()),
+            encrypt_key: p.encrypt.as_ref().map(|k| k.id().to_owned()),
             compress: p.compress,
             forward_unknown_methods: p.forward_methods.to_vec(),
             forward_unknown_any_types: p.forward_any.to_vec(),
@@ -308,7 +405,14 @@ impl PayloadCodec {
                     None => Ok(None),
                 }
             }
-            Some(key) => {
+            Some(active) => {
+                let (key, limit) = match active {
+                    ActiveKey::Static(key) => (key.clone(), self.inner.nonce_limit),
+                    ActiveKey::Envelope(kek) => (
+                        self.inner.deks.current(kek, namespace.unwrap_or(""))?,
+                        self.inner.deks.max_encryptions(),
+                    ),
+                };
                 let enc_reserve = key.header.len() + DATA_HEADER_MAX + NONCE_LEN;
                 let mut buf = Vec::new();
                 let mut inner_start = None;
@@ -326,7 +430,7 @@ impl PayloadCodec {
                         enc_reserve
                     }
                 };
-                let start = self.seal_layer(key, &mut buf, inner_start)?;
+                let start = self.seal_layer(&key, limit, &mut buf, inner_start)?;
                 Ok(Some(finish(buf, start)))
             }
         }
@@ -337,6 +441,7 @@ impl PayloadCodec {
     fn seal_layer(
         &self,
         key: &KeyEntry,
+        limit: u64,
         buf: &mut Vec<u8>,
         inner_start: usize,
     ) -> Result<usize, CodecError> {
@@ -347,7 +452,7 @@ impl PayloadCodec {
         let start = nonce_start - dh_len - key.header.len();
         buf[start..start + key.header.len()].copy_from_slice(&key.header);
         buf[nonce_start - dh_len..nonce_start].copy_from_slice(&dh[..dh_len]);
-        key.seal(&self.inner.nonces, self.inner.nonce_limit, buf, inner_start)?;
+        key.seal(&self.inner.nonces, limit, buf, inner_start)?;
         Ok(start)
     }
 
@@ -356,7 +461,7 @@ impl PayloadCodec {
     /// [`decode_within`](Self::decode_within); see [`decode_for`](Self::decode_for) for the
     /// namespace-bound form.
     pub fn decode(&self, payload: &[u8]) -> Result<Option<Bytes>, CodecError> {
-        self.decode_with(payload, None, &MessageBudget::unlimited())
+        self.decode_with(payload, None, None, &MessageBudget::unlimited())
     }
 
     /// Decodes one serialized payload, charging what decoding produces (decompressed or, when
@@ -366,7 +471,20 @@ impl PayloadCodec {
         payload: &[u8],
         budget: &MessageBudget,
     ) -> Result<Option<Bytes>, CodecError> {
-        self.decode_with(payload, None, budget)
+        self.decode_with(payload, None, None, budget)
+    }
+
+    /// [`decode_within`](Self::decode_within) for a payload that reached `namespace`:
+    /// envelope-encrypted payloads are opened with the data key wrapped for that namespace
+    /// (which [`prepare_decode`](Self::prepare_decode) must have unwrapped); static keys are
+    /// not restricted to the namespace's decrypt keys (the gRPC path, as `decode_within`).
+    pub fn decode_in(
+        &self,
+        namespace: Option<&str>,
+        payload: &[u8],
+        budget: &MessageBudget,
+    ) -> Result<Option<Bytes>, CodecError> {
+        self.decode_with(payload, None, Some(namespace.unwrap_or("")), budget)
     }
 
     /// [`decode`](Self::decode) for `namespace`: a `binary/encrypted` payload naming a key the
@@ -378,7 +496,12 @@ impl PayloadCodec {
         namespace: Option<&str>,
         payload: &[u8],
     ) -> Result<Option<Bytes>, CodecError> {
-        self.decode_with(payload, Some(namespace), &MessageBudget::unlimited())
+        self.decode_with(
+            payload,
+            Some(namespace),
+            Some(namespace.unwrap_or("")),
+            &MessageBudget::unlimited(),
+        )
     }
 
     /// [`decode_for`](Self::decode_for) producing at most `budget` bytes: a compressed payload
@@ -391,13 +514,18 @@ impl PayloadCodec {
         budget: usize,
     ) -> Result<Option<Bytes>, CodecError> {
         let account = MessageBudget::new(crate::budget::ProcessBudget::unlimited(), budget);
-        self.decode_with(payload, Some(namespace), &account)
-            .map_err(|e| match e {
-                CodecError::Budget(crate::budget::Exhausted::Message { .. }) => {
-                    CodecError::OverBudget { budget }
-                }
-                e => e,
-            })
+        self.decode_with(
+            payload,
+            Some(namespace),
+            Some(namespace.unwrap_or("")),
+            &account,
+        )
+        .map_err(|e| match e {
+            CodecError::Budget(crate::budget::Exhausted::Message { .. }) => {
+                CodecError::OverBudget { budget }
+            }
+            e => e,
+        })
     }
 
     /// The key ids `namespace` may decrypt with (`None`: requests without a namespace), sorted.
@@ -407,10 +535,13 @@ impl PayloadCodec {
     }
 
     /// `scope`: `Some(namespace)` enforces the namespace's decrypt keys; `None` allows all.
+    /// `envelope_ns`: the namespace envelope-encrypted payloads are opened for (`None`: they
+    /// are refused, the caller named no namespace).
     fn decode_with(
         &self,
         payload: &[u8],
         scope: Option<Option<&str>>,
+        envelope_ns: Option<&str>,
         budget: &MessageBudget,
     ) -> Result<Option<Bytes>, CodecError> {
         let state = self.inner.state.load();
@@ -429,10 +560,10 @@ impl PayloadCodec {
                 let key_id = std::str::from_utf8(key_id).map_err(|_| {
                     CodecError::Malformed("encryption-key-id is not UTF-8".to_owned())
                 })?;
-                let key = state
-                    .keys
-                    .get(key_id)
-                    .ok_or_else(|| CodecError::UnknownKey(key_id.to_owned()))?;
+                let static_key = state.keys.get(key_id);
+                if static_key.is_none() && !state.keks.contains_key(key_id) {
+                    return Err(CodecError::UnknownKey(key_id.to_owned()));
+                }
                 if let Some(namespace) = scope
                     && !state.decrypt.get(namespace).contains(key_id)
                 {
@@ -441,6 +572,14 @@ impl PayloadCodec {
                         namespace: namespace.map(str::to_owned),
                     });
                 }
+                let envelope_key;
+                let key: &KeyEntry = match static_key {
+                    Some(key) => key,
+                    None => {
+                        envelope_key = self.envelope_key(key_id, &outer, envelope_ns)?;
+                        &envelope_key
+                    }
+                };
                 if outer.data.len() < NONCE_LEN + TAG_LEN {
                     return Err(CodecError::TooShort {
                         key_id: key.id.clone(),
@@ -472,9 +611,129 @@ impl PayloadCodec {
         namespace: Option<&str>,
         payloads: Vec<Bytes>,
     ) -> Result<Vec<Option<Bytes>>, BatchError> {
+        self.prepare_encode(namespace)
+            .await
+            .map_err(|error| BatchError { index: 0, error })?;
         let ns = namespace.map(str::to_owned);
         self.run_batch(payloads, move |codec, p| codec.encode(ns.as_deref(), p))
             .await
+    }
+
+    /// Makes sure the envelope key that encrypts `namespace`'s payloads (if it has one) has a
+    /// data key for it that may encrypt now, asking its key service once when it has none:
+    /// the async step before [`encode`](Self::encode). Does nothing for static keys.
+    pub async fn prepare_encode(&self, namespace: Option<&str>) -> Result<(), CodecError> {
+        let kek = {
+            let state = self.inner.state.load();
+            match &state.policy(namespace).encrypt {
+                Some(ActiveKey::Envelope(kek)) => kek.clone(),
+                _ => return Ok(()),
+            }
+        };
+        self.inner
+            .deks
+            .ensure(&kek, namespace.unwrap_or(""))
+            .await
+            .map_err(CodecError::from)
+    }
+
+    /// Unwraps the data keys that envelope-encrypted `payloads` of `namespace` carry and
+    /// that are not cached yet (one key-service call per distinct data key, shared with
+    /// concurrent callers): the async step before [`decode_in`](Self::decode_in) and
+    /// [`decode_for`](Self::decode_for). With `bound`, only keys `namespace` may decrypt
+    /// with are unwrapped (the others are refused by `decode_for` anyway). Payloads that are
+    /// not envelope-encrypted are skipped; does nothing when no envelope key is configured.
+    pub async fn prepare_decode(
+        &self,
+        namespace: Option<&str>,
+        payloads: &[Bytes],
+        bound: bool,
+    ) -> Result<(), BatchError> {
+        let state = self.inner.state.load_full();
+        if state.keks.is_empty() {
+            return Ok(());
+        }
+        let ns = namespace.unwrap_or("");
+        let mut seen = std::collections::HashSet::new();
+        let mut calls = Vec::new();
+        for (index, payload) in payloads.iter().enumerate() {
+            let Ok(scan) = wire::scan(payload) else {
+                continue;
+            };
+            let (Some(ENCODING_ENCRYPTED), Some(key_id), Some(wrapped)) =
+                (scan.encoding, scan.key_id, scan.dek)
+            else {
+                continue;
+            };
+            let Some(kek) = std::str::from_utf8(key_id)
+                .ok()
+                .and_then(|id| state.keks.get(id))
+            else {
+                continue;
+            };
+            let key_id = kek.kek.key_id();
+            if bound && !state.decrypt.get(namespace).contains(key_id) {
+                continue;
+            }
+            let dek_id = scan
+                .dek_id
+                .and_then(|d| std::str::from_utf8(d).ok())
+                .unwrap_or("");
+            if !seen.insert((key_id, dek_id, wrapped)) {
+                continue;
+            }
+            let deks = self.inner.deks.clone();
+            let kek = kek.kek.clone();
+            let wrapped = wrapped.to_vec();
+            let dek_id = dek_id.to_owned();
+            calls.push(async move {
+                deks.unwrap(&kek, ns, &wrapped, &dek_id)
+                    .await
+                    .map_err(|e| BatchError {
+                        index,
+                        error: e.into(),
+                    })
+            });
+        }
+        futures::future::try_join_all(calls).await.map(drop)
+    }
+
+    /// The cached data key of the envelope-encrypted payload `outer` (of `key_id`), opened
+    /// for `namespace`.
+    fn envelope_key(
+        &self,
+        key_id: &str,
+        outer: &wire::Scan<'_>,
+        namespace: Option<&str>,
+    ) -> Result<Arc<KeyEntry>, CodecError> {
+        let wrapped = outer.dek.ok_or_else(|| {
+            CodecError::Malformed(format!(
+                "payload of envelope key {key_id:?} carries no wrapped data key ({})",
+                wire::DEK_KEY
+            ))
+        })?;
+        let namespace = namespace.ok_or_else(|| CodecError::KeyService {
+            key_id: key_id.to_owned(),
+            reason: "envelope-encrypted payloads open only for the namespace they were \
+                     encrypted for, and none was given"
+                .to_owned(),
+        })?;
+        let dek_id = outer
+            .dek_id
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .unwrap_or("");
+        self.inner
+            .deks
+            .cached(key_id, namespace, dek_id, wrapped)
+            .ok_or_else(|| CodecError::KeyUnavailable {
+                key_id: key_id.to_owned(),
+                reason: "the payload's data key is not unwrapped".to_owned(),
+            })
+    }
+
+    /// Per envelope key id, the age in seconds of its oldest data key still encrypting.
+    pub fn dek_ages(&self) -> Vec<(String, f64)> {
+        self.inner.deks.ages()
     }
 
     /// [`decode`](Self::decode) for every payload of one message, concurrently when large.
@@ -496,6 +755,22 @@ impl PayloadCodec {
     ) -> Result<Vec<Option<Bytes>>, BatchError> {
         self.run_batch(payloads, move |codec, p| codec.decode_within(p, &budget))
             .await
+    }
+
+    /// [`decode_in`](Self::decode_in) for every payload of one message that reached
+    /// `namespace`, after [`prepare_decode`](Self::prepare_decode); concurrently when large.
+    pub async fn decode_batch_in(
+        &self,
+        namespace: Option<&str>,
+        payloads: Vec<Bytes>,
+        budget: MessageBudget,
+    ) -> Result<Vec<Option<Bytes>>, BatchError> {
+        self.prepare_decode(namespace, &payloads, false).await?;
+        let ns = namespace.map(str::to_owned);
+        self.run_batch(payloads, move |codec, p| {
+            codec.decode_in(ns.as_deref(), p, &budget)
+        })
+        .await
     }
 
     async fn run_batch<F>(
@@ -644,9 +919,15 @@ impl State {
         config: &Config,
         counters: &CounterRegistry,
         rng: &SystemRandom,
+        previous: Option<&State>,
+        connector: &Connector,
     ) -> Result<Self, ConfigError> {
         let keys = keys::load_keys(config, counters, rng)?;
-        let key = |name: String, id: Option<&String>| -> Result<Arc<KeyEntry>, ConfigError> {
+        let keks = load_keks(config, previous, connector)?;
+        let key = |name: String, id: Option<&String>| -> Result<ActiveKey, ConfigError> {
+            if let Some(kek) = id.and_then(|id| keks.get(id)) {
+                return Ok(ActiveKey::Envelope(kek.kek.clone()));
+            }
             let id = match id {
                 Some(id) => id.as_str(),
                 None if keys.contains_key(keys::DEV_KEY_ID) => keys::DEV_KEY_ID,
@@ -657,7 +938,7 @@ impl State {
                     ));
                 }
             };
-            keys.get(id).cloned().ok_or_else(|| {
+            keys.get(id).cloned().map(ActiveKey::Static).ok_or_else(|| {
                 ConfigError::invalid(
                     name,
                     format!("names key {id:?}, which is not in encryption.keys"),
@@ -705,10 +986,13 @@ impl State {
         if !(1..=22).contains(&config.compression.level) {
             return Err(ConfigError::invalid("compression.level", "must be 1..=22"));
         }
-        let decrypt = keys::DecryptSets::build(config, &keys);
+        let ids: std::collections::BTreeSet<String> =
+            keys.keys().chain(keks.keys()).cloned().collect();
+        let decrypt = keys::DecryptSets::build(config, &ids);
         Ok(Self {
             decrypt,
             keys,
+            keks,
             default_policy,
             namespaces,
             level: config.compression.level,
@@ -747,4 +1031,51 @@ impl State {
         buf[reserve - dh_len..reserve].copy_from_slice(&dh[..dh_len]);
         Ok(Some(start))
     }
+}
+
+/// The data-key settings of `config`.
+fn dek_settings(config: &Config, tuning: &DekTuning) -> DekSettings {
+    DekSettings {
+        lifetime: tuning
+            .lifetime
+            .unwrap_or(Duration::from_secs(config.encryption.dek_rotation_s)),
+        max_encryptions: tuning.max_encryptions,
+        cache_size: config.encryption.dek_cache_size,
+    }
+}
+
+/// Builds every configured key-encryption key (`kms = ...`), keeping the ones of `previous`
+/// whose URI and timeout did not change (their clients and connections).
+fn load_keks(
+    config: &Config,
+    previous: Option<&State>,
+    connector: &Connector,
+) -> Result<HashMap<String, Kek>, ConfigError> {
+    let timeout = Duration::from_millis(config.encryption.kms_timeout_ms);
+    let settings = crate::kms::ConnectSettings { timeout };
+    let mut keks = HashMap::new();
+    for (i, spec) in config.encryption.keys.iter().enumerate() {
+        let Some(uri) = &spec.kms else {
+            continue;
+        };
+        let kept = previous
+            .and_then(|p| p.keks.get(&spec.id))
+            .filter(|k| &k.uri == uri && k.timeout == timeout)
+            .map(|k| k.kek.clone());
+        let kek = match kept {
+            Some(kek) => kek,
+            None => connector(&spec.id, uri, &settings).map_err(|e| {
+                ConfigError::invalid(format!("encryption.keys[{i}].kms"), e.to_string())
+            })?,
+        };
+        keks.insert(
+            spec.id.clone(),
+            Kek {
+                uri: uri.clone(),
+                timeout,
+                kek,
+            },
+        );
+    }
+    Ok(keks)
 }

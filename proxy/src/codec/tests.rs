@@ -85,11 +85,13 @@ impl Fixture {
                 id: "k1".into(),
                 file: Some(self.b64_key("k1.key", &K1)),
                 env: None,
+                kms: None,
             },
             KeySpec {
                 id: "k2".into(),
                 file: Some(self.key_file("k2.raw", &K2)),
                 env: None,
+                kms: None,
             },
         ];
         c.encryption.active_key = Some("k1".into());
@@ -307,6 +309,7 @@ fn decodes_python_sample_codec_vector() {
         id: "py-k1".into(),
         file: Some(f.key_file("py.key", &key)),
         env: None,
+        kms: None,
     });
     let codec = PayloadCodec::from_config(&config).unwrap();
     assert_eq!(codec.decode(&hex(OUTER)).unwrap().unwrap(), hex(INNER));
@@ -567,6 +570,7 @@ fn key_errors_name_the_key() {
         id: "k0".into(),
         file: None,
         env: Some("PGW_TEST_KEY_K0_SURELY_UNSET".into()),
+        kms: None,
     };
     assert_eq!(
         config_error(&c),

@@ -15,6 +15,11 @@ use bytes::Bytes;
 pub(crate) const ENCODING_KEY: &str = "encoding";
 /// Metadata key of the encryption key id.
 pub(crate) const KEY_ID_KEY: &str = "encryption-key-id";
+/// Metadata key of the wrapped data key of an envelope-encrypted payload (opaque bytes from
+/// the key service).
+pub(crate) const DEK_KEY: &str = "encryption-dek";
+/// Metadata key of the data key's id (32 lowercase hex digits) of an envelope-encrypted payload.
+pub(crate) const DEK_ID_KEY: &str = "encryption-dek-id";
 /// Encoding of the compression layer.
 pub(crate) const ENCODING_ZSTD: &[u8] = b"binary/zstd";
 /// Encoding of the encryption layer (Temporal's sample encryption codec).
@@ -61,11 +66,15 @@ pub(crate) struct Scan<'a> {
     pub encoding: Option<&'a [u8]>,
     /// `metadata["encryption-key-id"]`.
     pub key_id: Option<&'a [u8]>,
+    /// `metadata["encryption-dek"]` (envelope encryption).
+    pub dek: Option<&'a [u8]>,
+    /// `metadata["encryption-dek-id"]` (envelope encryption).
+    pub dek_id: Option<&'a [u8]>,
     /// `data` (empty when absent).
     pub data: &'a [u8],
 }
 
-/// Reads the encoding, the key id and the data of a serialized payload without copying.
+/// Reads the encoding, the key id, the envelope fields and the data of a serialized payload without copying.
 ///
 /// Protobuf semantics: the last occurrence of a field or map key wins; unknown fields are
 /// skipped; groups and invalid wire types are refused.
@@ -81,6 +90,10 @@ pub(crate) fn scan(buf: &[u8]) -> Result<Scan<'_>, String> {
                     scan.encoding = Some(v);
                 } else if k == KEY_ID_KEY.as_bytes() {
                     scan.key_id = Some(v);
+                } else if k == DEK_KEY.as_bytes() {
+                    scan.dek = Some(v);
+                } else if k == DEK_ID_KEY.as_bytes() {
+                    scan.dek_id = Some(v);
                 }
             }
             (2, Field::Bytes(data)) => scan.data = data,

@@ -688,6 +688,7 @@ impl CodecServer {
             })?;
             let kind = match kind {
                 Kind::Marked(encoded) => {
+                    self.prepare(&codec, ns.as_deref(), index, &encoded).await?;
                     let decoded = self
                         .blocking(cancel, {
                             let codec = codec.clone();
@@ -746,6 +747,7 @@ impl CodecServer {
         {
             return Ok(None);
         }
+        self.prepare(&codec, ns.as_deref(), index, &input).await?;
         let decoded = self
             .blocking(cancel, move || {
                 codec.decode_for_within(ns.as_deref(), &input, remaining)
@@ -754,6 +756,21 @@ impl CodecServer {
             .map_err(fail)?;
         self.inner.decoded.fetch_add(1, Ordering::Relaxed);
         Ok(decoded.or(resolved))
+    }
+
+    /// Unwraps the data key an envelope-encrypted payload carries, when the namespace may
+    /// decrypt with its key (nothing to do for other payloads or with static keys only).
+    async fn prepare(
+        &self,
+        codec: &crate::codec::PayloadCodec,
+        namespace: Option<&str>,
+        index: usize,
+        payload: &Bytes,
+    ) -> Result<(), Answer> {
+        codec
+            .prepare_decode(namespace, std::slice::from_ref(payload), true)
+            .await
+            .map_err(|e| codec_answer(index, &e.error))
     }
 
     /// Runs `work` on the blocking pool unless the request was cancelled meanwhile.
@@ -1062,8 +1079,12 @@ fn codec_status(e: &CodecError) -> StatusCode {
         | CodecError::TooShort { .. }
         | CodecError::CorruptFrame(_)
         | CodecError::Malformed(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        // The process is short of memory for now: a retry may succeed.
-        CodecError::Budget(_) => StatusCode::SERVICE_UNAVAILABLE,
+        // A key service refused, or a wrapped data key does not unwrap: a retry cannot help.
+        CodecError::KeyService { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        // Short of memory, or the key service unreachable, for now: a retry may succeed.
+        CodecError::Budget(_) | CodecError::KeyUnavailable { .. } => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
         // Encoding-side failures and failures of the gateway itself.
         CodecError::NonceLimitReached { .. }
         | CodecError::EncryptFailed { .. }

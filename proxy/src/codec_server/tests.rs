@@ -28,6 +28,7 @@ fn pipeline(dir: &std::path::Path) -> Pipeline {
         id: "k1".to_owned(),
         file: Some(key),
         env: None,
+        kms: None,
     }];
     config.encryption.active_key = Some("k1".to_owned());
     Pipeline::new(Arc::new(PayloadCodec::from_config(&config).unwrap()))
@@ -1021,6 +1022,7 @@ fn keyring_config(dir: &std::path::Path, ids: &[&str], active: &str) -> Config {
                 id: (*id).to_owned(),
                 file: Some(path),
                 env: None,
+                kms: None,
             }
         })
         .collect();

@@ -34,6 +34,15 @@ pub struct EncryptionConfig {
     /// `stack_trace` into an encrypted `encoded_attributes` (the SDKs'
     /// `encode_common_attributes` format). Namespaces may override.
     pub seal_failures: bool,
+    /// Envelope keys (`kms = ...`): a data key encrypts new payloads of a namespace for at most
+    /// this many seconds; a new one is made (one KMS call) ahead of that, off the hot path.
+    pub dek_rotation_s: u64,
+    /// Envelope keys: how many unwrapped data keys are kept for decryption (an LRU; a miss
+    /// is one KMS call).
+    pub dek_cache_size: usize,
+    /// Envelope keys: upper bound of one call to a key service, retries included; past it
+    /// the call counts as unavailable.
+    pub kms_timeout_ms: u64,
 }
 
 impl Default for EncryptionConfig {
@@ -47,11 +56,51 @@ impl Default for EncryptionConfig {
             forward_unknown_methods: Vec::new(),
             forward_unknown_any_types: Vec::new(),
             seal_failures: true,
+            dek_rotation_s: 3600,
+            dek_cache_size: 1000,
+            kms_timeout_ms: 5000,
         }
     }
 }
 
-/// One key: an id and where its 32 bytes come from (raw or base64).
+impl EncryptionConfig {
+    /// Checks the envelope settings.
+    pub(crate) fn validate_envelope(&self) -> Result<(), super::ConfigError> {
+        use super::ConfigError;
+        if self.dek_rotation_s == 0 {
+            return Err(ConfigError::invalid(
+                "encryption.dek_rotation_s",
+                "must be at least 1",
+            ));
+        }
+        if self.dek_cache_size == 0 {
+            return Err(ConfigError::invalid(
+                "encryption.dek_cache_size",
+                "must be at least 1",
+            ));
+        }
+        if self.kms_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "encryption.kms_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        for (i, key) in self.keys.iter().enumerate() {
+            let sources = [key.file.is_some(), key.env.is_some(), key.kms.is_some()];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(ConfigError::invalid(
+                    format!("encryption.keys[{i}]"),
+                    "give exactly one of `file`, `env` or `kms`",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One key: an id and where it comes from: 32 bytes (raw or base64) in a file or an
+/// environment variable, or a key-encryption key in a key service (`kms`, envelope
+/// encryption).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeySpec {
@@ -61,6 +110,9 @@ pub struct KeySpec {
     pub file: Option<PathBuf>,
     /// An environment variable holding the key.
     pub env: Option<String>,
+    /// A key-encryption key in a key service, by URI (`awskms:///arn:aws:kms:...`): payloads
+    /// are encrypted with data keys it wraps (envelope encryption).
+    pub kms: Option<String>,
 }
 
 /// `[compression]`: zstd.

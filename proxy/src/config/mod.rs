@@ -176,13 +176,8 @@ impl Config {
                     format!("duplicate key id {:?}", key.id),
                 ));
             }
-            if key.file.is_some() == key.env.is_some() {
-                return Err(ConfigError::invalid(
-                    name,
-                    "give exactly one of `file` or `env`",
-                ));
-            }
         }
+        self.encryption.validate_envelope()?;
         let check_key_ref = |key: &str, id: &Option<String>| match id {
             Some(id) if !key_ids.contains(&id.as_str()) => Err(ConfigError::invalid(
                 key,

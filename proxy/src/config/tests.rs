@@ -140,3 +140,44 @@ fn example_config_parses() {
     let text = include_str!("../../../config.example.toml");
     parse(text).unwrap();
 }
+
+#[test]
+fn envelope_keys_are_validated() {
+    const ARN: &str = "arn:aws:kms:us-east-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+    let c = parse(&format!(
+        "[encryption]\nactive_key = \"kek\"\nkeys = [{{ id = \"kek\", kms = \"awskms:///{ARN}\" }}, {{ id = \"k1\", env = \"X\" }}]\ndek_rotation_s = 2\n"
+    ))
+    .unwrap();
+    assert_eq!(c.encryption.dek_rotation_s, 2);
+    assert_eq!(
+        c.encryption.keys[0].kms.as_deref(),
+        Some(&*format!("awskms:///{ARN}"))
+    );
+    let err = parse(&format!(
+        "[encryption]\nactive_key = \"kek\"\nkeys = [{{ id = \"kek\", kms = \"awskms:///{ARN}\", env = \"X\" }}]\n"
+    ))
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("exactly one of `file`, `env` or `kms`"),
+        "{err}"
+    );
+    for (key, value) in [
+        ("dek_rotation_s", 0),
+        ("dek_cache_size", 0),
+        ("kms_timeout_ms", 0),
+    ] {
+        let err = parse(&format!("[encryption]\n{key} = {value}\n")).unwrap_err();
+        assert!(err.to_string().contains(key), "{err}");
+    }
+    // An unsupported scheme is refused when the keyring is built, naming the key.
+    let c = parse(
+        "[encryption]\nactive_key = \"kek\"\nkeys = [{ id = \"kek\", kms = \"gcpkms://projects/p/locations/l/keyRings/r/cryptoKeys/k\" }]\n",
+    )
+    .unwrap();
+    let err = crate::codec::PayloadCodec::from_config(&c).unwrap_err();
+    assert!(
+        err.to_string().contains("encryption.keys[0].kms") && err.to_string().contains("gcpkms"),
+        "{err}"
+    );
+}

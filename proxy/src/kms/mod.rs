@@ -16,7 +16,11 @@
 //! - **Failures are typed** ([`KmsError`]) so the caller can fail closed with a status that
 //!   names the problem: an unreachable service is retryable (`UNAVAILABLE`), a refusal is not.
 
+pub mod aws;
+
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
@@ -140,4 +144,42 @@ pub trait KeyEncryptionKey: Send + Sync + fmt::Debug {
 
     /// Recovers a DEK wrapped by [`wrap`](KeyEncryptionKey::wrap) for `namespace`.
     async fn unwrap(&self, wrapped: &[u8], namespace: &str) -> Result<Dek, KmsError>;
+}
+
+/// What every backend needs besides its URI.
+#[derive(Debug, Clone)]
+pub struct ConnectSettings {
+    /// Upper bound of one wrap or unwrap, retries included (`encryption.kms_timeout_ms`).
+    pub timeout: Duration,
+}
+
+/// Builds the KEK named `key_id` from its `kms` URI, by scheme:
+///
+/// | scheme | backend |
+/// | --- | --- |
+/// | `awskms:///arn:aws:kms:...` | [`aws::AwsKmsKey`] |
+///
+/// Connecting is synchronous and does not reach the service (clients are built on first use),
+/// so a configuration load or `SIGHUP` reload never waits for the network; a malformed URI or
+/// an unknown scheme is refused here.
+pub fn connect(
+    key_id: &str,
+    uri: &str,
+    settings: &ConnectSettings,
+) -> Result<Arc<dyn KeyEncryptionKey>, KmsError> {
+    let scheme = uri.split_once(':').map_or("", |(scheme, _)| scheme);
+    match scheme {
+        aws::SCHEME => Ok(Arc::new(aws::AwsKmsKey::new(
+            key_id,
+            uri,
+            settings.timeout,
+        )?)),
+        _ => Err(KmsError::Config {
+            key_id: key_id.to_owned(),
+            reason: format!(
+                "unsupported key URI scheme {scheme:?} (supported: {}:///arn:aws:kms:...)",
+                aws::SCHEME
+            ),
+        }),
+    }
 }

@@ -248,9 +248,14 @@ impl Pipeline {
                 })?;
                 let kind = match kind {
                     Kind::Marked(encoded) => {
+                        let ns = ctx.namespace.as_deref();
+                        self.codec
+                            .prepare_decode(ns, std::slice::from_ref(&encoded), false)
+                            .await
+                            .map_err(|e| codec_error(i, e.error))?;
                         let decoded = self
                             .codec
-                            .decode_within(&encoded, &ctx.budget)
+                            .decode_in(ns, &encoded, &ctx.budget)
                             .map_err(|e| codec_error(i, e))?
                             .unwrap_or(encoded);
                         match reference::classify(&decoded) {
@@ -294,7 +299,7 @@ impl Pipeline {
             .collect();
         let decoded = self
             .codec
-            .decode_batch_within(current, ctx.budget.clone())
+            .decode_batch_in(ctx.namespace.as_deref(), current, ctx.budget.clone())
             .await
             .map_err(|e| codec_error(e.index, e.error))?;
         Ok(decoded
@@ -308,6 +313,8 @@ impl Pipeline {
 fn codec_error(index: usize, error: crate::codec::CodecError) -> StageError {
     let code = match error {
         crate::codec::CodecError::Budget(_) => Code::ResourceExhausted,
+        // The key service is unreachable: retryable, and nothing was forwarded in plaintext.
+        crate::codec::CodecError::KeyUnavailable { .. } => Code::Unavailable,
         _ => Code::Internal,
     };
     StageError {

@@ -1,0 +1,562 @@
+//! Envelope encryption: data keys (DEKs) made here, one per key-encryption key (KEK) and
+//! namespace, wrapped by the KEK in its key service.
+//!
+//! # Life of a data key
+//!
+//! - **Made on first use** of a KEK in a namespace: 32 random bytes and a 128-bit id, wrapped
+//!   with one call to the key service (the namespace as encryption context). Concurrent first
+//!   uses share that one call.
+//! - **Encrypts** that namespace's new payloads for at most `encryption.dek_rotation_s` (its
+//!   *lifetime*) and at most `max_encryptions` times (a guard well inside the 2^32 messages
+//!   NIST SP 800-38D allows per key with random nonces).
+//! - **Replaced ahead of time, off the hot path**: a background task wraps the next data key
+//!   once three quarters of the lifetime or of the encryption budget are used, so RPCs never
+//!   wait for the key service except on the very first use. A data key that was not used since
+//!   it was made is not replaced: it expires, and the next use makes a new one.
+//! - **Key service unreachable**: the current data key keeps encrypting until it expires;
+//!   then encryption fails closed ([`CodecError::KeyUnavailable`], gRPC `UNAVAILABLE`, naming
+//!   the key id). A failed call is not repeated for [`RETRY_AFTER`], so an outage does not turn
+//!   into a call per RPC.
+//! - **Decryption** looks the wrapped data key up in a bounded LRU of unwrapped keys (every
+//!   data key made here goes into it too). A miss is one unwrap call, shared by concurrent
+//!   lookups of the same wrapped key; while the key service is down, cached keys keep
+//!   decrypting and the rest fail closed.
+//!
+//! Unwrapped keys exist only as AES key schedules inside AWS-LC (`LessSafeKey`) and as
+//! [`Dek`] values that are zeroed when dropped; they are never logged (data key ids are not
+//! secret and are logged).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use quick_cache::Equivalent;
+
+use super::CodecError;
+use super::keys::KeyEntry;
+use crate::kms::{DEK_LEN, Dek, KeyEncryptionKey, KmsError};
+
+/// How long a failed attempt to make a data key is answered from memory before the key
+/// service is asked again.
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Default bound of encryptions per data key: half the random-nonce limit of 2^32.
+pub(crate) const DEFAULT_MAX_ENCRYPTIONS: u64 = 1 << 31;
+
+/// What a reload may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DekSettings {
+    /// A data key encrypts for at most this long.
+    pub(crate) lifetime: Duration,
+    /// A data key encrypts at most this many payloads.
+    pub(crate) max_encryptions: u64,
+    /// Unwrapped data keys kept for decryption.
+    pub(crate) cache_size: usize,
+}
+
+/// Why a data key is not available (cloneable: shared by every waiter of one call).
+#[derive(Debug, Clone)]
+pub(crate) struct DekError {
+    key_id: String,
+    /// The key service was unreachable (retrying later may succeed).
+    retryable: bool,
+    reason: String,
+}
+
+impl DekError {
+    fn from_kms(e: &KmsError, key_id: &str) -> Self {
+        Self {
+            key_id: key_id.to_owned(),
+            retryable: e.is_retryable(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+impl From<DekError> for CodecError {
+    fn from(e: DekError) -> Self {
+        if e.retryable {
+            CodecError::KeyUnavailable {
+                key_id: e.key_id,
+                reason: e.reason,
+            }
+        } else {
+            CodecError::KeyService {
+                key_id: e.key_id,
+                reason: e.reason,
+            }
+        }
+    }
+}
+
+type Pending<T> = Shared<BoxFuture<'static, Result<T, DekError>>>;
+
+/// The data key encrypting one namespace's payloads under one KEK.
+struct Current {
+    entry: Arc<KeyEntry>,
+    kek: Arc<dyn KeyEncryptionKey>,
+    created: Instant,
+}
+
+/// One (KEK id, namespace): its current data key and the call making the next one.
+struct Slot {
+    namespace: String,
+    current: ArcSwapOption<Current>,
+    making: Mutex<Option<Pending<()>>>,
+    /// The last failed attempt, answered from memory for [`RETRY_AFTER`].
+    failed: Mutex<Option<(Instant, DekError)>>,
+    /// Whether the current data key encrypted anything (only used keys are replaced ahead of
+    /// time).
+    used: AtomicBool,
+    /// Whether a failed background replacement was logged (once per outage).
+    warned: AtomicBool,
+}
+
+/// Key of the decryption cache: the wrapped key and its id exactly as payloads carry them,
+/// under their KEK id and namespace. The id and namespace are part of the key because they
+/// are part of the associated data the cached entry opens with.
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+struct CacheKey {
+    kek_id: String,
+    namespace: String,
+    dek_id: String,
+    wrapped: Box<[u8]>,
+}
+
+/// Borrowed [`CacheKey`] for lookups without allocating (same field order, same hash).
+#[derive(Hash)]
+struct CacheKeyRef<'a> {
+    kek_id: &'a str,
+    namespace: &'a str,
+    dek_id: &'a str,
+    wrapped: &'a [u8],
+}
+
+impl Equivalent<CacheKey> for CacheKeyRef<'_> {
+    fn equivalent(&self, key: &CacheKey) -> bool {
+        self.kek_id == key.kek_id
+            && self.namespace == key.namespace
+            && self.dek_id == key.dek_id
+            && *self.wrapped == *key.wrapped
+    }
+}
+
+type DekCache = quick_cache::sync::Cache<CacheKey, Arc<KeyEntry>>;
+
+/// Data keys of every KEK and namespace: the current ones for encryption, an LRU of unwrapped
+/// ones for decryption. Lives as long as the codec (across reloads).
+pub(crate) struct DekManager {
+    settings: ArcSwap<DekSettings>,
+    /// KEK id → namespace → slot.
+    slots: RwLock<HashMap<String, HashMap<String, Arc<Slot>>>>,
+    cache: ArcSwap<DekCache>,
+    unwrapping: Mutex<HashMap<CacheKey, Pending<Arc<KeyEntry>>>>,
+    refresher: OnceLock<()>,
+    rng: SystemRandom,
+}
+
+impl std::fmt::Debug for DekManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DekManager")
+            .field("settings", &**self.settings.load())
+            .field("cached", &self.cache.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Same KEK object (a reload that changes a key id's URI makes a new one).
+fn same_kek(a: &Arc<dyn KeyEncryptionKey>, b: &Arc<dyn KeyEncryptionKey>) -> bool {
+    std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b))
+}
+
+impl DekManager {
+    pub(crate) fn new(settings: DekSettings) -> Arc<Self> {
+        Arc::new(Self {
+            cache: ArcSwap::from_pointee(DekCache::new(settings.cache_size)),
+            settings: ArcSwap::from_pointee(settings),
+            slots: RwLock::default(),
+            unwrapping: Mutex::default(),
+            refresher: OnceLock::new(),
+            rng: SystemRandom::new(),
+        })
+    }
+
+    /// Applies reloaded settings; a new cache size starts a new (empty) cache.
+    pub(crate) fn set_settings(&self, settings: DekSettings) {
+        if settings.cache_size != self.settings.load().cache_size {
+            self.cache
+                .store(Arc::new(DekCache::new(settings.cache_size)));
+        }
+        self.settings.store(Arc::new(settings));
+    }
+
+    /// The per-data-key encryption bound.
+    pub(crate) fn max_encryptions(&self) -> u64 {
+        self.settings.load().max_encryptions
+    }
+
+    fn slot(&self, kek_id: &str, namespace: &str) -> Arc<Slot> {
+        if let Some(slot) = self
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(kek_id)
+            .and_then(|m| m.get(namespace))
+        {
+            return slot.clone();
+        }
+        let mut slots = self.slots.write().unwrap_or_else(|e| e.into_inner());
+        slots
+            .entry(kek_id.to_owned())
+            .or_default()
+            .entry(namespace.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    namespace: namespace.to_owned(),
+                    current: ArcSwapOption::empty(),
+                    making: Mutex::default(),
+                    failed: Mutex::default(),
+                    used: AtomicBool::new(false),
+                    warned: AtomicBool::new(false),
+                })
+            })
+            .clone()
+    }
+
+    /// The slot's data key if it may still encrypt for `kek`.
+    fn usable(&self, slot: &Slot, kek: &Arc<dyn KeyEncryptionKey>) -> Option<Arc<Current>> {
+        let current = slot.current.load_full()?;
+        let settings = self.settings.load();
+        (same_kek(&current.kek, kek)
+            && current.created.elapsed() < settings.lifetime
+            && current.entry.counter.count() < settings.max_encryptions)
+            .then_some(current)
+    }
+
+    /// The data key that encrypts `namespace`'s payloads under `kek` now, for the synchronous
+    /// encoder; [`ensure`](Self::ensure) must have run first.
+    pub(crate) fn current(
+        &self,
+        kek: &Arc<dyn KeyEncryptionKey>,
+        namespace: &str,
+    ) -> Result<Arc<KeyEntry>, CodecError> {
+        let slot = self
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(kek.key_id())
+            .and_then(|m| m.get(namespace))
+            .cloned();
+        let current = slot.as_ref().and_then(|s| self.usable(s, kek));
+        match (slot, current) {
+            (Some(slot), Some(current)) => {
+                if !slot.used.load(Ordering::Relaxed) {
+                    slot.used.store(true, Ordering::Relaxed);
+                }
+                Ok(current.entry.clone())
+            }
+            _ => Err(CodecError::KeyUnavailable {
+                key_id: kek.key_id().to_owned(),
+                reason: "no current data key for this namespace (expired, or not made yet)"
+                    .to_owned(),
+            }),
+        }
+    }
+
+    /// Makes sure `namespace` has a data key under `kek` that may encrypt now: at once when it
+    /// has, else after one (shared) wrap call.
+    pub(crate) async fn ensure(
+        self: &Arc<Self>,
+        kek: &Arc<dyn KeyEncryptionKey>,
+        namespace: &str,
+    ) -> Result<(), DekError> {
+        let slot = self.slot(kek.key_id(), namespace);
+        if self.usable(&slot, kek).is_some() {
+            return Ok(());
+        }
+        self.spawn_refresher();
+        // Twice at most: a call already under way may be for the KEK the id named before a
+        // reload.
+        for _ in 0..2 {
+            self.make(&slot, kek).await?;
+            if self.usable(&slot, kek).is_some() {
+                return Ok(());
+            }
+        }
+        Err(DekError {
+            key_id: kek.key_id().to_owned(),
+            retryable: true,
+            reason: "no data key could be made".to_owned(),
+        })
+    }
+
+    /// Makes the slot's next data key, sharing a call already under way and answering a
+    /// recent failure from memory.
+    fn make(self: &Arc<Self>, slot: &Arc<Slot>, kek: &Arc<dyn KeyEncryptionKey>) -> Pending<()> {
+        let mut making = slot.making.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pending) = &*making {
+            return pending.clone();
+        }
+        if let Some((at, error)) = &*slot.failed.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < RETRY_AFTER
+        {
+            let error = error.clone();
+            return async move { Err(error) }.boxed().shared();
+        }
+        let this = self.clone();
+        let slot2 = slot.clone();
+        let kek = kek.clone();
+        let pending = async move {
+            let result = this.wrap_new(&slot2, &kek).await;
+            *slot2.failed.lock().unwrap_or_else(|e| e.into_inner()) =
+                result.as_ref().err().map(|e| (Instant::now(), e.clone()));
+            *slot2.making.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            result
+        }
+        .boxed()
+        .shared();
+        *making = Some(pending.clone());
+        pending
+    }
+
+    async fn wrap_new(&self, slot: &Slot, kek: &Arc<dyn KeyEncryptionKey>) -> Result<(), DekError> {
+        let key_id = kek.key_id();
+        let random = |len: usize| {
+            let mut bytes = zeroize::Zeroizing::new(vec![0u8; len]);
+            self.rng
+                .fill(&mut bytes)
+                .map(|()| bytes)
+                .map_err(|_| DekError {
+                    key_id: key_id.to_owned(),
+                    retryable: false,
+                    reason: "random number generator failed".to_owned(),
+                })
+        };
+        let dek = Dek::from_slice(&random(DEK_LEN)?).expect("DEK_LEN bytes");
+        let dek_id: String = random(16)?.iter().map(|b| format!("{b:02x}")).collect();
+        let wrapped = timed(kek, "wrap", kek.wrap(&dek, &slot.namespace)).await?;
+        let entry = Arc::new(KeyEntry::envelope(
+            key_id,
+            &dek,
+            &wrapped,
+            &dek_id,
+            &slot.namespace,
+        ));
+        self.cache.load().insert(
+            CacheKey {
+                kek_id: key_id.to_owned(),
+                namespace: slot.namespace.clone(),
+                dek_id: dek_id.clone(),
+                wrapped: wrapped.into_boxed_slice(),
+            },
+            entry.clone(),
+        );
+        slot.used.store(false, Ordering::Relaxed);
+        slot.warned.store(false, Ordering::Relaxed);
+        slot.current.store(Some(Arc::new(Current {
+            entry,
+            kek: kek.clone(),
+            created: Instant::now(),
+        })));
+        tracing::info!(key_id, namespace = %slot.namespace, dek_id, "new data key");
+        Ok(())
+    }
+
+    /// The unwrapped data key of a payload, when cached (the synchronous decoder's lookup;
+    /// [`unwrap`](Self::unwrap) fills the cache).
+    pub(crate) fn cached(
+        &self,
+        kek_id: &str,
+        namespace: &str,
+        dek_id: &str,
+        wrapped: &[u8],
+    ) -> Option<Arc<KeyEntry>> {
+        self.cache.load().get(&CacheKeyRef {
+            kek_id,
+            namespace,
+            dek_id,
+            wrapped,
+        })
+    }
+
+    /// Puts the data key `wrapped` (of `namespace`, under `kek`) into the decryption cache:
+    /// nothing to do on a hit, else one unwrap call shared with concurrent lookups of the
+    /// same key.
+    pub(crate) async fn unwrap(
+        self: &Arc<Self>,
+        kek: &Arc<dyn KeyEncryptionKey>,
+        namespace: &str,
+        wrapped: &[u8],
+        dek_id: &str,
+    ) -> Result<(), DekError> {
+        let hit = self
+            .cached(kek.key_id(), namespace, dek_id, wrapped)
+            .is_some();
+        crate::metrics::metrics().count_dek_lookup(hit);
+        if hit {
+            return Ok(());
+        }
+        let key = CacheKey {
+            kek_id: kek.key_id().to_owned(),
+            namespace: namespace.to_owned(),
+            dek_id: dek_id.to_owned(),
+            wrapped: wrapped.into(),
+        };
+        let pending = {
+            let mut unwrapping = self.unwrapping.lock().unwrap_or_else(|e| e.into_inner());
+            unwrapping
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let this = self.clone();
+                    let kek = kek.clone();
+                    async move {
+                        let result =
+                            timed(&kek, "unwrap", kek.unwrap(&key.wrapped, &key.namespace))
+                                .await
+                                .map(|dek| {
+                                    let entry = Arc::new(KeyEntry::envelope(
+                                        &key.kek_id,
+                                        &dek,
+                                        &key.wrapped,
+                                        &key.dek_id,
+                                        &key.namespace,
+                                    ));
+                                    this.cache.load().insert(key.clone(), entry.clone());
+                                    entry
+                                });
+                        this.unwrapping
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&key);
+                        result
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        pending.await.map(drop)
+    }
+
+    /// Per KEK id, the age of its oldest data key that may still encrypt (metrics).
+    pub(crate) fn ages(&self) -> Vec<(String, f64)> {
+        let lifetime = self.settings.load().lifetime;
+        let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<(String, f64)> = slots
+            .iter()
+            .filter_map(|(kek_id, by_ns)| {
+                by_ns
+                    .values()
+                    .filter_map(|s| s.current.load_full())
+                    .map(|c| c.created.elapsed())
+                    .filter(|age| *age < lifetime)
+                    .max()
+                    .map(|age| (kek_id.clone(), age.as_secs_f64()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// Unwrapped data keys in the decryption cache.
+    #[cfg(test)]
+    pub(crate) fn cached_len(&self) -> usize {
+        self.cache.load().len()
+    }
+
+    /// Starts the background replacement task once (needs a tokio runtime; without one, data
+    /// keys are only made when they have expired).
+    fn spawn_refresher(self: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.refresher.set(()).is_err() {
+            return;
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        runtime.spawn(async move {
+            loop {
+                let Some(this) = weak.upgrade() else { return };
+                this.refresh_due().await;
+                let tick = (this.settings.load().lifetime / 8)
+                    .clamp(Duration::from_millis(50), Duration::from_secs(10));
+                drop(this);
+                tokio::time::sleep(tick).await;
+            }
+        });
+    }
+
+    /// Replaces every used data key past three quarters of its lifetime or encryption budget;
+    /// forgets unused ones that expired.
+    pub(crate) async fn refresh_due(self: &Arc<Self>) {
+        let settings = self.settings.load_full();
+        let renew_age = settings.lifetime.mul_f64(0.75);
+        let renew_count = settings.max_encryptions - settings.max_encryptions / 4;
+        let slots: Vec<Arc<Slot>> = self
+            .slots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .flat_map(|m| m.values().cloned())
+            .collect();
+        let mut due = Vec::new();
+        for slot in slots {
+            let Some(current) = slot.current.load_full() else {
+                continue;
+            };
+            let age = current.created.elapsed();
+            let worn = current.entry.counter.count() >= renew_count;
+            if !(age >= renew_age || worn) {
+                continue;
+            }
+            if slot.used.load(Ordering::Relaxed) {
+                let pending = self.make(&slot, &current.kek);
+                due.push(async move {
+                    if let Err(e) = pending.await
+                        && !slot.warned.swap(true, Ordering::Relaxed)
+                    {
+                        tracing::warn!(
+                            key_id = %e.key_id,
+                            namespace = %slot.namespace,
+                            error = %e.reason,
+                            "cannot replace a data key ahead of time; the current one encrypts \
+                             until it expires, then encryption fails closed"
+                        );
+                    }
+                });
+            } else if age >= settings.lifetime {
+                slot.current.store(None);
+            }
+        }
+        futures::future::join_all(due).await;
+    }
+}
+
+/// Runs one key-service call, recording it in the KMS metrics.
+async fn timed<T>(
+    kek: &Arc<dyn KeyEncryptionKey>,
+    operation: &'static str,
+    call: impl Future<Output = Result<T, KmsError>>,
+) -> Result<T, DekError> {
+    let start = Instant::now();
+    let result = call.await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(KmsError::Unavailable { .. }) => "unavailable",
+        Err(KmsError::Refused { .. }) => "refused",
+        Err(KmsError::Invalid { .. }) => "invalid",
+        Err(KmsError::Config { .. }) => "config",
+    };
+    crate::metrics::metrics().record_kms_call(
+        kek.provider().label(),
+        operation,
+        label,
+        start.elapsed().as_secs_f64(),
+    );
+    result.map_err(|e| DekError::from_kms(&e, kek.key_id()))
+}
