@@ -141,3 +141,6 @@ pub trait KeyEncryptionKey: Send + Sync + fmt::Debug {
     /// Recovers a DEK wrapped by [`wrap`](KeyEncryptionKey::wrap) for `namespace`.
     async fn unwrap(&self, wrapped: &[u8], namespace: &str) -> Result<Dek, KmsError>;
 }
+
+pub mod grpc;
+pub mod pkcs11;
