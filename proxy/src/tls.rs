@@ -237,8 +237,8 @@ pub fn https_client_config(
 }
 
 /// The platform's trust store (`rustls-native-certs`: the OS store, or `SSL_CERT_FILE` /
-/// `SSL_CERT_DIR`); `key` names the CA setting that replaces it.
-fn platform_roots(key: &str) -> Result<RootCertStore, ConfigError> {
+/// `SSL_CERT_DIR`); `key` is the setting that would replace it, named in the error.
+pub(crate) fn platform_roots(key: &str) -> Result<RootCertStore, ConfigError> {
     let found = rustls_native_certs::load_native_certs();
     for e in &found.errors {
         tracing::warn!(error = %e, "cannot load some platform CA certificates");
@@ -260,7 +260,10 @@ fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
 }
 
 /// Every certificate in the PEM file at `path` (at least one).
-fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+pub(crate) fn load_certs(
+    key: &str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
     let pem = read_file(key, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
@@ -277,7 +280,7 @@ fn load_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, Co
 }
 
 /// The first private key in the PEM file at `path`.
-fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
+pub(crate) fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigError> {
     let pem = read_file(key, path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         ConfigError::invalid(
@@ -288,7 +291,7 @@ fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, ConfigErro
 }
 
 /// A trust store holding the CA certificates in the PEM file at `path`.
-fn load_roots(key: &str, path: &Path) -> Result<RootCertStore, ConfigError> {
+pub(crate) fn load_roots(key: &str, path: &Path) -> Result<RootCertStore, ConfigError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(key, path)? {
         roots.add(cert).map_err(|e| {

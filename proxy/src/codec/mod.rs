@@ -173,9 +173,11 @@ struct State {
 
 /// A configured key-encryption key.
 struct Kek {
-    /// The `kms` URI and call timeout it was built from (a reload that keeps both keeps it).
+    /// The `kms` URI, call timeout and `[kms_servers]` entry (gRPC keys) it was built from (a
+    /// reload that keeps all three keeps it).
     uri: String,
     timeout: Duration,
+    server: Option<crate::config::KmsServerConfig>,
     kek: Arc<dyn KeyEncryptionKey>,
 }
 
@@ -1052,15 +1054,21 @@ fn load_keks(
     connector: &Connector,
 ) -> Result<HashMap<String, Kek>, ConfigError> {
     let timeout = Duration::from_millis(config.encryption.kms_timeout_ms);
-    let settings = crate::kms::ConnectSettings { timeout };
+    let settings = crate::kms::ConnectSettings {
+        timeout,
+        kms_servers: config.kms_servers.clone(),
+    };
     let mut keks = HashMap::new();
     for (i, spec) in config.encryption.keys.iter().enumerate() {
         let Some(uri) = &spec.kms else {
             continue;
         };
+        let server = crate::kms::grpc::server_of_uri(&spec.id, uri)
+            .ok()
+            .and_then(|name| config.kms_servers.get(name).cloned());
         let kept = previous
             .and_then(|p| p.keks.get(&spec.id))
-            .filter(|k| &k.uri == uri && k.timeout == timeout)
+            .filter(|k| &k.uri == uri && k.timeout == timeout && k.server == server)
             .map(|k| k.kek.clone());
         let kek = match kept {
             Some(kek) => kek,
@@ -1073,6 +1081,7 @@ fn load_keks(
             Kek {
                 uri: uri.clone(),
                 timeout,
+                server,
                 kek,
             },
         );

@@ -7,6 +7,7 @@
 mod auth;
 mod codec_server;
 mod encryption;
+mod kms;
 mod proxy;
 mod storage;
 #[cfg(test)]
@@ -15,6 +16,7 @@ mod tests;
 pub use auth::{ALL_NAMESPACES, AuthConfig, AuthJwtConfig, AuthTokenConfig, ClientCertConfig};
 pub use codec_server::{CodecServerConfig, CodecTokenConfig};
 pub use encryption::{CompressionConfig, EncryptionConfig, KeySpec, NamespaceConfig};
+pub use kms::KmsServerConfig;
 pub use proxy::{
     AdminConfig, LogConfig, LogFormat, ProxyConfig, ServerTlsConfig, UpstreamTlsConfig,
 };
@@ -52,6 +54,8 @@ pub struct Config {
     pub namespaces: BTreeMap<String, NamespaceConfig>,
     /// Logging.
     pub log: LogConfig,
+    /// External gRPC key services (`kms = "grpc://<name>"` keys), keyed by name.
+    pub kms_servers: BTreeMap<String, KmsServerConfig>,
 }
 
 /// Why a configuration was refused.
@@ -122,6 +126,7 @@ impl Config {
         self.codec_server.validate()?;
         self.proxy.tls.validate()?;
         self.proxy.upstream_tls.validate()?;
+        kms::validate_kms_servers(&self.kms_servers)?;
         if matches!(&self.proxy.api_key_env, Some(v) if v.is_empty()) {
             return Err(ConfigError::invalid(
                 "proxy.api_key_env",

@@ -17,12 +17,17 @@
 //!   names the problem: an unreachable service is retryable (`UNAVAILABLE`), a refusal is not.
 
 pub mod aws;
+pub mod grpc;
+pub mod pkcs11;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use zeroize::Zeroizing;
+
+use crate::config::KmsServerConfig;
 
 /// Length of a data key: AES-256.
 pub const DEK_LEN: usize = 32;
@@ -151,6 +156,8 @@ pub trait KeyEncryptionKey: Send + Sync + fmt::Debug {
 pub struct ConnectSettings {
     /// Upper bound of one wrap or unwrap, retries included (`encryption.kms_timeout_ms`).
     pub timeout: Duration,
+    /// The gRPC key services `grpc://<name>` URIs refer to (`[kms_servers.<name>]`).
+    pub kms_servers: BTreeMap<String, KmsServerConfig>,
 }
 
 /// Builds the KEK named `key_id` from its `kms` URI, by scheme:
@@ -158,10 +165,14 @@ pub struct ConnectSettings {
 /// | scheme | backend |
 /// | --- | --- |
 /// | `awskms:///arn:aws:kms:...` | [`aws::AwsKmsKey`] |
+/// | `pkcs11:token=...;object=...?module-path=...&pin-source=...` (RFC 7512) | [`pkcs11::Pkcs11Kek`] |
+/// | `grpc://<name>` (a `[kms_servers.<name>]` table) | [`grpc::GrpcKek`] |
 ///
-/// Connecting is synchronous and does not reach the service (clients are built on first use),
-/// so a configuration load or `SIGHUP` reload never waits for the network; a malformed URI or
-/// an unknown scheme is refused here.
+/// Connecting is synchronous. AWS and gRPC clients do not reach the service until first use,
+/// so a configuration load or `SIGHUP` reload never waits for the network. A PKCS#11 key is
+/// opened here (module load, login, key checks: local calls to the token), so a wrong PIN or
+/// an unsuitable key stops the load. A malformed URI or an unknown scheme is refused here.
+/// gRPC keys must be built within a Tokio runtime.
 pub fn connect(
     key_id: &str,
     uri: &str,
@@ -174,11 +185,19 @@ pub fn connect(
             uri,
             settings.timeout,
         )?)),
+        pkcs11::SCHEME => Ok(Arc::new(pkcs11::Pkcs11Kek::open(key_id, uri)?)),
+        _ if uri.starts_with(grpc::SCHEME) => Ok(Arc::new(grpc::GrpcKek::from_uri(
+            key_id,
+            uri,
+            &settings.kms_servers,
+        )?)),
         _ => Err(KmsError::Config {
             key_id: key_id.to_owned(),
             reason: format!(
-                "unsupported key URI scheme {scheme:?} (supported: {}:///arn:aws:kms:...)",
-                aws::SCHEME
+                "unsupported key URI scheme {scheme:?} (supported: {}:///arn:aws:kms:..., \
+                 pkcs11:... (RFC 7512), {}<name of a [kms_servers] table>)",
+                aws::SCHEME,
+                grpc::SCHEME
             ),
         }),
     }
