@@ -642,6 +642,8 @@ class AzuriteServer:
         query = dict(query or {})
         url_path = f"/{self.account}/" + urllib.parse.quote(path, safe="/")
         hdrs = {"x-ms-date": formatdate(usegmt=True), "x-ms-version": "2021-08-06", **(headers or {})}
+        if method == "PUT":  # urllib would add a form Content-Type the signature does not cover
+            hdrs.setdefault("Content-Type", "application/octet-stream")
         length = str(len(body)) if body else ""
         canon_headers = "".join(f"{k}:{v}\n" for k, v in sorted((k.lower(), v) for k, v in hdrs.items() if k.lower().startswith("x-ms-")))
         canon_resource = f"/{self.account}{url_path}" + "".join(f"\n{k.lower()}:{v}" for k, v in sorted(query.items()))

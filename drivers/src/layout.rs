@@ -541,6 +541,92 @@ mod tests {
         }
     }
 
+    // Expected names computed with temporalio 1.35.0's GCSStorageDriver.store for the same
+    // payload.
+    #[test]
+    fn gcs_names_match_sdk() {
+        let act = |ns: &str, ty: &str, id: &str| StoreContext {
+            namespace: s(ns),
+            target: Some(StoreTarget::Activity {
+                activity_type: s(ty),
+                activity_id: s(id),
+                run_id: None,
+            }),
+        };
+        let cases = [
+            (StoreContext::default(), format!("v0/d/sha256/{DIGEST}")),
+            (
+                wf("default", s("MyWorkflow"), s("my wf/1"), s("r-1")),
+                format!("v0/ns/default/wt/MyWorkflow/wi/my wf%2F1/ri/r-1/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("ns.é", s("T(x)*'!"), s("ü~+%&=?#"), None),
+                format!("v0/ns/ns.é/wt/T(x)%2A'!/wi/ü~+%25&=%3F%23/ri/null/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("", None, s(""), s("")),
+                format!("v0/ns/null/wt/null/wi/null/ri/null/d/sha256/{DIGEST}"),
+            ),
+            (
+                act("default", "say_hello", "1"),
+                format!("v0/ns/default/at/say_hello/ai/1/ri/null/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("default", s("T"), Some("x".repeat(1000)), s("r")),
+                format!("v0/ns/default/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("n", s("T"), Some("é".repeat(300)), s("r")),
+                format!("v0/ns/n/wt/T/wi/{}/ri/r/d/sha256/{DIGEST}", "é".repeat(300)),
+            ),
+            (
+                wf(".", s(".."), s("a\\b[c]:\u{1}\u{7f}\u{85}"), s(".")),
+                format!(
+                    "v0/ns/%2E/wt/%2E%2E/wi/a\\b%5Bc%5D%3A%01%7F%C2%85/ri/%2E/d/sha256/{DIGEST}"
+                ),
+            ),
+        ];
+        for (ctx, expected) in cases {
+            let key = object_key_encoded(&ctx, &sha256_hex(&payload()), Encoding::Gcs);
+            assert_eq!(key, expected, "{ctx:?}");
+        }
+    }
+
+    #[test]
+    fn gcs_claims_validate_in_their_own_encoding() {
+        let buckets = buckets();
+        let check = |key: &str, ns: Option<&str>| {
+            let claim = make_scheme_claim(&Scheme::GCS, Some("b"), key, DIGEST);
+            validate_scheme_claim(&claim, &Scheme::GCS, &buckets, ns)
+        };
+        // What the SDK writes for a namespace with Unicode, and a backslash in an id.
+        check(&format!("v0/ns/ns.é/wt/T/wi/a\\b/ri/r/d/sha256/{DIGEST}"), Some("ns.é")).unwrap();
+        // The S3 form of the same namespace is another prefix under the GCS scheme.
+        assert!(check(&format!("v0/ns/ns.%C3%A9/d/sha256/{DIGEST}"), Some("ns.é")).is_err());
+        for key in [
+            format!("v0/ns/other/d/sha256/{DIGEST}"),
+            format!("v0/ns/ns.é/../other/d/sha256/{DIGEST}"),
+            format!("v0/ns/ns.é/d/sha256/{DIGEST}\u{0}"),
+        ] {
+            assert!(
+                matches!(check(&key, Some("ns.é")), Err(DriverError::ClaimRefused(_))),
+                "{key}"
+            );
+        }
+        // The claim keys are the scheme's: an S3-shaped claim has no object_name.
+        let s3 = claim(Some("b"), &format!("v0/d/sha256/{DIGEST}"));
+        assert!(validate_scheme_claim(&s3, &Scheme::GCS, &buckets, None).is_err());
+        let az = make_scheme_claim(&Scheme::AZURE, Some("b"), &format!("v0/d/sha256/{DIGEST}"), DIGEST);
+        assert_eq!(
+            az.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["blob_name", "container", "hash_algorithm", "hash_value"]
+        );
+        validate_scheme_claim(&az, &Scheme::AZURE, &buckets, None).unwrap();
+        let mut wrong = az.clone();
+        wrong.insert(CLAIM_CONTAINER.to_owned(), "evil".to_owned());
+        assert!(validate_scheme_claim(&wrong, &Scheme::AZURE, &buckets, None).is_err());
+    }
+
     #[test]
     fn gateway_specific_keys() {
         let ns_only = StoreContext {
