@@ -396,9 +396,9 @@ def test_workflow_suite_signal_query_continue_as_new(temporal_server, gateway_fa
             assert len(store.names()) > before, "the query result was not offloaded"
             await handle.signal(SuiteWorkflow.big, sig1)
             # The continued run: its input is the state built from the first signal.
-            while (await handle.describe()).run_id == handle.first_execution_run_id:
-                await asyncio.sleep(0.2)
             latest = client.get_workflow_handle(wf_id)
+            while (await latest.describe()).run_id == handle.first_execution_run_id:
+                await asyncio.sleep(0.2)
             await latest.signal(SuiteWorkflow.big, sig2)
             return handle.first_execution_run_id, await latest.result()
 

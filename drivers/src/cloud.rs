@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
@@ -31,6 +32,45 @@ pub(crate) fn retry_config(timeout: Duration) -> RetryConfig {
     }
 }
 
+/// How a backend creates an object only when it is absent.
+#[async_trait]
+pub(crate) trait CreateOnly: Send + Sync + std::fmt::Debug {
+    /// Creates `key` in `bucket` holding `payload` unless it exists; losing the race to another
+    /// writer of the same (content-addressed) object is success.
+    async fn create(&self, bucket: &str, key: &str, payload: Bytes) -> Result<(), DriverError>;
+}
+
+/// [`CreateOnly`] through `object_store`'s conditional put ([`PutMode::Create`]: Azure
+/// `If-None-Match: *`).
+#[derive(Debug)]
+pub(crate) struct PutCreate {
+    /// `gs`, `az`: the URL scheme in error messages.
+    pub url_scheme: &'static str,
+    pub stores: HashMap<String, Arc<dyn ObjectStore>>,
+}
+
+#[async_trait]
+impl CreateOnly for PutCreate {
+    async fn create(&self, bucket: &str, key: &str, payload: Bytes) -> Result<(), DriverError> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self.stores[bucket]
+            .put_opts(&object_path(key)?, PutPayload::from_bytes(payload), opts)
+            .await
+        {
+            Ok(_)
+            | Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(()),
+            Err(e) => Err(DriverError::Unavailable(format!(
+                "put {}://{bucket}/{key}: {e}",
+                self.url_scheme
+            ))),
+        }
+    }
+}
+
 /// A driver over one [`ObjectStore`] per bucket: writes go to `write_bucket`, claims naming
 /// any configured bucket are resolved.
 #[derive(Debug)]
@@ -40,6 +80,8 @@ pub(crate) struct BucketedStore {
     pub scheme: Scheme,
     pub write_bucket: String,
     pub stores: HashMap<String, Arc<dyn ObjectStore>>,
+    /// Writes new objects (default: [`PutCreate`] over `stores`).
+    pub creator: Arc<dyn CreateOnly>,
     pub policy: BucketPolicy,
     pub max_payload_size: u64,
     pub concurrency: usize,
@@ -73,6 +115,10 @@ impl BucketedStore {
             url_scheme,
             scheme,
             write_bucket: write_bucket.to_owned(),
+            creator: Arc::new(PutCreate {
+                url_scheme,
+                stores: stores.clone(),
+            }),
             stores,
             policy: BucketPolicy::OneOf(buckets),
             max_payload_size: layout::DEFAULT_MAX_PAYLOAD_SIZE,
@@ -85,7 +131,13 @@ impl BucketedStore {
         format!("{}://{bucket}/{key}", self.url_scheme)
     }
 
-    fn unavailable(&self, op: &str, bucket: &str, key: &str, e: object_store::Error) -> DriverError {
+    fn unavailable(
+        &self,
+        op: &str,
+        bucket: &str,
+        key: &str,
+        e: object_store::Error,
+    ) -> DriverError {
         DriverError::Unavailable(format!("{op} {}: {e}", self.url(bucket, key)))
     }
 
@@ -107,9 +159,8 @@ impl BucketedStore {
             })
     }
 
-    /// Stores one payload: metadata lookup first, then a create-only upload (GCS
-    /// `ifGenerationMatch=0`, Azure `If-None-Match: *`); losing the race to another writer of
-    /// the same content is success.
+    /// Stores one payload: metadata lookup first, then a create-only upload through
+    /// `creator`.
     pub async fn store_one(
         &self,
         context: &StoreContext,
@@ -128,19 +179,7 @@ impl BucketedStore {
                 Err(e) => return Err(self.unavailable("head", bucket, &key, e)),
             };
             if !exists {
-                let opts = PutOptions {
-                    mode: PutMode::Create,
-                    ..Default::default()
-                };
-                match store
-                    .put_opts(&path, PutPayload::from_bytes(payload), opts)
-                    .await
-                {
-                    Ok(_)
-                    | Err(object_store::Error::AlreadyExists { .. })
-                    | Err(object_store::Error::Precondition { .. }) => {}
-                    Err(e) => return Err(self.unavailable("put", bucket, &key, e)),
-                }
+                self.creator.create(bucket, &key, payload).await?;
             }
             Ok(())
         })
@@ -209,13 +248,12 @@ impl BucketedStore {
         namespace: Option<&str>,
         claims: Vec<ClaimData>,
     ) -> Result<Vec<Bytes>, DriverError> {
-        let valid =
-            layout::validate_scheme_claims(&claims, &self.scheme, &self.policy, namespace)?;
+        let valid = layout::validate_scheme_claims(&claims, &self.scheme, &self.policy, namespace)?;
         crate::in_order(valid, self.concurrency, |c| self.retrieve_one(c)).await
     }
 }
 
-fn object_path(key: &str) -> Result<ObjectPath, DriverError> {
+pub(crate) fn object_path(key: &str) -> Result<ObjectPath, DriverError> {
     ObjectPath::parse(key)
         .map_err(|e| DriverError::ClaimRefused(format!("key {key:?} is not a valid path: {e}")))
 }

@@ -3,7 +3,13 @@
 //! Wire-compatible with `temporalio.contrib.gcp.gcsdriver`: same object names (the `v0/ns/...`
 //! layout with the GCS segment encoding, [`Encoding::Gcs`](crate::layout::Encoding::Gcs)),
 //! same claim (`bucket`, `object_name`, `hash_algorithm`, `hash_value`), metadata lookup then
-//! a create-only upload (`ifGenerationMatch=0`), SHA-256 verified on every download.
+//! a create-only upload, SHA-256 verified on every download.
+//!
+//! Lookups and downloads go through `object_store` (XML API). Uploads are the JSON API's media
+//! upload with `ifGenerationMatch=0`, exactly what the SDK's gcloud-aio-storage client sends,
+//! authenticated with `object_store`'s credential provider: `object_store`'s own XML-API
+//! `PUT` is not served by fake-gcs-server, the emulator the SDKs test against, and the JSON
+//! upload behaves the same on GCS.
 //!
 //! Credentials come from the standard Google chain as `object_store` reads it:
 //! `GOOGLE_SERVICE_ACCOUNT` / `GOOGLE_SERVICE_ACCOUNT_KEY`, `GOOGLE_APPLICATION_CREDENTIALS`
@@ -24,9 +30,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use object_store::ObjectStore;
-use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::gcp::{GcpCredentialProvider, GoogleCloudStorageBuilder};
 
-use crate::cloud::{self, BucketedStore};
+use crate::cloud::{self, BucketedStore, CreateOnly};
 use crate::layout::{self, Scheme};
 use crate::{ClaimData, DriverError, StorageDriver, StoreContext};
 
@@ -86,6 +92,7 @@ impl GcsDriver {
     pub fn new(config: GcsConfig) -> Result<Self, DriverError> {
         let emulator_key = emulator_key(&config)?;
         let timeout = config.operation_timeout;
+        let mut credentials = None;
         let make = |bucket: &str| -> Result<Arc<dyn ObjectStore>, object_store::Error> {
             let mut b = match &emulator_key {
                 // The key carries the credentials: the environment's must not add a second.
@@ -103,7 +110,11 @@ impl GcsDriver {
                 .with_skip_signature(config.anonymous)
                 .with_client_options(cloud::client_options(config.endpoint.as_deref(), timeout))
                 .with_retry(cloud::retry_config(timeout));
-            Ok(Arc::new(b.build()?))
+            let store = b.build()?;
+            if credentials.is_none() {
+                credentials = Some(Arc::clone(store.credentials()));
+            }
+            Ok(Arc::new(store))
         };
         let mut inner = BucketedStore::new(
             "gs",
@@ -112,6 +123,21 @@ impl GcsDriver {
             &config.read_buckets,
             make,
         )?;
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .build()
+            .map_err(|e| DriverError::Unavailable(format!("cannot build the HTTP client: {e}")))?;
+        inner.creator = Arc::new(JsonUpload {
+            http,
+            base_url: config
+                .endpoint
+                .as_deref()
+                .unwrap_or(DEFAULT_BASE_URL)
+                .trim_end_matches('/')
+                .to_owned(),
+            credentials: (!config.anonymous).then_some(credentials).flatten(),
+        });
         inner.max_payload_size = config.max_payload_size;
         inner.concurrency = config.concurrency;
         inner.timeout = timeout;
@@ -119,6 +145,66 @@ impl GcsDriver {
             name: config.name,
             inner,
         })
+    }
+}
+
+const DEFAULT_BASE_URL: &str = "https://storage.googleapis.com";
+
+/// Create-only upload through the JSON API:
+/// `POST {base}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={key}&ifGenerationMatch=0`.
+struct JsonUpload {
+    http: reqwest::Client,
+    base_url: String,
+    /// `None`: anonymous.
+    credentials: Option<GcpCredentialProvider>,
+}
+
+impl std::fmt::Debug for JsonUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JsonUpload")
+            .field("base_url", &self.base_url)
+            .field("anonymous", &self.credentials.is_none())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl CreateOnly for JsonUpload {
+    async fn create(&self, bucket: &str, key: &str, payload: Bytes) -> Result<(), DriverError> {
+        let fail =
+            |what: String| DriverError::Unavailable(format!("upload gs://{bucket}/{key}: {what}"));
+        let url = format!("{}/upload/storage/v1/b/{bucket}/o", self.base_url);
+        let mut req = self
+            .http
+            .post(url)
+            .query(&[
+                ("uploadType", "media"),
+                ("name", key),
+                ("ifGenerationMatch", "0"),
+            ])
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(payload);
+        if let Some(credentials) = &self.credentials {
+            let token = credentials
+                .get_credential()
+                .await
+                .map_err(|e| fail(format!("cannot get credentials: {e}")))?;
+            // An emulator key (`disable_oauth`) yields an empty token: send none.
+            if !token.bearer.is_empty() {
+                req = req.bearer_auth(&token.bearer);
+            }
+        }
+        let response = req.send().await.map_err(|e| fail(e.to_string()))?;
+        match response.status() {
+            s if s.is_success() => Ok(()),
+            // Another writer created the same content-addressed object first.
+            reqwest::StatusCode::PRECONDITION_FAILED => Ok(()),
+            s => {
+                let body = response.text().await.unwrap_or_default();
+                let excerpt: String = body.chars().take(300).collect();
+                Err(fail(format!("HTTP {s}: {excerpt}")))
+            }
+        }
     }
 }
 
@@ -149,9 +235,8 @@ fn emulator_key(config: &GcsConfig) -> Result<Option<String>, DriverError> {
                     .to_owned(),
             )
         })?;
-    let text = std::fs::read_to_string(&path).map_err(|e| {
-        DriverError::Unavailable(format!("cannot read {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| DriverError::Unavailable(format!("cannot read {}: {e}", path.display())))?;
     // Only the parse outcome is reported: the file holds a private key.
     let mut key: serde_json::Value = serde_json::from_str(&text).map_err(|_| {
         DriverError::Unavailable(format!("{} is not a JSON key file", path.display()))

@@ -600,7 +600,11 @@ mod tests {
             validate_scheme_claim(&claim, &Scheme::GCS, &buckets, ns)
         };
         // What the SDK writes for a namespace with Unicode, and a backslash in an id.
-        check(&format!("v0/ns/ns.é/wt/T/wi/a\\b/ri/r/d/sha256/{DIGEST}"), Some("ns.é")).unwrap();
+        check(
+            &format!("v0/ns/ns.é/wt/T/wi/a\\b/ri/r/d/sha256/{DIGEST}"),
+            Some("ns.é"),
+        )
+        .unwrap();
         // The S3 form of the same namespace is another prefix under the GCS scheme.
         assert!(check(&format!("v0/ns/ns.%C3%A9/d/sha256/{DIGEST}"), Some("ns.é")).is_err());
         for key in [
@@ -616,7 +620,12 @@ mod tests {
         // The claim keys are the scheme's: an S3-shaped claim has no object_name.
         let s3 = claim(Some("b"), &format!("v0/d/sha256/{DIGEST}"));
         assert!(validate_scheme_claim(&s3, &Scheme::GCS, &buckets, None).is_err());
-        let az = make_scheme_claim(&Scheme::AZURE, Some("b"), &format!("v0/d/sha256/{DIGEST}"), DIGEST);
+        let az = make_scheme_claim(
+            &Scheme::AZURE,
+            Some("b"),
+            &format!("v0/d/sha256/{DIGEST}"),
+            DIGEST,
+        );
         assert_eq!(
             az.keys().map(String::as_str).collect::<Vec<_>>(),
             ["blob_name", "container", "hash_algorithm", "hash_value"]

@@ -20,8 +20,10 @@ fn embedded_defaults_are_valid() {
 fn storage_driver_settings_are_validated() {
     let err = parse("[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\n").unwrap_err();
     assert!(err.to_string().contains("bucket"), "{err}");
-    let err = parse("[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\nbucket = \"b\"\nregion = \"x\"\n")
-        .unwrap_err();
+    let err = parse(
+        "[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\nbucket = \"b\"\nregion = \"x\"\n",
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("region"), "{err}");
     let err = parse("[[storage.drivers]]\nname = \"a\"\nkind = \"azure\"\naccount = \"acc\"\n")
         .unwrap_err();

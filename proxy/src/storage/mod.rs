@@ -559,9 +559,9 @@ impl Storage {
             layout::CLAIM_BLOB_NAME,
         ]
         .iter()
-            .find_map(|field| claim.get(*field))
-            .and_then(|key| key.strip_prefix("v0/ns/"))
-            .and_then(|rest| rest.split('/').next());
+        .find_map(|field| claim.get(*field))
+        .and_then(|key| key.strip_prefix("v0/ns/"))
+        .and_then(|rest| rest.split('/').next());
         let Some(key_namespace) = key_namespace else {
             return namespace;
         };
