@@ -649,6 +649,15 @@ mod read_scope_tests {
             Some("ops team")
         );
         assert_eq!(s.read_scope(Some("b"), &claim("v0/d/sha256/00")), Some("b"));
+        // `gcp.gcsdriver` keeps readable names (`object_name`); Azure's claim has `blob_name`.
+        let gcs = ClaimData::from([(
+            "object_name".to_owned(),
+            "v0/ns/ops team/d/sha256/00".to_owned(),
+        )]);
+        assert_eq!(s.read_scope(Some("b"), &gcs), Some("ops team"));
+        assert_eq!(s.read_scope(Some("c"), &gcs), Some("c"));
+        let azure = ClaimData::from([("blob_name".to_owned(), "v0/ns/a/d/sha256/00".to_owned())]);
+        assert_eq!(s.read_scope(Some("b"), &azure), Some("a"));
     }
 
     /// References an SDK wrote without a target (`create_schedule`, completion by task token)
