@@ -219,7 +219,10 @@ fn free_port() -> u16 {
 fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "emulator not listening on {port}");
+        assert!(
+            Instant::now() < deadline,
+            "emulator not listening on {port}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -235,7 +238,10 @@ fn start_fake_gcs() -> Option<(Server, String)> {
         p.exists().then_some(p)
     });
     let Some(bin) = bin else {
-        eprintln!("gcs storage bench skipped: fake-gcs-server not found under {}", lib.display());
+        eprintln!(
+            "gcs storage bench skipped: fake-gcs-server not found under {}",
+            lib.display()
+        );
         return None;
     };
     let data = tempfile::tempdir().unwrap();
@@ -243,8 +249,22 @@ fn start_fake_gcs() -> Option<(Server, String)> {
     let port = free_port();
     let host = format!("127.0.0.1:{port}");
     let child = Command::new(bin)
-        .args(["-scheme", "http", "-host", "127.0.0.1", "-port", &port.to_string()])
-        .args(["-backend", "memory", "-public-host", &host, "-log-level", "error"])
+        .args([
+            "-scheme",
+            "http",
+            "-host",
+            "127.0.0.1",
+            "-port",
+            &port.to_string(),
+        ])
+        .args([
+            "-backend",
+            "memory",
+            "-public-host",
+            &host,
+            "-log-level",
+            "error",
+        ])
         .arg("-data")
         .arg(data.path())
         .stdout(Stdio::null())
@@ -266,7 +286,12 @@ fn start_azurite() -> Option<(Server, String)> {
     let port = free_port();
     let child = Command::new(bin)
         .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-        .args(["--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry", "--silent"])
+        .args([
+            "--inMemoryPersistence",
+            "--skipApiVersionCheck",
+            "--disableTelemetry",
+            "--silent",
+        ])
         .current_dir(dir.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -274,7 +299,10 @@ fn start_azurite() -> Option<(Server, String)> {
         .unwrap();
     wait_for_port(port);
     create_azurite_container(port, "bench");
-    Some((Server(child, dir), format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}")))
+    Some((
+        Server(child, dir),
+        format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"),
+    ))
 }
 
 /// `PUT ?restype=container` signed with Shared Key over a plain TCP connection: object_store
@@ -300,7 +328,10 @@ fn create_azurite_container(port: u16, container: &str) {
     .unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
-    assert!(reply.starts_with("HTTP/1.1 201"), "create container: {reply}");
+    assert!(
+        reply.starts_with("HTTP/1.1 201"),
+        "create container: {reply}"
+    );
 }
 
 /// RFC 1123 date (`Mon, 30 Nov 2026 14:00:00 GMT`).
@@ -393,7 +424,9 @@ fn bench_object_store(
             })
         });
         g.bench_function("raw get", |b| {
-            b.iter(|| rt.block_on(async { raw.get(&raw_path).await.unwrap().bytes().await.unwrap() }))
+            b.iter(|| {
+                rt.block_on(async { raw.get(&raw_path).await.unwrap().bytes().await.unwrap() })
+            })
         });
         g.finish();
     }
