@@ -28,6 +28,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 import rig
+from sdk_codec import iter_payloads
 from workflows import ACTIVITIES, ChildWorkflow
 
 KEY = bytes(range(100, 132))
@@ -358,19 +359,29 @@ def require_web_ui_prerequisites() -> None:
 
 
 @pytest.mark.timeout(300)
-def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path):
+@pytest.mark.parametrize("key_kind", ["static", "envelope"])
+def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path, request, key_kind):
+    """The Web UI shows decoded payloads through the codec endpoint, with a static key and
+    with an envelope key whose KEK is in a KMS-compatible server (moto)."""
     require_web_ui_prerequisites()
     # The UI origin must be known before the gateway starts (CORS), the codec port before the
     # server starts (--ui-codec-endpoint): reserve both, then start the gateway, then the server.
     ui_port = rig.free_port()
-    gw = gateway_factory("127.0.0.1:1", config={}, start=False, name="codec-ui-gw",
-                         extra_env={"PGW_TEST_CODEC_KEY": b64(KEY), "PGW_TEST_CODEC_TOKENS": ",".join(TOKENS)})
+    env = {"PGW_TEST_CODEC_KEY": b64(KEY), "PGW_TEST_CODEC_TOKENS": ",".join(TOKENS)}
+    kms = None
+    if key_kind == "envelope":
+        kms = request.getfixturevalue("kms_server")
+        arn = kms.create_key()
+        env.update(kms.gateway_env())
+    gw = gateway_factory("127.0.0.1:1", config={}, start=False, name="codec-ui-gw", extra_env=env)
     server = rig.TemporalServerWithUI(rig.new_tmpdir(workdir, "temporal-ui-"), codec_endpoint=f"http://127.0.0.1:{gw.codec_port}",
                                       ui_port=ui_port)
     server.start()
     try:
         gw.upstream = server.address
         gw.config = codec_config(gw, gw.workdir, [server.ui_origin])
+        if kms is not None:
+            gw.config["encryption"].update(active_key="ui-kek", keys=[{"id": "ui-kek", "kms": arn}])
         # The browser cannot be given a token without an https endpoint: this gateway runs without auth.
         del gw.config["codec_server"]["bearer_tokens_env"]
         gw.configure()
@@ -399,9 +410,23 @@ def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path):
             chrome.stop()
         out = gw.output()
         assert "/decode" in out, "the UI never called the codec endpoint"
+        if kms is not None:
+            # What the UI decoded was envelope-encrypted at the server.
+            history = asyncio.run(direct_history(server.address, wf_id))
+            kek_ids = {p.metadata.get("encryption-key-id") for e in history.events for _, p in iter_payloads(e)
+                       if p.metadata.get("encoding") == b"binary/encrypted"}
+            assert kek_ids == {b"ui-kek"}, kek_ids
+            assert all(p.metadata.get("encryption-dek") for e in history.events for _, p in iter_payloads(e)
+                       if p.metadata.get("encoding") == b"binary/encrypted")
     finally:
         gw.stop()
         server.stop()
+
+
+async def direct_history(address: str, workflow_id: str):
+    """The history as the server holds it, read without the gateway."""
+    client = await Client.connect(address)
+    return await client.get_workflow_handle(workflow_id).fetch_history()
 
 
 def ui_session_script(origin: str, token: str | None, auth_enabled: bool) -> str:
