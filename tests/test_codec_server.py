@@ -381,7 +381,7 @@ def test_web_ui_shows_decoded_payloads(gateway_factory, workdir, tmp_path, reque
         gw.upstream = server.address
         gw.config = codec_config(gw, gw.workdir, [server.ui_origin])
         if kms is not None:
-            gw.config["encryption"].update(active_key="ui-kek", keys=[{"id": "ui-kek", "kms": arn}])
+            gw.config["encryption"].update(active_key="ui-kek", keys=[{"id": "ui-kek", "kms": f"awskms:///{arn}"}])
         # The browser cannot be given a token without an https endpoint: this gateway runs without auth.
         del gw.config["codec_server"]["bearer_tokens_env"]
         gw.configure()
