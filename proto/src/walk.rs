@@ -252,13 +252,16 @@ impl Scan {
 /// type without looking inside. Payloads under `SearchAttributes.indexed_fields` are never
 /// reported. Never panics; malformed input gives a [`WalkError`].
 pub fn scan(ty: MessageType, buf: &[u8]) -> Result<Scan, WalkError> {
+    // Looked up once: every message of every RPC is scanned.
+    static FAILURE_TYPE: std::sync::LazyLock<Option<MessageType>> =
+        std::sync::LazyLock::new(|| MessageType::by_name(FAILURE_TYPE_NAME));
     let mut w = Walker {
         buf,
         sites: Vec::new(),
         nodes: Vec::new(),
         path: Vec::with_capacity(16),
         failures: Vec::new(),
-        failure_ty: MessageType::by_name(FAILURE_TYPE_NAME),
+        failure_ty: *FAILURE_TYPE,
         unknown_any: 0,
         unknown_anys: Vec::new(),
         opaque_system: 0,

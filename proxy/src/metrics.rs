@@ -137,14 +137,90 @@ pub fn method_label(path: &str) -> String {
 }
 
 /// gRPC's own services that clients call through the gateway (health checks, reflection).
+const WELL_KNOWN_SERVICES: [&str; 4] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
 fn is_well_known_service(path: &str) -> bool {
-    [
-        "/grpc.health.v1.Health/Check",
-        "/grpc.health.v1.Health/Watch",
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    ]
-    .contains(&path)
+    WELL_KNOWN_SERVICES.contains(&path)
+}
+
+/// The RPC metrics of one method label, resolved once per method: recording an RPC then
+/// hashes no label set and allocates nothing (it did both, twice, per RPC).
+#[derive(Debug)]
+pub struct MethodMetrics {
+    label: String,
+    duration: Histogram,
+    /// `pgw_rpcs_total` per status code (index: the code, 17 = none), made on first use.
+    codes: [std::sync::OnceLock<Counter>; 18],
+}
+
+impl MethodMetrics {
+    /// The method's label value (see [`method_label`]).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Counts one RPC that ended with `code` (`None`: no status) after `elapsed`.
+    pub fn record(&self, code: Option<u32>, elapsed: Duration) {
+        // Codes past 16 are named UNKNOWN (2) by `code_name`; they share its counter.
+        let index = match code {
+            None => 17,
+            Some(c) if c <= 16 => c as usize,
+            Some(_) => 2,
+        };
+        self.codes[index]
+            .get_or_init(|| {
+                metrics()
+                    .rpcs
+                    .get_or_create(&RpcLabels {
+                        method: self.label.clone(),
+                        code: code_name(code),
+                    })
+                    .clone()
+            })
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The metrics of the method at `path` (known methods by name, every other path shares
+/// `unknown`), cached for the life of the process: the set of keys is the fixed method table.
+pub fn method_metrics(path: &str) -> Arc<MethodMetrics> {
+    static CACHE: LazyLock<RwLock<std::collections::HashMap<&'static str, Arc<MethodMetrics>>>> =
+        LazyLock::new(Default::default);
+    let key: &'static str = match payload_gateway_proto::method(path) {
+        Some(m) => m.path,
+        None => WELL_KNOWN_SERVICES
+            .iter()
+            .find(|p| **p == path)
+            .copied()
+            .unwrap_or("unknown"),
+    };
+    if let Some(found) = CACHE.read().unwrap_or_else(|e| e.into_inner()).get(key) {
+        return found.clone();
+    }
+    let label = method_label(key);
+    let duration = metrics()
+        .rpc_duration
+        .get_or_create(&MethodLabels {
+            method: label.clone(),
+        })
+        .clone();
+    let made = Arc::new(MethodMetrics {
+        label,
+        duration,
+        codes: Default::default(),
+    });
+    CACHE
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_insert(made)
+        .clone()
 }
 
 /// `/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution` →
@@ -403,15 +479,81 @@ impl Metrics {
 
     /// Counts `count` payloads of `operation` in `namespace`.
     pub fn count_payloads(&self, namespace: Option<&str>, operation: &'static str, count: usize) {
+        /// The operations of `pgw_payloads_total`, in handle order.
+        const OPERATIONS: [&str; 4] = ["encoded", "decoded", "offloaded", "resolved"];
+        type Handles = Arc<[std::sync::OnceLock<Counter>; 4]>;
+        // Per namespace label, the counters resolved once (at most MAX_NAMESPACE_LABELS + 2
+        // entries: the names that have a label of their own, `unknown`, `other`).
+        static HANDLES: LazyLock<RwLock<std::collections::HashMap<String, Handles>>> =
+            LazyLock::new(Default::default);
         if count == 0 {
             return;
         }
-        self.payloads
-            .get_or_create(&PayloadLabels {
-                namespace: namespace_label(namespace),
-                operation,
+        let Some(op) = OPERATIONS.iter().position(|o| *o == operation) else {
+            self.payloads
+                .get_or_create(&PayloadLabels {
+                    namespace: namespace_label(namespace),
+                    operation,
+                })
+                .inc_by(count as u64);
+            return;
+        };
+        let key = namespace.unwrap_or("\0unknown");
+        let found = HANDLES
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(key)
+            .cloned();
+        let handles = match found {
+            Some(handles) => handles,
+            None => {
+                let label = namespace_label(namespace);
+                // A namespace past the label cap shares `other`: not a key of its own, so the
+                // map stays bounded by the label set.
+                let key = if namespace.is_some_and(|ns| ns == label) {
+                    label.clone()
+                } else if namespace.is_none() {
+                    key.to_owned()
+                } else {
+                    self.payloads
+                        .get_or_create(&PayloadLabels {
+                            namespace: label,
+                            operation,
+                        })
+                        .inc_by(count as u64);
+                    return;
+                };
+                let mut map = HANDLES.write().unwrap_or_else(|e| e.into_inner());
+                map.entry(key).or_default().clone()
+            }
+        };
+        handles[op]
+            .get_or_init(|| {
+                self.payloads
+                    .get_or_create(&PayloadLabels {
+                        namespace: namespace_label(namespace),
+                        operation,
+                    })
+                    .clone()
             })
             .inc_by(count as u64);
+    }
+
+    /// Adds to `pgw_payload_bytes_total` of `direction` (`encode` or `decode`) the bytes before
+    /// (`bytes_in`) and after (`bytes_out`) the stages, through handles resolved once.
+    pub fn count_payload_bytes(&self, direction: &'static str, bytes_in: u64, bytes_out: u64) {
+        static HANDLES: [std::sync::OnceLock<[Counter; 2]>; 2] =
+            [std::sync::OnceLock::new(), std::sync::OnceLock::new()];
+        let index = usize::from(direction == "decode");
+        let [counter_in, counter_out] = HANDLES[index].get_or_init(|| {
+            ["in", "out"].map(|side| {
+                self.payload_bytes
+                    .get_or_create(&BytesLabels { direction, side })
+                    .clone()
+            })
+        });
+        counter_in.inc_by(bytes_in);
+        counter_out.inc_by(bytes_out);
     }
 
     /// Renders every metric in the OpenMetrics text format.

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -14,7 +15,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::grpc::{BoxError, GatewayBody};
-use crate::metrics::{MethodLabels, RpcLabels, code_name, metrics};
+use crate::metrics::{MethodMetrics, code_name};
 
 /// Header carrying the request id, taken from the client when present, else generated.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -52,7 +53,7 @@ where
 
     fn call(&mut self, mut request: Request<GatewayBody>) -> Self::Future {
         let started = Instant::now();
-        let method = crate::metrics::method_label(request.uri().path());
+        let method = crate::metrics::method_metrics(request.uri().path());
         let request_id = match request
             .headers()
             .get(REQUEST_ID)
@@ -67,7 +68,7 @@ where
                 id
             }
         };
-        let span = tracing::info_span!("rpc", %method, %request_id);
+        let span = tracing::info_span!("rpc", method = method.label(), %request_id);
         let future = self.inner.call(request);
         Box::pin(
             async move {
@@ -99,7 +100,7 @@ where
 
 /// What is recorded when an RPC ends; dropped unrecorded, the RPC counts as `CANCELLED`.
 struct Record {
-    method: String,
+    method: Arc<MethodMetrics>,
     started: Instant,
     span: tracing::Span,
     recorded: bool,
@@ -121,20 +122,8 @@ impl Record {
     fn record(&mut self, code: Option<u32>) {
         self.recorded = true;
         let elapsed = self.started.elapsed();
+        self.method.record(code, elapsed);
         let code = code_name(code);
-        metrics()
-            .rpcs
-            .get_or_create(&RpcLabels {
-                method: self.method.clone(),
-                code,
-            })
-            .inc();
-        metrics()
-            .rpc_duration
-            .get_or_create(&MethodLabels {
-                method: self.method.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
         self.span.in_scope(|| {
             tracing::debug!(
                 code,

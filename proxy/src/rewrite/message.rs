@@ -26,7 +26,7 @@ use payload_gateway_proto::{ENCODED_FAILURE_MESSAGE, FailureEdit, MessageType, S
 
 use super::pipeline::{CallContext, Direction, Pipeline};
 use crate::grpc::{Code, Status};
-use crate::metrics::{BytesLabels, metrics};
+use crate::metrics::metrics;
 use crate::payload::Payload;
 
 const JSON_PLAIN: &[u8] = b"json/plain";
@@ -316,14 +316,7 @@ fn record(
     }
     let m = metrics();
     m.count_payloads(ctx.namespace.as_deref(), operation, changed);
-    for (side, bytes) in [("in", bytes_in), ("out", bytes_out)] {
-        m.payload_bytes
-            .get_or_create(&BytesLabels {
-                direction: name,
-                side,
-            })
-            .inc_by(bytes);
-    }
+    m.count_payload_bytes(name, bytes_in, bytes_out);
 }
 
 #[cfg(test)]

@@ -209,7 +209,7 @@ impl RewriteLayer {
         } else {
             None
         };
-        let ctx = CallContext::new(parts.uri.path(), namespace)
+        let ctx = CallContext::new(m.path, namespace)
             .with_request(request_type, messages.first())
             .with_budget(budget);
         let messages = if self.pipeline.applies(Direction::Encode, &ctx) {

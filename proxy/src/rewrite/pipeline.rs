@@ -11,6 +11,7 @@
 //! extra JSON or protobuf fields, an unknown driver, a forged claim) is encoded like every
 //! other payload: metadata never decides on its own what may leave unencrypted.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -34,29 +35,24 @@ pub enum Direction {
 /// What the stages know about the RPC a message belongs to.
 #[derive(Debug, Clone)]
 pub struct CallContext {
-    /// The gRPC method path.
-    pub method: String,
+    /// The gRPC method path (or the codec endpoint's route).
+    pub method: Cow<'static, str>,
     /// The request's namespace (from the message, else the `temporal-namespace` header).
     pub namespace: Option<String>,
-    /// The request's top-level `workflow_id`, when its message has one.
-    pub workflow_id: Option<String>,
-    /// The request's top-level `run_id`.
-    pub run_id: Option<String>,
-    /// The request's top-level `activity_id`.
-    pub activity_id: Option<String>,
+    /// The request message, read for its identity fields only when a payload is offloaded
+    /// (most RPCs never need them: parsing them up front was a fixed cost per RPC).
+    request: Option<(MessageType, Bytes)>,
     /// What the message's inflations may still allocate (see [`crate::budget`]).
     pub budget: MessageBudget,
 }
 
 impl CallContext {
     /// A context for `method` in `namespace`, without request identity.
-    pub fn new(method: impl Into<String>, namespace: Option<String>) -> Self {
+    pub fn new(method: impl Into<Cow<'static, str>>, namespace: Option<String>) -> Self {
         Self {
             method: method.into(),
             namespace,
-            workflow_id: None,
-            run_id: None,
-            activity_id: None,
+            request: None,
             budget: MessageBudget::unlimited(),
         }
     }
@@ -67,34 +63,39 @@ impl CallContext {
         self
     }
 
-    /// Adds the identity fields found at the top level of the request `message` of type `ty`.
+    /// Keeps the request `message` of type `ty`: its top-level `workflow_id`, `run_id` and
+    /// `activity_id` name the objects the storage stage writes.
     pub fn with_request(mut self, ty: MessageType, message: Option<&Bytes>) -> Self {
-        if let Some(m) = message {
-            let get = |name| {
-                top_level_string(ty, m, name)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-            };
-            self.workflow_id = get("workflow_id");
-            self.run_id = get("run_id");
-            self.activity_id = get("activity_id");
-        }
+        self.request = message.map(|m| (ty, m.clone()));
         self
+    }
+
+    /// The request's top-level string field `name`, when present and not empty.
+    fn request_field(&self, name: &str) -> Option<String> {
+        let (ty, message) = self.request.as_ref()?;
+        top_level_string(*ty, message, name)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
     }
 
     /// What the storage drivers put into object keys.
     pub fn store_context(&self) -> StoreContext {
-        let target = if self.activity_id.is_some() {
+        let (workflow_id, run_id, activity_id) = (
+            self.request_field("workflow_id"),
+            self.request_field("run_id"),
+            self.request_field("activity_id"),
+        );
+        let target = if activity_id.is_some() {
             Some(StoreTarget::Activity {
                 activity_type: None,
-                activity_id: self.activity_id.clone(),
-                run_id: self.run_id.clone(),
+                activity_id,
+                run_id,
             })
-        } else if self.workflow_id.is_some() || self.run_id.is_some() {
+        } else if workflow_id.is_some() || run_id.is_some() {
             Some(StoreTarget::Workflow {
                 workflow_type: None,
-                workflow_id: self.workflow_id.clone(),
-                run_id: self.run_id.clone(),
+                workflow_id,
+                run_id,
             })
         } else {
             None
