@@ -293,9 +293,20 @@ fn scaling_csv(scaling: &[ScaleRow]) -> Result<String> {
     );
     for s in scaling {
         let st = &s.stats;
+        // direct has no proxy: its CPU columns stay empty
+        let cpu = if s.cfg == Cfg::Direct {
+            ",,".to_string()
+        } else {
+            format!(
+                "{:.1},{:.3},{:.3}",
+                1e6 * st.proxy_cpu_secs / st.rpcs.max(1) as f64,
+                st.proxy_cpu_secs / st.secs,
+                cores_per_krps(st)
+            )
+        };
         writeln!(
             csv,
-            "{},{},{},{},{},{},{:.3},{:.1},{:.1},{:.3},{:.3},{}",
+            "{},{},{},{},{},{},{:.3},{:.1},{cpu},{}",
             s.cfg.label(),
             s.threads.map(|t| t.to_string()).unwrap_or_default(),
             s.size,
@@ -304,9 +315,6 @@ fn scaling_csv(scaling: &[ScaleRow]) -> Result<String> {
             st.rpcs,
             st.secs,
             st.rps(),
-            1e6 * st.proxy_cpu_secs / st.rpcs.max(1) as f64,
-            st.proxy_cpu_secs / st.secs,
-            cores_per_krps(st),
             st.errors
         )?;
     }
