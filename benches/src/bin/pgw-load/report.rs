@@ -386,10 +386,7 @@ fn codec_rate_table(
     else {
         return Ok(());
     };
-    writeln!(
-        md,
-        "\nCodec rate per core (echo, c={conc}): payload bytes per gateway CPU-second for one encode (request) + one decode (response), vs the raw zstd (level 3) + AES-256-GCM seal/open + decompress calls on the same payload in this process, single thread. \"codec alone\": payload bytes ÷ (gw-codec − gw-off CPU per RPC), the codec's share without the forwarding both do:\n\n| payload | raw calls | gw-codec | ratio | gw-off (forwarding only) | codec alone (gw-codec − gw-off) | codec alone vs raw |\n| --- | --- | --- | --- | --- | --- | --- |"
-    )?;
+    let mut lines = Vec::new();
     for &size in &args.sizes {
         let (Some(on), Some(off), Some(raw)) = (
             find(rows, up, size, Cfg::GwCodec),
@@ -408,8 +405,7 @@ fn codec_rate_table(
         } else {
             ("n/a (≤ 0 µs)".into(), "—".into())
         };
-        writeln!(
-            md,
+        lines.push(format!(
             "| {} | {} | {} | {:.0} % | {} | {} | {} |",
             fmt_size(size),
             rate(raw_rate),
@@ -418,7 +414,17 @@ fn codec_rate_table(
             rate(off_rate),
             own,
             own_ratio
-        )?;
+        ));
+    }
+    if lines.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "\nCodec rate per core (echo, c={conc}): payload bytes per gateway CPU-second for one encode (request) + one decode (response), vs the raw zstd (level 3) + AES-256-GCM seal/open + decompress calls on the same payload in this process, single thread. \"codec alone\": payload bytes ÷ (gw-codec − gw-off CPU per RPC), the codec's share without the forwarding both do:\n\n| payload | raw calls | gw-codec | ratio | gw-off (forwarding only) | codec alone (gw-codec − gw-off) | codec alone vs raw |\n| --- | --- | --- | --- | --- | --- | --- |"
+    )?;
+    for l in lines {
+        writeln!(md, "{l}")?;
     }
     Ok(())
 }
