@@ -12,16 +12,20 @@
 //! Modules: [`procs`] (child processes, `/proc`), [`client`] (gRPC over HTTP/2, cleartext or
 //! TLS), [`echo`] (the echo upstream), [`tls`] (certificates), [`targets`] (configurations and
 //! how they start), [`work`] (payloads, workloads, timed phases), [`baseline`] (raw codec and
-//! raw file store, same run), [`run`] (the order of measurements), [`report`] (CSV and
-//! markdown), [`svg`] (the latency chart).
+//! raw file store, same run), [`run`] (the order of measurements), [`scaling`] (runtime
+//! threads), [`ready`] (start to ready), [`report`] (CSV and the main markdown tables),
+//! [`tables`] (codec rate, offload, cores per 1,000 RPC/s, scaling), [`svg`] (the chart).
 
 mod baseline;
 mod client;
 mod echo;
 mod procs;
+mod ready;
 mod report;
 mod run;
+mod scaling;
 mod svg;
+mod tables;
 mod targets;
 mod tls;
 mod work;

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use temporalio_protos::protos::temporal::api::workflowservice::v1::DescribeNamespaceRequest;
-use tokio::net::TcpStream;
 
 use crate::baseline::{
     encoded_like_gateway, raw_codec_secs_per_roundtrip, raw_store_cpu_per_roundtrip,
@@ -18,7 +17,7 @@ use crate::baseline::{
 use crate::client::{Client, frame};
 use crate::echo::start_echo;
 use crate::procs::{Proc, free_port, proc_status_kb, proc_tree};
-use crate::report::{self, Baselines, Resources, Row, ScaleRow, StoreDelta, fmt_size};
+use crate::report::{self, Baselines, Resources, Row, StoreDelta, fmt_size};
 use crate::targets::{Cfg, GatewayOpts, Target, spawn_gateway, spawn_nginx, store_root, wait_tcp};
 use crate::tls::Pki;
 use crate::work::{Upstream, Work, payload, run_phase};
@@ -315,9 +314,9 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     let scaling = if args.no_scaling {
         Vec::new()
     } else {
-        scaling_runs(args, dir, &run_tag).await?
+        crate::scaling::scaling_runs(args, dir, &run_tag).await?
     };
-    let ready_lines = start_to_ready(args, dir, &run_tag).await?;
+    let ready_lines = crate::ready::start_to_ready(args, dir, &run_tag).await?;
     let upstream_tls: Vec<String> = upstream_tls
         .map(|s| s.lock().expect("negotiated").iter().cloned().collect())
         .unwrap_or_default();
@@ -330,159 +329,6 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         upstream_tls: &upstream_tls,
     };
     report::write_outputs(args, &outputs)
-}
-
-/// Throughput and CPU per RPC of gw-off and gw-codec with each `--scaling-threads` as
-/// `proxy.worker_threads`, echo upstream, `--scaling-concurrency` streams over
-/// `--scaling-connections` connections; `direct` at the same load first, as the ceiling of
-/// the load generator.
-async fn scaling_runs(args: &Args, dir: &Path, run_tag: &str) -> Result<Vec<ScaleRow>> {
-    let (echo, _) = start_echo(None).await?;
-    let mut gws: Vec<(Cfg, Option<usize>, Option<Proc>, SocketAddr)> =
-        vec![(Cfg::Direct, None, None, echo)];
-    for &threads in &args.scaling_threads {
-        for cfg in [Cfg::GwOff, Cfg::GwCodec] {
-            let tag = format!("scale-{}-t{threads}", cfg.label());
-            let opts = GatewayOpts {
-                pki: None,
-                worker_threads: Some(threads),
-            };
-            let (mut p, addr) = spawn_gateway(args, cfg, echo, &dir.join(&tag), &tag, opts)?;
-            wait_tcp(addr, &mut p, Duration::from_secs(10)).await?;
-            gws.push((cfg, Some(threads), Some(p), addr));
-        }
-    }
-    let mut out = Vec::new();
-    let conns = args.scaling_connections.max(1);
-    for &size in &args.scaling_sizes {
-        let work = Arc::new(Work::new(Upstream::Echo, size, run_tag.to_string()));
-        for (cfg, threads, p, addr) in &gws {
-            let mut clients = Vec::new();
-            for _ in 0..conns {
-                let c = Client::connect(*addr, None).await?;
-                let mut lat = Vec::new();
-                for _ in 0..3 {
-                    work.op(&c, &mut lat, true).await.map_err(|e| {
-                        anyhow!("scaling {} {}: {}", cfg.label(), fmt_size(size), e.0)
-                    })?;
-                }
-                clients.push(c);
-            }
-            let pids = p.as_ref().map(|p| proc_tree(p.pid())).unwrap_or_default();
-            let st = run_phase(
-                work.clone(),
-                &clients,
-                args.scaling_concurrency,
-                args.max_ops,
-                args.conc_secs,
-                &pids,
-            )
-            .await;
-            eprintln!(
-                "scaling {:8} threads {:>2} {:>7}: {:>8.0} rpc/s, {:.0} µs CPU/RPC, {:.2} cores | errors {} {}",
-                cfg.label(),
-                threads.map(|t| t.to_string()).unwrap_or("-".into()),
-                fmt_size(size),
-                st.rps(),
-                1e6 * st.proxy_cpu_secs / st.rpcs.max(1) as f64,
-                st.proxy_cpu_secs / st.secs,
-                st.errors,
-                st.first_error.as_deref().unwrap_or("")
-            );
-            out.push(ScaleRow {
-                cfg: *cfg,
-                threads: *threads,
-                size,
-                stats: st,
-                concurrency: args.scaling_concurrency,
-                connections: conns,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// Start to ready (echo upstream): codecs off, then codecs on; markdown table lines.
-async fn start_to_ready(args: &Args, dir: &Path, run_tag: &str) -> Result<Vec<String>> {
-    let mut ready_lines = Vec::new();
-    if args.ready_samples == 0 {
-        return Ok(ready_lines);
-    }
-    let (echo, _) = start_echo(None).await?;
-    let work = Work::new(Upstream::Echo, 1024, run_tag.to_string());
-    for cfg in [Cfg::GwOff, Cfg::GwCodec] {
-        let (mut accept, mut ready) = (Vec::new(), Vec::new());
-        for i in 0..args.ready_samples {
-            let d = dir.join(format!("ready-{}-{i}", cfg.label()));
-            let t0 = Instant::now();
-            let (mut p, addr) =
-                spawn_gateway(args, cfg, echo, &d, "ready", GatewayOpts::default())?;
-            let deadline = t0 + Duration::from_secs(10);
-            let mut accepted = None;
-            loop {
-                if accepted.is_none() && TcpStream::connect(addr).await.is_ok() {
-                    accepted = Some(t0.elapsed());
-                }
-                if accepted.is_some() && readiness_rpc(addr, &work).await {
-                    break;
-                }
-                if Instant::now() > deadline || !p.alive() {
-                    bail!("gateway not ready in 10 s (sample {i})");
-                }
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-            ready.push(t0.elapsed().as_secs_f64() * 1e3);
-            accept.push(accepted.expect("accepted").as_secs_f64() * 1e3);
-            drop(p);
-            let _ = std::fs::remove_dir_all(&d);
-        }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.total_cmp(b));
-            v[v.len() / 2]
-        };
-        let (ma, mr) = (med(&mut accept), med(&mut ready));
-        ready_lines.push(format!(
-            "| {} | spawn → TCP accept | {ma:.1} ms | {:.1}–{:.1} ms |",
-            cfg.label(),
-            accept[0],
-            accept[accept.len() - 1]
-        ));
-        ready_lines.push(format!(
-            "| {} | spawn → first successful RPC (QueryWorkflow, 1 KiB) | {mr:.1} ms | {:.1}–{:.1} ms |",
-            cfg.label(),
-            ready[0],
-            ready[ready.len() - 1]
-        ));
-        eprintln!(
-            "start to ready ({}): accept {ma:.1} ms, first RPC {mr:.1} ms (median of {})",
-            cfg.label(),
-            args.ready_samples
-        );
-    }
-    Ok(ready_lines)
-}
-
-/// One verified operation through `addr` within 2 s.
-async fn readiness_rpc(addr: SocketAddr, work: &Work) -> bool {
-    let Ok(c) = Client::connect(addr, None).await else {
-        return false;
-    };
-    let mut lat = Vec::new();
-    match tokio::time::timeout(Duration::from_secs(2), work.op(&c, &mut lat, true)).await {
-        Ok(Ok(())) => {
-            if std::env::var_os("PGW_LOAD_DEBUG").is_some() {
-                eprintln!("first RPC took {:?} µs", lat);
-            }
-            true
-        }
-        Ok(Err(e)) => {
-            if std::env::var_os("PGW_LOAD_DEBUG").is_some() {
-                eprintln!("not ready yet: {}", e.0);
-            }
-            false
-        }
-        Err(_) => false,
-    }
 }
 
 /// Waits until the dev server answers `DescribeNamespace` (120 s at most).
