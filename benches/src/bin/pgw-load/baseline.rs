@@ -126,3 +126,32 @@ pub fn raw_store_cpu_per_roundtrip(bytes: &[u8], dir: &Path, budget: Duration) -
     }
     Ok(cpu / n.max(1) as f64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The raw store round trip reads back what it wrote, measures some CPU time and leaves
+    /// no object or staging file behind.
+    #[test]
+    fn raw_store_round_trip_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = vec![0x5a; 3000];
+        let per =
+            raw_store_cpu_per_roundtrip(&bytes, dir.path(), Duration::from_millis(50)).unwrap();
+        assert!(per > 0.0 && per < 0.05, "{per}");
+        let mut left = 0;
+        let mut stack = vec![dir.path().to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    stack.push(e.path());
+                } else {
+                    left += 1;
+                }
+            }
+        }
+        assert_eq!(left, 0);
+    }
+}

@@ -334,3 +334,26 @@ http {{
     let p = Proc::spawn(tag, cmd, &prefix.join("stdout.log"))?;
     Ok((p, SocketAddr::from(([127, 0, 0, 1], port))))
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::ValueEnum;
+
+    use super::*;
+
+    /// `--configs` takes the names the tables and CSV print, and every TLS configuration
+    /// has a plain counterpart whose baseline is `direct`.
+    #[test]
+    fn labels_parse_back_and_tls_pairs() {
+        for c in Cfg::ALL {
+            assert_eq!(Cfg::from_str(c.label(), false), Ok(c), "{}", c.label());
+            assert!(!c.plain().tls());
+            assert_eq!(c.plain().baseline(), Cfg::Direct);
+            if c.tls() {
+                assert_eq!(c.baseline(), Cfg::DirectTls);
+                assert_eq!(format!("{}-tls", c.plain().label()), c.label());
+            }
+        }
+        assert_eq!(Cfg::value_variants().len(), Cfg::ALL.len());
+    }
+}
