@@ -16,8 +16,10 @@ server is `binary/encrypted` without the plaintext marker, then times
 
 Each output is checked (all payloads there; `codec` and `gateway` show every plaintext marker,
 `plain` none). Reported per way: wall clock (median, min-max), the CLI's CPU (utime + stime of
-the child), the gateway's CPU per run (from /proc), and the HTTP requests the CLI made to the
-codec endpoint per run (`pgw_codec_requests_total` on the gateway's admin listener). Prints a
+the child), the gateway's CPU per run (from /proc), the HTTP requests the CLI made to the
+codec endpoint per run (`pgw_codec_requests_total` on the gateway's admin listener) and the
+time the endpoint spent answering them (`pgw_codec_request_duration_seconds_sum`: the rest of
+the difference to `plain` is the CLI's own work and the round trips). Prints a
 markdown table and writes benches/results/cli-show.json.
 
     ~/.cache/payload-gateway/venv/bin/python scripts/bench-cli-show.py [--runs 5]
@@ -127,17 +129,21 @@ async def build_history(gw_address: str, server_address: str, wf_id: str, events
     return {"events": n_events, "payloads": len(found), "stored_payload_bytes": sum(len(d) for _, d in found)}
 
 
-def codec_requests(admin_port: int) -> dict[str, int]:
-    """`pgw_codec_requests_total` by `route/status` (the gateway's admin listener)."""
+def codec_metrics(admin_port: int) -> tuple[dict[str, int], float]:
+    """`pgw_codec_requests_total` by `route/status`, and the seconds the gateway spent answering
+    them (`pgw_codec_request_duration_seconds_sum`, all routes), from the admin listener."""
     with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as r:
         text = r.read().decode()
     out: dict[str, int] = {}
+    seconds = 0.0
     for line in text.splitlines():
         if line.startswith("pgw_codec_requests_total{"):
             labels, value = line[len("pgw_codec_requests_total{"):].rsplit("} ", 1)
             kv = dict(p.split("=", 1) for p in labels.split(","))
             out[f"{kv['route'].strip(chr(34))}/{kv['status'].strip(chr(34))}"] = int(float(value))
-    return out
+        elif line.startswith("pgw_codec_request_duration_seconds_sum{"):
+            seconds += float(line.rsplit(" ", 1)[1])
+    return out, seconds
 
 
 def check_output(way: str, stdout: str, payloads: int) -> None:
@@ -156,13 +162,13 @@ def check_output(way: str, stdout: str, payloads: int) -> None:
 
 
 def run_way(way: str, argv: list[str], runs: int, payloads: int, gw: rig.Gateway) -> dict:
-    times, cli_cpu, gw_cpu, requests = [], [], [], []
+    times, cli_cpu, gw_cpu, requests, gw_busy = [], [], [], [], []
     for r in range(runs + 1):  # the first run warms caches and connections; not counted
-        m0, g0, c0 = codec_requests(gw.admin_port), cpu_secs(gw.proc.pid), children_cpu()
+        (m0, d0), g0, c0 = codec_metrics(gw.admin_port), cpu_secs(gw.proc.pid), children_cpu()
         t0 = time.monotonic()
         p = subprocess.run(argv, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
         wall = time.monotonic() - t0
-        c1, g1, m1 = children_cpu(), cpu_secs(gw.proc.pid), codec_requests(gw.admin_port)
+        c1, g1, (m1, d1) = children_cpu(), cpu_secs(gw.proc.pid), codec_metrics(gw.admin_port)
         if p.returncode != 0:
             raise RuntimeError(f"{way}: temporal exited {p.returncode}: {p.stderr[-2000:]}")
         check_output(way, p.stdout, payloads)
@@ -170,14 +176,17 @@ def run_way(way: str, argv: list[str], runs: int, payloads: int, gw: rig.Gateway
         if any(not k.endswith("/200") for k in delta):
             raise AssertionError(f"{way}: codec endpoint answered other than 200: {delta}")
         print(f"{way:8} run {r}{' (warm-up)' if r == 0 else ''}: {wall:7.3f} s  CLI CPU {c1 - c0:6.3f} s  "
-              f"gateway CPU {g1 - g0:6.3f} s  codec requests {delta or 0}", file=sys.stderr, flush=True)
+              f"gateway CPU {g1 - g0:6.3f} s  codec requests {delta or 0} answered in {d1 - d0:6.3f} s",
+              file=sys.stderr, flush=True)
         if r == 0:
             continue
         times.append(wall)
         cli_cpu.append(c1 - c0)
         gw_cpu.append(g1 - g0)
         requests.append(sum(delta.values()))
+        gw_busy.append(d1 - d0)
     return {"wall_s": times, "cli_cpu_s": cli_cpu, "gw_cpu_s": gw_cpu, "codec_requests": requests,
+            "codec_answer_s": gw_busy,
             "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
@@ -222,15 +231,16 @@ def main() -> int:
     base_s = results["plain"]["median_s"] if "plain" in results else None
     print(f"\n`temporal workflow show --output json`, {shape['events']} events, {shape['payloads']} encrypted payloads, "
           f"{args.runs} runs each (median, min–max):\n")
-    print("| way | wall clock | vs plain | CLI CPU / run | gateway CPU / run | codec HTTP requests / run |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| way | wall clock | vs plain | CLI CPU / run | gateway CPU / run | codec HTTP requests / run "
+          "| time in the codec endpoint / run |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     labels = {"plain": "server, no codec (encrypted shown)", "codec": "server + `--codec-endpoint` (gateway)",
               "gateway": "through the gateway's gRPC port"}
     for w, r in results.items():
         rel = f"{r['median_s'] / base_s:.2f}×" if base_s else "—"
         print(f"| {labels[w]} | {1e3 * r['median_s']:.0f} ms ({1e3 * r['min_s']:.0f}–{1e3 * r['max_s']:.0f}) | {rel} "
               f"| {1e3 * statistics.median(r['cli_cpu_s']):.0f} ms | {1e3 * statistics.median(r['gw_cpu_s']):.0f} ms "
-              f"| {statistics.median(r['codec_requests']):.0f} |")
+              f"| {statistics.median(r['codec_requests']):.0f} | {1e3 * statistics.median(r['codec_answer_s']):.0f} ms |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"history": shape, "payload_bytes": args.payload_bytes, "runs": args.runs,
