@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end benchmark (BENCHMARKS.md, section "End to end").
 
-The same small workflow load with the official Python SDK, three ways, against one Temporal
-dev server started here on a free loopback port:
+The same small workflow load with the official Python SDK, five ways, against one Temporal
+dev server started here on a free loopback port. With the ~1 KiB order:
 
   direct       client + worker straight to the server, no codec;
   sdk-codec    straight to the server with an in-process zstd + AES-256-GCM PayloadCodec
@@ -26,7 +26,9 @@ result echoed back), `--concurrency` in flight at a time, bounded by `--timeout`
 Reported: workflows per second (wall clock), CPU seconds of this Python process (the SDK
 client + worker, from /proc/self/stat) per workflow, of the gateway process in gateway modes
 and of s3s-fs in offload modes.
-Rounds alternate the modes so drift on a shared machine hits all of them.
+Rounds alternate the modes so drift on a shared machine hits all of them. The table compares
+the ~1 KiB modes with direct and the offload pair with sdk-offload; the exit status is 1 when
+a mode failed.
 
     ~/.cache/payload-gateway/venv/bin/python scripts/bench-e2e.py [--workflows 200] [--rounds 2]
 
