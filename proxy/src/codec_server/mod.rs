@@ -45,6 +45,12 @@
 //!    payloads: blocking work still queued is skipped, so at most the payload being decoded
 //!    finishes.
 //!
+//! Payloads of at most 64 KiB that decode to at most 256 KiB are decoded on the request's own
+//! task (the `temporal` CLI sends one request per event's payloads, and a hop to the blocking
+//! pool cost more than decoding such a payload: BENCHMARKS.md, "CLI workflow show"); larger
+//! ones, and a small one that inflates further (decoded again there), on the blocking pool.
+//! The task yields every 64 payloads or 1 MiB decoded.
+//!
 //! # Answers
 //!
 //! 200 with the payloads. Everything about the request or its payloads is a 4xx, so the
@@ -626,6 +632,7 @@ impl CodecServer {
         let mut out = payloads;
         let mut used = 0usize;
         let budget = self.inner.max_decoded_bytes;
+        let mut next_yield = YIELD_EVERY_BYTES;
         for (i, slot) in out.iter_mut().enumerate() {
             if action == Action::Decode && preserve_refs && is_reference(slot) {
                 used = used.saturating_add(slot.data.len());
@@ -656,6 +663,12 @@ impl CodecServer {
             }
             if action == Action::Download && is_reference(slot) {
                 return Err(storage_unavailable());
+            }
+            // Small payloads are decoded on this task: give the worker back now and then, so
+            // the request's deadline can fire and other connections are served meanwhile.
+            if (i + 1) % YIELD_EVERY_PAYLOADS == 0 || used >= next_yield {
+                next_yield = used.saturating_add(YIELD_EVERY_BYTES);
+                tokio::task::yield_now().await;
             }
         }
         Ok(out)
@@ -690,12 +703,7 @@ impl CodecServer {
                 Kind::Marked(encoded) => {
                     self.prepare(&codec, ns.as_deref(), index, &encoded).await?;
                     let decoded = self
-                        .blocking(cancel, {
-                            let codec = codec.clone();
-                            let ns = ns.clone();
-                            let encoded = encoded.clone();
-                            move || codec.decode_for_within(ns.as_deref(), &encoded, remaining)
-                        })
+                        .decode_bytes(&codec, ns.as_deref(), &encoded, remaining, cancel)
                         .await?
                         .map_err(fail)?
                         .unwrap_or(encoded);
@@ -749,9 +757,7 @@ impl CodecServer {
         }
         self.prepare(&codec, ns.as_deref(), index, &input).await?;
         let decoded = self
-            .blocking(cancel, move || {
-                codec.decode_for_within(ns.as_deref(), &input, remaining)
-            })
+            .decode_bytes(&codec, ns.as_deref(), &input, remaining, cancel)
             .await?
             .map_err(fail)?;
         self.inner.decoded.fetch_add(1, Ordering::Relaxed);
@@ -771,6 +777,36 @@ impl CodecServer {
             .prepare_decode(namespace, std::slice::from_ref(payload), true)
             .await
             .map_err(|e| codec_answer(index, &e.error))
+    }
+
+    /// Decodes one serialized payload with at most `remaining` bytes of output: on the calling
+    /// task when the payload is small and its output stays within [`INLINE_OUTPUT_MAX`] (a
+    /// thread hop costs more than such work: the CLI sends one request per payload), else on
+    /// the blocking pool. A small payload that inflates past [`INLINE_OUTPUT_MAX`] is decoded
+    /// again on the blocking pool with the whole budget, so the async workers never inflate
+    /// more than that per payload.
+    async fn decode_bytes(
+        &self,
+        codec: &crate::codec::PayloadCodec,
+        namespace: Option<&str>,
+        input: &Bytes,
+        remaining: usize,
+        cancel: &CancelOnDrop,
+    ) -> Result<Result<Option<Bytes>, CodecError>, Answer> {
+        if input.len() <= INLINE_INPUT_MAX {
+            let cap = remaining.min(INLINE_OUTPUT_MAX);
+            match codec.decode_for_within(namespace, input, cap) {
+                Err(CodecError::OverBudget { .. }) if cap < remaining => {}
+                done => return Ok(done),
+            }
+        }
+        let codec = codec.clone();
+        let ns = namespace.map(str::to_owned);
+        let input = input.clone();
+        self.blocking(cancel, move || {
+            codec.decode_for_within(ns.as_deref(), &input, remaining)
+        })
+        .await
     }
 
     /// Runs `work` on the blocking pool unless the request was cancelled meanwhile.
@@ -1019,6 +1055,21 @@ where
         Err(_) => Err(BodyError::Timeout),
     }
 }
+
+/// Payloads up to this size are decoded on the request's own task (see
+/// [`CodecServer::decode_bytes`]); the codec's own inline limit for a batch is larger
+/// ([`crate::codec::DEFAULT_PARALLEL_THRESHOLD`]).
+const INLINE_INPUT_MAX: usize = 64 * 1024;
+
+/// What a payload decoded on the request's own task may inflate to; more is decoded again on
+/// the blocking pool.
+const INLINE_OUTPUT_MAX: usize = 256 * 1024;
+
+/// `/decode` and `/download` yield to the runtime after this many payloads...
+const YIELD_EVERY_PAYLOADS: usize = 64;
+
+/// ... or this many decoded bytes, whichever comes first.
+const YIELD_EVERY_BYTES: usize = 1024 * 1024;
 
 /// Bytes of payloads per `/encode` pipeline run (a cancelled request stops between runs).
 const ENCODE_GROUP_BYTES: usize = 4 * 1024 * 1024;

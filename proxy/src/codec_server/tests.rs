@@ -239,6 +239,50 @@ async fn encode_then_decode_round_trips() {
     assert_eq!(parse(&reply.body), input);
 }
 
+/// Small payloads are decoded on the request's task, larger ones and small ones that inflate
+/// far on the blocking pool: every path gives back what was encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_on_both_sides_of_the_inline_limits_decode() {
+    let f = fixture();
+    // Hex of an LCG stream: compresses about 2:1, so 200 KiB of it encodes to ~100 KiB.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let noise: String = (0..200 * 1024)
+        .map(|_| {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            char::from_digit((x >> 60) as u32, 16).unwrap()
+        })
+        .collect();
+    let input = vec![
+        plain("small"),
+        plain(&"z".repeat(4 * super::INLINE_OUTPUT_MAX)), // small encoded, inflates far
+        plain(&noise),                                    // over the inline input size
+        plain(&"y".repeat(super::INLINE_OUTPUT_MAX - 200)), // just within the inline output
+    ];
+    let reply = call(&f.server, "POST", "/encode", &[], &body_of(&input)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let encoded = parse(&reply.body);
+    let sizes: Vec<usize> = encoded.iter().map(|p| p.to_bytes().len()).collect();
+    assert!(sizes[1] <= super::INLINE_INPUT_MAX, "{sizes:?}");
+    assert!(sizes[2] > super::INLINE_INPUT_MAX, "{sizes:?}");
+    assert!(sizes[3] <= super::INLINE_INPUT_MAX, "{sizes:?}");
+    let reply = call(&f.server, "POST", "/default/decode", &[], &reply.body).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(parse(&reply.body), input);
+    // The same payloads one request each (as the CLI sends them).
+    for (p, want) in encoded.iter().zip(&input) {
+        let reply = call(
+            &f.server,
+            "POST",
+            "/decode",
+            &[],
+            &body_of(std::slice::from_ref(p)),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert_eq!(&parse(&reply.body)[0], want);
+    }
+}
+
 #[tokio::test]
 async fn decode_leaves_foreign_payloads_unchanged() {
     let f = fixture();
