@@ -174,6 +174,10 @@ impl Gateway {
                     config.proxy.max_connections,
                     "proxy.max_connections",
                 ),
+                connection_threads: match config.proxy.worker_threads {
+                    0 => std::thread::available_parallelism().map_or(1, usize::from),
+                    n => n,
+                },
             },
             readiness: Readiness {
                 upstream: config.proxy.upstream.clone(),
@@ -242,15 +246,20 @@ impl Gateway {
             upstream = %self.upstream.authority(),
             "gateway ready"
         );
-        let service = tower::ServiceBuilder::new()
-            .layer(ObserveLayer)
-            .layer(DrainLayer::new(shutdown.clone()))
-            .option_layer(self.auth)
-            .option_layer(self.rewrite)
-            .service(self.upstream);
+        let (auth, rewrite, upstream) = (self.auth, self.rewrite, self.upstream);
+        let drain = shutdown.clone();
+        // One stack per connection thread, each with its own upstream pool.
+        let make_service = move || {
+            tower::ServiceBuilder::new()
+                .layer(ObserveLayer)
+                .layer(DrainLayer::new(drain.clone()))
+                .option_layer(auth.clone())
+                .option_layer(rewrite.clone())
+                .service(upstream.with_own_pool())
+        };
         server::serve(
             self.proxy_listener,
-            service,
+            make_service,
             self.settings,
             stopped(shutdown),
         )

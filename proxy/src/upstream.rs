@@ -42,6 +42,8 @@ const HOP_BY_HOP: [&str; 6] = [
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<UpstreamConnector, GatewayBody>,
+    /// How the pool dials, for [`with_own_pool`](Self::with_own_pool).
+    connector: UpstreamConnector,
     scheme: Scheme,
     /// `proxy.upstream`: where connections go, and the name in messages and logs.
     authority: Authority,
@@ -90,26 +92,23 @@ impl Upstream {
             tls,
             timeout: Duration::from_millis(config.connect_timeout_ms),
         };
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            // Detect a dead upstream connection while long polls are idle on it. Temporal's
-            // frontend permits pings every 10 s without streams; stay well above that.
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .http2_keep_alive_timeout(Duration::from_secs(10))
-            .http2_keep_alive_while_idle(true)
-            .http2_initial_stream_window_size(4 * 1024 * 1024)
-            .http2_initial_connection_window_size(16 * 1024 * 1024)
-            .http2_max_frame_size(1024 * 1024)
-            .pool_idle_timeout(Duration::from_secs(300))
-            .build(connector);
         Ok(Self {
-            client,
+            client: pooled_client(connector.clone()),
+            connector,
             scheme,
             authority,
             request_authority,
             api_key,
         })
+    }
+
+    /// The same upstream with a pool of its own: each connection thread uses one, so an
+    /// RPC and the upstream connection it travels on stay on the same thread.
+    pub fn with_own_pool(&self) -> Self {
+        Self {
+            client: pooled_client(self.connector.clone()),
+            ..self.clone()
+        }
     }
 
     /// The upstream's `host:port`, for messages and logs.
@@ -199,6 +198,23 @@ impl tower::Service<Request<GatewayBody>> for Upstream {
         let upstream = self.clone();
         Box::pin(async move { Ok(upstream.forward(request).await) })
     }
+}
+
+/// An HTTP/2 connection pool dialing through `connector`.
+fn pooled_client(connector: UpstreamConnector) -> Client<UpstreamConnector, GatewayBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .timer(TokioTimer::new())
+        // Detect a dead upstream connection while long polls are idle on it. Temporal's
+        // frontend permits pings every 10 s without streams; stay well above that.
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_while_idle(true)
+        .http2_initial_stream_window_size(4 * 1024 * 1024)
+        .http2_initial_connection_window_size(16 * 1024 * 1024)
+        .http2_max_frame_size(1024 * 1024)
+        .pool_idle_timeout(Duration::from_secs(300))
+        .build(connector)
 }
 
 /// Parses a `grpc-timeout` header value: at most 8 digits and a unit (`H`, `M`, `S`, `m`,

@@ -27,8 +27,10 @@ pub struct ProxyConfig {
     /// of connecting is closed (stalled handshakes, slow-loris). SDKs send their first RPC at
     /// once and reconnect on their own.
     pub first_request_timeout_ms: u64,
-    /// Threads of the async runtime that serves RPCs; `0`: one per CPU. A sidecar under a
-    /// CPU limit of one core serves with lower latency on `1` (no cross-thread wake-ups).
+    /// Event-loop threads serving client connections; `0`: one per CPU. Each connection lives
+    /// on one thread with the upstream connection its RPCs use (no cross-thread wake-ups per
+    /// RPC); connections are handed to the threads round robin. Also sizes the runtime of the
+    /// admin and codec listeners.
     pub worker_threads: usize,
     /// Most client connections held open at once; at the cap the listener stops accepting
     /// (new clients wait in the kernel's backlog) until one closes. `0`: no cap.
