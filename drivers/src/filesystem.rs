@@ -395,4 +395,71 @@ mod tests {
         let back = driver.retrieve(Some("default"), vec![claim]).await.unwrap();
         assert_eq!(back, vec![theirs]);
     }
+
+    /// Process CPU time (user + system) from /proc, in clock ticks (1/100 s here).
+    fn cpu_ticks() -> u64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// CPU per 1 KiB store + retrieve round trip: this driver against the calls the
+    /// `object_store` `LocalFileSystem` path made (head, put with create, get, read), on a
+    /// two-worker runtime. Not a check (timings on a shared machine): run it by hand with
+    /// `cargo test --profile ci -p payload-gateway-drivers -- --ignored --nocapture round_trip_cpu`.
+    #[test]
+    #[ignore]
+    fn round_trip_cpu() {
+        const N: usize = 10_000;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let payload = |i: usize| {
+            let mut p = vec![0u8; 1024];
+            p[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            Bytes::from(p)
+        };
+        for round in 0..2 {
+            let dir = tempfile::tempdir().unwrap();
+            let driver = FilesystemDriver::new("local", dir.path(), 1 << 20).unwrap();
+            let t0 = cpu_ticks();
+            rt.block_on(async {
+                for i in 0..N {
+                    let claims = driver.store(&ctx(), vec![payload(i)]).await.unwrap();
+                    driver.retrieve(Some("default"), claims).await.unwrap();
+                }
+            });
+            let ours = (cpu_ticks() - t0) as f64 * 10_000.0 / N as f64;
+            let dir = tempfile::tempdir().unwrap();
+            let store = LocalFileSystem::new_with_prefix(dir.path()).unwrap();
+            let t0 = cpu_ticks();
+            rt.block_on(async {
+                for i in 0..N {
+                    let p = payload(i);
+                    let hex = layout::sha256_hex(&p);
+                    let key = layout::object_key(&ctx(), &hex);
+                    let path = ObjectPath::parse(&key).unwrap();
+                    assert!(store.head(&path).await.is_err());
+                    let opts = object_store::PutOptions {
+                        mode: object_store::PutMode::Create,
+                        ..Default::default()
+                    };
+                    store
+                        .put_opts(&path, PutPayload::from_bytes(p), opts)
+                        .await
+                        .unwrap();
+                    let got = store.get(&path).await.unwrap().bytes().await.unwrap();
+                    assert_eq!(layout::sha256_hex(&got), hex);
+                }
+            });
+            let theirs = (cpu_ticks() - t0) as f64 * 10_000.0 / N as f64;
+            println!(
+                "round {round}: 1 KiB store + retrieve, process CPU per round trip: this driver \
+                 {ours:.0} us, LocalFileSystem calls {theirs:.0} us ({:.2}x)",
+                theirs / ours
+            );
+        }
+    }
 }
