@@ -219,7 +219,8 @@ def test_soak(temporal_server, gateway_factory, s3_server):
     within `storage.cache_bytes` + 64 MiB by the end of those 30 s. Both are printed; only the
     second is asserted: at the CI size the largest in-flight total is small (about 20 MiB), so
     the 64 MiB allowance must hold the start-up heap and a full 64 MiB resolved-object cache
-    besides, and the peak landed within 1-2 % of its bound (121.6 of 123.0 MiB in one run)."""
+    besides: the peak landed near or over its bound (40 workflows: 121.6 of 123.0 MiB; 60:
+    167.1 over 150.5 MiB), while the resident bound held with room (69-91 MiB of 128)."""
     n = int(os.environ.get("PGW_SOAK_WORKFLOWS", "60"))
     default_budget = "200000000" if "PGW_SOAK_WORKFLOWS" not in os.environ else "0"
     budget = int(os.environ.get("PGW_SOAK_MAX_BYTES", default_budget)) or None
