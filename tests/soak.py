@@ -123,6 +123,13 @@ class LoadResult:
     ended_at: float = 0.0  # time.monotonic() when the last workflow finished
     ids: list[str] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+    # The largest total of payload bytes in flight at once: the sum of the input blob sizes of
+    # the workflows running at that moment (a workflow runs from just before its start request
+    # until its result has come back). Each blob counts once, although it crosses the gateway
+    # four times (start input, activity input, activity result, workflow result): those
+    # crossings are sequential within one workflow.
+    peak_inflight_bytes: int = 0
+    peak_inflight_workflows: int = 0  # how many workflows were running at that moment
 
     def summary(self) -> str:
         mb = self.bytes_sent / 1e6
@@ -130,6 +137,51 @@ class LoadResult:
         return (f"workflows={self.workflows} bytes={self.bytes_sent} ({mb:.1f} MB; x4 through the gateway) "
                 f"max={max(self.sizes, default=0)} median={sorted(self.sizes)[len(self.sizes) // 2] if self.sizes else 0} "
                 f"errors={len(self.errors)} duration={self.duration_s:.1f}s ({rate:.2f} MB/s of workflow input)")
+
+
+class ResidentSampler:
+    """VmRSS of process `pid` sampled once a second for `seconds` seconds from `start()`, in a
+    helper thread, so the caller can do other work (the server-side checks) meanwhile; `join()`
+    returns the series as (seconds since start, KiB) pairs, the first at 0 s."""
+
+    def __init__(self, pid: int, seconds: int = 30) -> None:
+        self.pid = pid
+        self.seconds = seconds
+        self.series: list[tuple[float, int]] = []
+        self._thread = threading.Thread(target=self._run, name="soak-rss", daemon=True)
+
+    def start(self) -> "ResidentSampler":
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        for i in range(self.seconds + 1):
+            delay = self._t0 + i - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            rss = proc_status_kib(self.pid).get("VmRSS")
+            if rss is None:
+                return
+            self.series.append((time.monotonic() - self._t0, rss))
+
+    def join(self) -> list[tuple[float, int]]:
+        self._thread.join()
+        return self.series
+
+
+def proc_status_kib(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process in KiB (empty once the process is gone)."""
+    out = {}
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0])
+    return out
 
 
 def run_load_with(during, *args, **kwargs) -> LoadResult:
@@ -177,6 +229,18 @@ async def run_load(address: str, sizes: list[int], concurrency: int = 8, seed: i
     out = LoadResult(sizes=list(sizes))
     sem = asyncio.Semaphore(concurrency)
     done = 0
+    inflight = {"bytes": 0, "workflows": 0}  # one event loop: no lock needed
+
+    def enter(size: int) -> None:
+        inflight["bytes"] += size
+        inflight["workflows"] += 1
+        if inflight["bytes"] > out.peak_inflight_bytes:
+            out.peak_inflight_bytes = inflight["bytes"]
+            out.peak_inflight_workflows = inflight["workflows"]
+
+    def leave(size: int) -> None:
+        inflight["bytes"] -= size
+        inflight["workflows"] -= 1
 
     async def one(i: int, size: int) -> None:
         nonlocal done
@@ -184,6 +248,7 @@ async def run_load(address: str, sizes: list[int], concurrency: int = 8, seed: i
         async with sem:
             data = make_blob(size, seed * 1_000_003 + i)
             want = hashlib.sha256(data).hexdigest()
+            enter(size)
             try:
                 got = await client.execute_workflow(SoakWorkflow.run, args=[data, activity_timeout_s], id=wf_id,
                                                     task_queue=task_queue,
@@ -195,6 +260,8 @@ async def run_load(address: str, sizes: list[int], concurrency: int = 8, seed: i
                 cause = getattr(err, "cause", None) or err.__cause__
                 out.errors.append(f"{wf_id} ({size} B): {type(err).__name__}: {err}"
                                   + (f" <- {type(cause).__name__}: {cause}" if cause else ""))
+            finally:
+                leave(size)
             out.workflows += 1
             out.bytes_sent += size
             out.ids.append(wf_id)

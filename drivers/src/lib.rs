@@ -8,14 +8,16 @@
 //!
 //! Each backend lives in a module of its own and implements [`StorageDriver`]:
 //! [`s3`] (`aws.s3driver`-compatible, on `aws-sdk-s3`), [`gcs`] (`gcp.gcsdriver`-compatible,
-//! on `object_store`), [`azure`] (the gateway's `azure.blobdriver`, on `object_store`) and
-//! [`object`] (`filesystem` and `memory`, on `object_store`). Key layout, hashing and claim
+//! on `object_store`), [`azure`] (the gateway's `azure.blobdriver`, on `object_store`),
+//! [`filesystem`] (files under a directory, `object_store`'s on-disk layout) and [`object`]
+//! (`memory`, on `object_store`). Key layout, hashing and claim
 //! validation are shared in [`layout`]; the GCS and Azure drivers share their store/retrieve
 //! logic in a private module.
 #![warn(missing_docs)]
 
 pub mod azure;
 mod cloud;
+pub mod filesystem;
 pub mod gcs;
 pub mod layout;
 pub mod object;

@@ -1,13 +1,11 @@
-//! Backends on the `object_store` crate: `filesystem` (the gateway's embedded default) and
-//! `memory` (tests). Same key layout as the S3 driver; the claim is `key`, `hash_algorithm`,
-//! `hash_value` (no bucket).
+//! Backends on the `object_store` crate: `memory` (tests). Same key layout as the S3 driver;
+//! the claim is `key`, `hash_algorithm`, `hash_value` (no bucket). The `filesystem` driver is
+//! [`crate::filesystem`].
 
-use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
@@ -25,20 +23,6 @@ pub struct ObjectStoreDriver {
 }
 
 impl ObjectStoreDriver {
-    /// Objects as files under `root` (created if missing).
-    pub fn filesystem(
-        name: impl Into<String>,
-        root: &Path,
-        max_payload_size: u64,
-    ) -> Result<Self, DriverError> {
-        std::fs::create_dir_all(root).map_err(|e| {
-            DriverError::Unavailable(format!("cannot create {}: {e}", root.display()))
-        })?;
-        let store = LocalFileSystem::new_with_prefix(root)
-            .map_err(|e| DriverError::Unavailable(format!("cannot use {}: {e}", root.display())))?;
-        Ok(Self::new(name, Arc::new(store), max_payload_size))
-    }
-
     /// Objects in process memory.
     pub fn memory(name: impl Into<String>, max_payload_size: u64) -> Self {
         Self::new(name, Arc::new(InMemory::new()), max_payload_size)
@@ -178,29 +162,6 @@ mod tests {
     #[tokio::test]
     async fn memory_round_trip() {
         round_trip(&ObjectStoreDriver::memory("mem", 1 << 20)).await;
-    }
-
-    #[tokio::test]
-    async fn filesystem_round_trip_and_tamper() {
-        let dir = tempfile::tempdir().unwrap();
-        let driver = ObjectStoreDriver::filesystem("local", dir.path(), 1 << 20).unwrap();
-        round_trip(&driver).await;
-        let claims = driver
-            .store(&ctx(), vec![Bytes::from_static(b"tamper me")])
-            .await
-            .unwrap();
-        let file = dir.path().join(&claims[0]["key"]);
-        let mut bytes = std::fs::read(&file).unwrap();
-        bytes[0] ^= 0xff;
-        std::fs::write(&file, bytes).unwrap();
-        let err = driver
-            .retrieve(Some("default"), claims.clone())
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("hash mismatch"), "{err}");
-        std::fs::remove_file(&file).unwrap();
-        let err = driver.retrieve(Some("default"), claims).await.unwrap_err();
-        assert!(matches!(err, DriverError::NotFound(_)), "{err}");
     }
 
     #[tokio::test]

@@ -1,5 +1,7 @@
 //! The `payload-gateway` command.
 
+mod alloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -50,6 +52,8 @@ enum KeysCommand {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists: the allocator settings that return memory after a load.
+    let tuning = alloc::tune();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::CheckConfig { file }) => check_config(&file),
@@ -57,7 +61,7 @@ fn main() -> ExitCode {
         Some(Command::Keys {
             action: KeysCommand::Audit { namespaces, json },
         }) => keys_audit(cli.config, &namespaces, json),
-        None => run(cli.config),
+        None => run(cli.config, tuning),
     }
 }
 
@@ -178,7 +182,7 @@ fn keys_audit(config_path: Option<PathBuf>, namespaces: &[String], json: bool) -
     }
 }
 
-fn run(config_path: Option<PathBuf>) -> ExitCode {
+fn run(config_path: Option<PathBuf>, tuning: alloc::Tuning) -> ExitCode {
     let config = match Config::load(config_path.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -187,6 +191,29 @@ fn run(config_path: Option<PathBuf>) -> ExitCode {
         }
     };
     init_logging(&config);
+    match tuning {
+        alloc::Tuning::Applied => match alloc::start_trimmer() {
+            Ok(()) => tracing::debug!(
+                mmap_threshold = alloc::MMAP_THRESHOLD,
+                trim_threshold = alloc::TRIM_THRESHOLD,
+                arena_max = alloc::arena_max(),
+                trim_interval = ?alloc::TRIM_INTERVAL,
+                "glibc malloc tuned to return memory after a load"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the malloc trim thread: memory may stay resident after a load")
+            }
+        },
+        alloc::Tuning::OperatorSettings => {
+            tracing::info!("glibc malloc settings from the environment kept as they are")
+        }
+        alloc::Tuning::Refused => {
+            tracing::warn!(
+                "glibc refused the malloc settings: memory may stay resident after a load"
+            )
+        }
+        alloc::Tuning::NotGlibc => {}
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.proxy.worker_threads > 0 {
         runtime.worker_threads(config.proxy.worker_threads);

@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt, stream};
 use payload_gateway_drivers::azure::{AzureConfig, AzureDriver};
+use payload_gateway_drivers::filesystem::FilesystemDriver;
 use payload_gateway_drivers::gcs::{GcsConfig, GcsDriver};
 use payload_gateway_drivers::object::ObjectStoreDriver;
 use payload_gateway_drivers::s3::{S3Config, S3Driver};
@@ -217,11 +218,7 @@ impl DriverSpec {
                 name,
                 root,
                 max_payload_size,
-            } => Arc::new(ObjectStoreDriver::filesystem(
-                name,
-                &root,
-                max_payload_size,
-            )?),
+            } => Arc::new(FilesystemDriver::new(name, &root, max_payload_size)?),
             DriverSpec::Memory {
                 name,
                 max_payload_size,
