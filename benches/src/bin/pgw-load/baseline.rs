@@ -58,8 +58,9 @@ pub fn encoded_like_gateway(p: &Payload) -> Result<Vec<u8>> {
 /// What [`raw_store_cpu_per_roundtrip`] does, for table headers.
 pub const RAW_STORE_STEPS: &str = "open(final) → ENOENT (the driver's existence check), \
 open(staging, O_CREAT|O_EXCL) + write + fstat + link(staging, final) + unlink(staging) + close, \
-then open + fstat + lseek + read to EOF + close; no fsync (the filesystem driver — \
-object_store `LocalFileSystem`, `PutMode::Create` — does none)";
+then open + fstat + lseek + read to EOF + close; no fsync (the filesystem driver, \
+`drivers/src/filesystem.rs`, does none; it runs these steps in one blocking task per store \
+and one per retrieve)";
 
 /// CPU time of this thread (user + system), seconds.
 fn thread_cpu_secs() -> f64 {
