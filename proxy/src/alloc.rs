@@ -10,13 +10,17 @@
 //! 150-workflow load, peak 274 MiB).
 //!
 //! So, on glibc:
-//! - `M_MMAP_THRESHOLD` is fixed at [`MMAP_THRESHOLD`], which turns the dynamic adjustment off:
-//!   every allocation at or above it is a mapping of its own, returned to the system when
-//!   freed. Not lower: a fresh mapping costs a page fault per 4 KiB on first touch, which at
-//!   128 KiB made forwarding 1 MiB payloads markedly dearer; smaller buffers are reused from
-//!   the arenas, as with glibc's defaults once the first large chunk was freed.
-//! - `M_TRIM_THRESHOLD` is twice that (glibc's own rule while the threshold is dynamic), so
-//!   freeing a buffer at the top of a heap does not hand back memory the next RPC faults in.
+//! - `M_MMAP_THRESHOLD` is fixed at [`MMAP_THRESHOLD`] (128 KiB, glibc's own starting value),
+//!   which turns the dynamic adjustment off: every allocation at or above it is a mapping of
+//!   its own, returned to the system when freed, so large buffers never leave holes in the
+//!   arenas. The price is a page fault per 4 KiB on first touch of each such buffer:
+//!   forwarding 1 MiB messages costs about 2.5× the CPU it does with a 4 MiB threshold (h2
+//!   reads them into fresh 1 MiB buffers), the codec path ~5 % more; 4 MiB kept the peak of
+//!   the 600-workflow soak above its bound (3 × in flight + 64 MiB) and 128 KiB brings it
+//!   well under (BENCHMARKS.md, "Memory after load"). An operator who prefers the CPU sets
+//!   `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4194304` (see below).
+//! - `M_TRIM_THRESHOLD` is [`TRIM_THRESHOLD`] (8 MiB), so freeing a buffer at the top of a heap
+//!   does not hand back memory the next RPC faults in again.
 //! - `M_ARENA_MAX` is the number of CPUs (glibc's default is 8 per CPU): fewer arenas hold
 //!   fewer free holes, which lowers the peak as well.
 //! - A thread looks every [`TRIM_INTERVAL`] at the CPU time the process used; after a quiet
@@ -34,10 +38,10 @@
 use std::time::Duration;
 
 /// Allocations at or above this many bytes are mapped on their own and unmapped when freed.
-pub const MMAP_THRESHOLD: usize = 4 * 1024 * 1024;
+pub const MMAP_THRESHOLD: usize = 128 * 1024;
 
 /// Free memory at the top of a heap beyond this is returned at once.
-pub const TRIM_THRESHOLD: usize = 2 * MMAP_THRESHOLD;
+pub const TRIM_THRESHOLD: usize = 8 * 1024 * 1024;
 
 /// How often the trim thread looks at the process's CPU time.
 pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
