@@ -352,9 +352,11 @@ class AuthWorkflow:
 
 async def run_in_a(client: Client) -> None:
     """Start, query, signal, describe, list and read the history of a workflow in A."""
-    tq = f"auth-{uuid.uuid4().hex[:8]}"
+    # Not "auth-…": a random suffix starting with "b" would contain NS_B ("auth-b"), which the
+    # check of what the upstream saw looks for.
+    tq = f"tq-{uuid.uuid4().hex[:8]}"
     async with Worker(client, task_queue=tq, workflows=[AuthWorkflow], workflow_runner=UnsandboxedWorkflowRunner()):
-        wid = f"auth-wf-{uuid.uuid4().hex[:8]}"
+        wid = f"wf-{uuid.uuid4().hex[:8]}"
         handle = await client.start_workflow(AuthWorkflow.run, "a", id=wid, task_queue=tq)
         assert await handle.query(AuthWorkflow.state) == "waiting"
         await handle.signal(AuthWorkflow.finish)
