@@ -58,6 +58,9 @@ pub enum AuditError {
     Malformed(String),
 }
 
+/// gRPC `NOT_FOUND`.
+const NOT_FOUND: u16 = 5;
+
 /// What one key id protects in one namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct KeyUsage {
@@ -307,7 +310,7 @@ impl Auditor {
         let mut found = Vec::new();
         let mut token = Vec::new();
         loop {
-            let page: GetWorkflowExecutionHistoryResponse = self
+            let page: GetWorkflowExecutionHistoryResponse = match self
                 .call(
                     "GetWorkflowExecutionHistory",
                     Some(ns),
@@ -319,7 +322,19 @@ impl Auditor {
                         skip_archival: true,
                     },
                 )
-                .await?;
+                .await
+            {
+                Ok(page) => page,
+                // Listed but gone by the time its history is read (retention or a delete ran
+                // meanwhile; visibility lags behind): it protects nothing any more.
+                Err(AuditError::Call(CallError::Status {
+                    code: NOT_FOUND, ..
+                })) => {
+                    tracing::debug!(workflow_id = %execution.workflow_id, run_id = %execution.run_id, "execution deleted while auditing: skipped");
+                    return Ok(Vec::new());
+                }
+                Err(e) => return Err(e),
+            };
             for event in page.history.map(|h| h.events).unwrap_or_default() {
                 let time = HistoryEventHead::decode(event.clone())
                     .ok()
