@@ -196,6 +196,18 @@ struct ConnectionServer<S> {
     first_request_timeout: Duration,
 }
 
+impl ConnectionServer<()> {
+    /// The same settings, serving with `service`.
+    fn with_service<S>(&self, service: S) -> ConnectionServer<S> {
+        ConnectionServer {
+            service,
+            http: self.http.clone(),
+            tls: self.tls.clone(),
+            first_request_timeout: self.first_request_timeout,
+        }
+    }
+}
+
 impl<S> ConnectionServer<S>
 where
     S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
@@ -296,12 +308,7 @@ impl ConnectionThreads {
         let mut senders = Vec::with_capacity(count);
         for index in 0..count {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Accepted>();
-            let server = ConnectionServer {
-                service: make_service(),
-                http: template.http.clone(),
-                tls: template.tls.clone(),
-                first_request_timeout: template.first_request_timeout,
-            };
+            let server = template.with_service(make_service());
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -392,12 +399,8 @@ pub async fn serve<F, S>(
     };
     let mut threads =
         ConnectionThreads::start(settings.connection_threads, &make_service, &template);
-    let local = ConnectionServer {
-        service: make_service(),
-        http: template.http,
-        tls: template.tls,
-        first_request_timeout: template.first_request_timeout,
-    };
+    // Built on the first connection no thread takes (normally never: no pool of its own).
+    let mut local = None;
     tokio::pin!(shutdown);
     while let Some(admitted) = settings
         .connection_limit
@@ -409,6 +412,7 @@ pub async fn serve<F, S>(
         };
         if let Some(accepted) = threads.dispatch(accepted) {
             // No connection thread (none configured, or none could start): a task here.
+            let local = local.get_or_insert_with(|| template.with_service(make_service()));
             tokio::spawn(local.clone().serve(accepted));
         }
     }
