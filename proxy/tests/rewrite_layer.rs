@@ -13,6 +13,8 @@ use payload_gateway::budget::ProcessBudget;
 use payload_gateway::codec::PayloadCodec;
 use payload_gateway::config::Config;
 use payload_gateway::grpc::GatewayBody;
+use payload_gateway::grpc::layer::HandlerLayer;
+use payload_gateway::ingress::Ingress;
 use payload_gateway::rewrite::{Pipeline, RewriteLayer};
 use prost::Message;
 use temporalio_protos::temporal::api::common::v1::{
@@ -134,8 +136,9 @@ async fn call(
             v.parse().unwrap(),
         );
     }
-    layer
-        .layer(upstream.service())
+    // The rewrite acts on what the single ingress decided, as in the gateway's stack.
+    HandlerLayer(Ingress::new(4 << 20, ProcessBudget::unlimited()))
+        .layer(HandlerLayer(layer.clone()).layer(upstream.service()))
         .oneshot(request)
         .await
         .unwrap()

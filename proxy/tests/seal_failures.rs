@@ -11,6 +11,8 @@ use http_body_util::BodyExt;
 use payload_gateway::codec::PayloadCodec;
 use payload_gateway::config::Config;
 use payload_gateway::grpc::GatewayBody;
+use payload_gateway::grpc::layer::HandlerLayer;
+use payload_gateway::ingress::Ingress;
 use payload_gateway::rewrite::{Pipeline, RewriteLayer};
 use prost::Message;
 use temporalio_protos::temporal::api::common::v1::{Payload, Payloads};
@@ -139,11 +141,15 @@ async fn call(
     let request = Request::post(format!("http://gateway{path}"))
         .body(GatewayBody::buffered(vec![frame(message)], None))
         .unwrap();
-    layer
-        .layer(upstream.service())
-        .oneshot(request)
-        .await
-        .unwrap()
+    // The rewrite acts on what the single ingress decided, as in the gateway's stack.
+    HandlerLayer(Ingress::new(
+        4 << 20,
+        payload_gateway::budget::ProcessBudget::unlimited(),
+    ))
+    .layer(HandlerLayer(layer.clone()).layer(upstream.service()))
+    .oneshot(request)
+    .await
+    .unwrap()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
