@@ -32,6 +32,14 @@ Positive controls prove each path works: every method, sent as one gzip member n
 accepted and acts on A (in `rewrite`: lands encrypted in B when naming B, in plaintext in A when
 naming A); every namespace-shape family, in its form naming A only (two members both naming A,
 the field twice as A, a wrong wire type or a group after A), is accepted and acts on A.
+`test_the_attack_shapes_reach_b_at_the_server` sends the shapes to the server directly and
+checks which of them act on B there (the suite's teeth). `test_multi_operation_inner_namespace`
+records what the dev server does with an outer namespace A and inner operations naming B: it
+refuses them ("Operation namespace did not match request's namespace").
+
+Victim workflows and schedules are made in parallel batches; a case that verified its target
+untouched gives it back for the next case of the same method (the state it is compared with is
+the one recorded when it was made). The whole module takes about two minutes.
 """
 
 from __future__ import annotations
@@ -921,3 +929,28 @@ def test_multi_operation_inner_namespace(env):
         reply = send(env, config, method, single_gzip(method.build(NS_A, t, inner_ns=NS_B)))
         method.untouched(env, t, reply)
         assert reply.code != "OK", reply
+
+
+# The shapes sent straight to the server (no gateway) as cancellations naming A and targeting
+# B's victim: these make the server act on B (Go's gzip reader reads every member; protobuf's
+# last field wins; a group where a string is expected is an unknown field and skipped; an
+# overlong varint is a varint), so a gateway that forwarded them while deciding A would fail the
+# cases above. The others the server refuses or reads as A.
+REACH_B_AT_THE_SERVER = {"two_gzip_members", "namespace_twice", "twice_and_two_members", "group_hides_a",
+                         "overlong_tag", "overlong_length"}
+
+
+def test_the_attack_shapes_reach_b_at_the_server(env):
+    """The teeth of the suite: which shapes, sent to the server directly, act on B."""
+    method = METHODS["RequestCancelWorkflowExecution"]
+    reached = set()
+    for shape, (build, _) in {**SHAPES, **SYNTAX_SHAPES}.items():
+        t = method.prepare(env, NS_B)
+        wire = build(method.build(NS_A, t).SerializeToString(), NS_B, method.request_class)
+        path = WS + method.name + wire.path_suffix
+        reply = h2raw.call(env.server.address, path[1:] if wire.no_slash else path, wire.body, encoding=wire.encoding, timeout=15)
+        try:
+            method.untouched(env, t, reply)
+        except AssertionError:
+            reached.add(shape)
+    assert reached == REACH_B_AT_THE_SERVER, sorted(reached)
