@@ -37,6 +37,7 @@ use crate::grpc::layer::Handler;
 use crate::grpc::{Code, GatewayBody, Status};
 use crate::ingress::{Inspected, Target};
 use crate::metrics::{method_label, metrics};
+use payload_gateway_proto::StringFieldError;
 
 /// The header naming the namespace for routing (Temporal Cloud); must agree with the body.
 const NAMESPACE_HEADER: &str = "temporal-namespace";
@@ -396,18 +397,22 @@ impl AuthStep {
             return Ok(());
         }
         let denied = |message: String| Denial::denied(caller.credential, message);
-        if let Some(ns) = inspected
-            .nested_namespaces
-            .iter()
-            .find(|ns| !caller.grant.permits(ns))
-        {
+        let unreadable = |e: &StringFieldError| Denial {
+            status: Status::new(
+                Code::InvalidArgument,
+                format!("cannot authorize what the request acts on: {e}"),
+            ),
+            credential: caller.credential,
+        };
+        let nested = inspected.nested_namespaces.as_ref().map_err(unreadable)?;
+        if let Some(ns) = nested.iter().find(|ns| !caller.grant.permits(ns)) {
             return Err(denied(format!(
                 "a command of this request acts on namespace {ns:?}, which this credential is \
                  not granted"
             )));
         }
-        if let (Some(id), Target::Namespace(ns)) = (&inspected.task_namespace_id, &inspected.target)
-        {
+        let task_namespace_id = inspected.task_namespace_id.as_ref().map_err(unreadable)?;
+        if let (Some(id), Target::Namespace(ns)) = (task_namespace_id, &inspected.target) {
             match self.layer.namespace_ids.is_id_of(ns, id).await {
                 Ok(true) => {}
                 Ok(false) => {

@@ -38,7 +38,10 @@ pub enum FrameError {
     #[error("unsupported grpc-encoding {0:?}")]
     UnsupportedEncoding(String),
     /// A unary call's body holds more than one message.
-    #[error("unary call carries more than one gRPC message; refused before inflating the second")]
+    #[error(
+        "unary call carries bytes after its gRPC message (a second message or a partial frame); \
+         refused before reading them"
+    )]
     NotUnary,
     /// A rewritten message does not fit the 4-byte length prefix.
     #[error("message of {0} bytes does not fit a gRPC length prefix (4 GiB)")]

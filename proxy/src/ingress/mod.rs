@@ -60,10 +60,14 @@ pub struct Inspected {
     pub target: Target,
     /// Other namespaces the request names inside it that the server may act on: those of
     /// cross-namespace workflow commands (child workflows, external signals and cancels).
-    pub nested_namespaces: Vec<String>,
+    /// An error when the commands cannot be read: authorization refuses the request then;
+    /// without authorization nothing depends on them (the server refuses what it cannot
+    /// parse).
+    pub nested_namespaces: Result<Vec<String>, StringFieldError>,
     /// The namespace id inside the request's `task_token`: the server acts on the task
-    /// token's namespace, not on the request's `namespace` field (`None`: no task token).
-    pub task_namespace_id: Option<String>,
+    /// token's namespace, not on the request's `namespace` field (`None`: no task token). An
+    /// error when the token is not readable, with the same consequence as above.
+    pub task_namespace_id: Result<Option<String>, StringFieldError>,
     /// The budget the request's bytes are charged to; charges end when the last clone drops.
     pub budget: MessageBudget,
 }
@@ -161,8 +165,8 @@ impl Ingress {
                 messages: None,
                 namespace: None,
                 target: target::of_path(path),
-                nested_namespaces: Vec::new(),
-                task_namespace_id: None,
+                nested_namespaces: Ok(Vec::new()),
+                task_namespace_id: Ok(None),
                 budget,
             };
             parts.extensions.insert(inspected);
@@ -220,8 +224,8 @@ pub fn decide(
             messages: Some(messages),
             namespace: None,
             target: target::of_path(path),
-            nested_namespaces: Vec::new(),
-            task_namespace_id: None,
+            nested_namespaces: Ok(Vec::new()),
+            task_namespace_id: Ok(None),
             budget,
         });
     };
@@ -245,8 +249,8 @@ pub fn decide(
         source,
     };
     let target = target::of_message(m, first, namespace.as_deref()).map_err(refused)?;
-    let nested_namespaces = target::nested_namespaces(m, first).map_err(refused)?;
-    let task_namespace_id = target::task_namespace_id(m, first).map_err(refused)?;
+    let nested_namespaces = target::nested_namespaces(m, first);
+    let task_namespace_id = target::task_namespace_id(m, first);
     Ok(Inspected {
         method: Some(m),
         messages: Some(messages),
@@ -276,8 +280,11 @@ fn check_path(path: &str, query: Option<&str>) -> Result<(), IngressError> {
     if !path.starts_with('/') {
         return refuse("a gRPC path must start with '/'");
     }
-    if query.is_some() {
-        return refuse("a gRPC path carries no query");
+    if let Some(query) = query {
+        return Err(IngressError::Path {
+            path: format!("{path}?{query}"),
+            why: "a gRPC path carries no query",
+        });
     }
     Ok(())
 }

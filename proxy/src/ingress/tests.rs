@@ -1,7 +1,6 @@
 use std::io::Write;
 
 use bytes::Bytes;
-use payload_gateway_proto::method;
 use proptest::prelude::*;
 use prost::Message;
 use temporalio_protos::temporal::api::workflowservice::v1::{
@@ -213,12 +212,40 @@ fn namespace_less_and_unknown_methods_are_global_except_the_open_ones() {
         );
     }
     // Batch operations and namespace-scoped operator calls name their namespace.
-    for path in [
-        "/temporal.api.workflowservice.v1.WorkflowService/StartBatchOperation",
-        "/temporal.api.operatorservice.v1.OperatorService/AddSearchAttributes",
-        "/temporal.api.workflowservice.v1.WorkflowService/ExecuteMultiOperation",
-    ] {
-        let i = decide_body(path, frame(0, b"\x0a\x01a"), Encoding::Identity).unwrap();
+    use temporalio_protos::temporal::api::operatorservice::v1::AddSearchAttributesRequest;
+    use temporalio_protos::temporal::api::workflowservice::v1::{
+        ExecuteMultiOperationRequest, StartBatchOperationRequest,
+    };
+    let named = |ns: &str| -> [(&str, Vec<u8>); 3] {
+        [
+            (
+                "/temporal.api.workflowservice.v1.WorkflowService/StartBatchOperation",
+                StartBatchOperationRequest {
+                    namespace: ns.into(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+            (
+                "/temporal.api.operatorservice.v1.OperatorService/AddSearchAttributes",
+                AddSearchAttributesRequest {
+                    namespace: ns.into(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+            (
+                "/temporal.api.workflowservice.v1.WorkflowService/ExecuteMultiOperation",
+                ExecuteMultiOperationRequest {
+                    namespace: ns.into(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+        ]
+    };
+    for (path, message) in named("a") {
+        let i = decide_body(path, frame(0, &message), Encoding::Identity).unwrap();
         assert_eq!(i.target, Target::Namespace("a".into()), "{path}");
     }
 }
@@ -229,6 +256,7 @@ fn a_namespace_named_by_id_is_global() {
     let by_id = DescribeNamespaceRequest {
         namespace: "a".into(),
         id: "0000-1111".into(),
+        ..Default::default()
     }
     .encode_to_vec();
     let i = decide_body(path, frame(0, &by_id), Encoding::Identity).unwrap();
@@ -378,4 +406,50 @@ proptest! {
             }
         }
     }
+}
+
+#[test]
+fn task_tokens_and_cross_namespace_commands_are_decided_with_the_request() {
+    use temporalio_protos::temporal::api::command::v1::{
+        Command, SignalExternalWorkflowExecutionCommandAttributes, command,
+    };
+    use temporalio_protos::temporal::api::workflowservice::v1::RespondWorkflowTaskCompletedRequest;
+    const COMPLETE: &str =
+        "/temporal.api.workflowservice.v1.WorkflowService/RespondWorkflowTaskCompleted";
+    // A server task token: field 1 is the namespace id.
+    let token = [&[0x0a, 0x04][..], b"id-a", &[0x12, 0x02], b"wf"].concat();
+    let signal_b = Command {
+        attributes: Some(
+            command::Attributes::SignalExternalWorkflowExecutionCommandAttributes(
+                SignalExternalWorkflowExecutionCommandAttributes {
+                    namespace: "b".into(),
+                    ..Default::default()
+                },
+            ),
+        ),
+        ..Default::default()
+    };
+    let request = RespondWorkflowTaskCompletedRequest {
+        namespace: "a".into(),
+        task_token: token,
+        commands: vec![Command::default(), signal_b],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let i = decide_body(COMPLETE, frame(0, &request), Encoding::Identity).unwrap();
+    assert_eq!(namespace_of(&i), "a");
+    assert_eq!(
+        i.task_namespace_id.as_ref().unwrap().as_deref(),
+        Some("id-a")
+    );
+    assert_eq!(i.nested_namespaces.as_ref().unwrap(), &vec!["b".to_owned()]);
+    // A token that is not protobuf is decided as unreadable (authorization refuses it).
+    let request = RespondWorkflowTaskCompletedRequest {
+        namespace: "a".into(),
+        task_token: b"token".to_vec(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let i = decide_body(COMPLETE, frame(0, &request), Encoding::Identity).unwrap();
+    assert!(i.task_namespace_id.is_err());
 }
