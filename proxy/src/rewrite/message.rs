@@ -319,39 +319,6 @@ fn record(
     m.count_payload_bytes(name, bytes_in, bytes_out);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn json(s: &str) -> String {
-        let mut out = Vec::new();
-        python_json_string(&mut out, s);
-        String::from_utf8(out).unwrap()
-    }
-
-    #[test]
-    fn escapes_like_python_json_dumps() {
-        // Expected values from Python 3: json.dumps(s) (ensure_ascii=True by default).
-        assert_eq!(json("boom"), r#""boom""#);
-        assert_eq!(json("a\"b\\c/d"), r#""a\"b\\c/d""#);
-        assert_eq!(json("\n\r\t\u{8}\u{c}"), r#""\n\r\t\b\f""#);
-        assert_eq!(json("\u{0}\u{1f}\u{7f}"), r#""\u0000\u001f\u007f""#);
-        assert_eq!(json("é€"), r#""\u00e9\u20ac""#);
-        assert_eq!(json("😀"), r#""\ud83d\ude00""#);
-        assert_eq!(json("\u{2028}"), r#""\u2028""#);
-    }
-
-    #[test]
-    fn attributes_payload_matches_the_sdk() {
-        let p = Payload::from_bytes(&attributes_payload("boom é", "at x\n  at y")).unwrap();
-        assert_eq!(p.meta_str("encoding"), Some("json/plain"));
-        assert_eq!(
-            &p.data[..],
-            br#"{"message":"boom \u00e9","stack_trace":"at x\n  at y"}"#
-        );
-    }
-}
-
 /// The gRPC edge of the payload stages: a [`StageError`](super::pipeline::StageError)'s cause
 /// becomes a gRPC status here (and an HTTP status at the codec endpoint); the stages below
 /// speak neither.
@@ -394,5 +361,38 @@ fn grpc_code(cause: &super::pipeline::StageCause) -> Code {
         },
         StageCause::Reference(_) => Code::InvalidArgument,
         StageCause::Cancelled => Code::Cancelled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(s: &str) -> String {
+        let mut out = Vec::new();
+        python_json_string(&mut out, s);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn escapes_like_python_json_dumps() {
+        // Expected values from Python 3: json.dumps(s) (ensure_ascii=True by default).
+        assert_eq!(json("boom"), r#""boom""#);
+        assert_eq!(json("a\"b\\c/d"), r#""a\"b\\c/d""#);
+        assert_eq!(json("\n\r\t\u{8}\u{c}"), r#""\n\r\t\b\f""#);
+        assert_eq!(json("\u{0}\u{1f}\u{7f}"), r#""\u0000\u001f\u007f""#);
+        assert_eq!(json("é€"), r#""\u00e9\u20ac""#);
+        assert_eq!(json("😀"), r#""\ud83d\ude00""#);
+        assert_eq!(json("\u{2028}"), r#""\u2028""#);
+    }
+
+    #[test]
+    fn attributes_payload_matches_the_sdk() {
+        let p = Payload::from_bytes(&attributes_payload("boom é", "at x\n  at y")).unwrap();
+        assert_eq!(p.meta_str("encoding"), Some("json/plain"));
+        assert_eq!(
+            &p.data[..],
+            br#"{"message":"boom \u00e9","stack_trace":"at x\n  at y"}"#
+        );
     }
 }
