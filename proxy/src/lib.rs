@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod non_grpc;
 pub mod observe;
 pub mod payload;
+pub mod policy;
 pub mod rewrite;
 pub mod server;
 pub mod storage;

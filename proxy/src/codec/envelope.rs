@@ -22,6 +22,29 @@
 //!   lookups of the same wrapped key; while the key service is down, cached keys keep
 //!   decrypting and the rest fail closed.
 //!
+//! # Bounding what callers can make the key service do
+//!
+//! Payloads given to decode are input from callers, and every wrapped data key the gateway
+//! has not seen before is a key-service call. So that a caller cannot turn payloads with made
+//! up wrapped keys into key-service load (or a key-service bill):
+//!
+//! - **Wrapped keys longer than [`MAX_WRAPPED_LEN`]** are refused without a call.
+//! - **Failed unwraps are remembered** for [`NEGATIVE_TTL`] (keyed by KEK id, namespace and
+//!   the wrapped bytes): the same key sent again is refused from memory.
+//! - **Unwrap failures cost a budget** per KEK and namespace: every unwrap call takes one of
+//!   [`FAILURE_BURST`] tokens before it goes out and gives it back unless the key service
+//!   said the key does not unwrap (or refused); one token comes back every
+//!   [`FAILURE_REFILL`]. With none left, unwraps of keys not cached are refused without a call
+//!   ([`CodecError::KeyThrottled`]) until a token is back, so at most `FAILURE_BURST` plus one
+//!   per `FAILURE_REFILL` calls fail for a namespace, however many payloads, requests and
+//!   connections carry made-up keys. Cached keys keep decrypting meanwhile; data keys of the
+//!   attacked namespace that are not cached wait for the budget (the price is paid by the
+//!   namespace the caller may use, not by others).
+//! - **At most [`CALLS_PER_KEK`] calls per KEK run at once** (wraps and unwraps; the rest
+//!   wait their turn).
+//!
+//! The per-message cap of distinct data keys to unwrap is the caller's (`prepare_decode`).
+//!
 //! Unwrapped keys exist only as AES key schedules inside AWS-LC (`LessSafeKey`) and as
 //! [`Dek`] values that are zeroed when dropped; they are never logged (data key ids are not
 //! secret and are logged).
@@ -48,6 +71,28 @@ pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Default bound of encryptions per data key: half the random-nonce limit of 2^32.
 pub(crate) const DEFAULT_MAX_ENCRYPTIONS: u64 = 1 << 31;
 
+/// Longest wrapped data key sent to a key service (AWS KMS: under 200 bytes for a 32-byte
+/// key; PKCS#11 RSA-4096 OAEP: 512 bytes).
+pub(crate) const MAX_WRAPPED_LEN: usize = 1024;
+
+/// How long a wrapped key that did not unwrap is refused from memory.
+pub(crate) const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+
+/// Failed unwraps remembered at most (an LRU).
+const NEGATIVE_CACHE_SIZE: usize = 4096;
+
+/// Unwrap failures a KEK and namespace may have before unwraps of keys not cached wait.
+pub(crate) const FAILURE_BURST: u32 = 8;
+
+/// One failure token comes back this often.
+pub(crate) const FAILURE_REFILL: Duration = Duration::from_secs(2);
+
+/// Failure budgets kept at most; full ones are forgotten first.
+const MAX_BUDGETS: usize = 4096;
+
+/// Key-service calls running at once per KEK.
+pub(crate) const CALLS_PER_KEK: usize = 8;
+
 /// What a reload may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DekSettings {
@@ -63,16 +108,30 @@ pub(crate) struct DekSettings {
 #[derive(Debug, Clone)]
 pub(crate) struct DekError {
     key_id: String,
-    /// The key service was unreachable (retrying later may succeed).
-    retryable: bool,
+    kind: DekErrorKind,
     reason: String,
+}
+
+/// What kind of failure a [`DekError`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DekErrorKind {
+    /// The key service was unreachable (retrying later may succeed).
+    Unavailable,
+    /// The key service refused, or the wrapped key does not unwrap (or is not one).
+    Refused,
+    /// Not asked: the namespace's unwrap failure budget is spent (see the module docs).
+    Throttled,
 }
 
 impl DekError {
     fn from_kms(e: &KmsError, key_id: &str) -> Self {
         Self {
             key_id: key_id.to_owned(),
-            retryable: e.is_retryable(),
+            kind: if e.is_retryable() {
+                DekErrorKind::Unavailable
+            } else {
+                DekErrorKind::Refused
+            },
             reason: e.to_string(),
         }
     }
@@ -80,16 +139,19 @@ impl DekError {
 
 impl From<DekError> for CodecError {
     fn from(e: DekError) -> Self {
-        if e.retryable {
-            CodecError::KeyUnavailable {
+        match e.kind {
+            DekErrorKind::Unavailable => CodecError::KeyUnavailable {
                 key_id: e.key_id,
                 reason: e.reason,
-            }
-        } else {
-            CodecError::KeyService {
+            },
+            DekErrorKind::Refused => CodecError::KeyService {
                 key_id: e.key_id,
                 reason: e.reason,
-            }
+            },
+            DekErrorKind::Throttled => CodecError::KeyThrottled {
+                key_id: e.key_id,
+                reason: e.reason,
+            },
         }
     }
 }
@@ -148,6 +210,57 @@ impl Equivalent<CacheKey> for CacheKeyRef<'_> {
 
 type DekCache = quick_cache::sync::Cache<CacheKey, Arc<KeyEntry>>;
 
+/// Wrapped keys that did not unwrap, keyed by KEK id, namespace and wrapped bytes (the data
+/// key id is left empty: it does not change what the key service answers).
+type NegativeCache = quick_cache::sync::Cache<CacheKey, (Instant, DekError)>;
+
+/// One KEK and namespace's budget of unwrap failures: a token bucket of [`FAILURE_BURST`]
+/// tokens, one back every [`FAILURE_REFILL`].
+#[derive(Debug, Clone, Copy)]
+struct FailureBudget {
+    tokens: u32,
+    /// When the last token came back (or the bucket was last full).
+    refilled: Instant,
+}
+
+impl FailureBudget {
+    fn full(now: Instant) -> Self {
+        Self {
+            tokens: FAILURE_BURST,
+            refilled: now,
+        }
+    }
+
+    /// Adds the tokens that came back until `now`.
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.refilled);
+        let back =
+            u32::try_from(elapsed.as_nanos() / FAILURE_REFILL.as_nanos()).unwrap_or(u32::MAX);
+        if self.tokens.saturating_add(back) >= FAILURE_BURST {
+            self.tokens = FAILURE_BURST;
+            self.refilled = now;
+        } else {
+            self.tokens += back;
+            self.refilled += FAILURE_REFILL * back;
+        }
+    }
+
+    /// Takes a token at `now`; `false` when none is left.
+    fn take(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens == 0 {
+            return false;
+        }
+        self.tokens -= 1;
+        true
+    }
+
+    /// Gives a token back (the call it was taken for did not fail).
+    fn give_back(&mut self) {
+        self.tokens = (self.tokens + 1).min(FAILURE_BURST);
+    }
+}
+
 /// Data keys of every KEK and namespace: the current ones for encryption, an LRU of unwrapped
 /// ones for decryption. Lives as long as the codec (across reloads).
 pub(crate) struct DekManager {
@@ -156,6 +269,12 @@ pub(crate) struct DekManager {
     slots: RwLock<HashMap<String, HashMap<String, Arc<Slot>>>>,
     cache: ArcSwap<DekCache>,
     unwrapping: Mutex<HashMap<CacheKey, Pending<Arc<KeyEntry>>>>,
+    /// Wrapped keys that recently did not unwrap.
+    refused: NegativeCache,
+    /// (KEK id, namespace) → its unwrap failure budget.
+    budgets: Mutex<HashMap<(String, String), FailureBudget>>,
+    /// KEK id → the permits of its concurrent key-service calls.
+    permits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     refresher: OnceLock<()>,
     rng: SystemRandom,
 }
@@ -181,6 +300,9 @@ impl DekManager {
             settings: ArcSwap::from_pointee(settings),
             slots: RwLock::default(),
             unwrapping: Mutex::default(),
+            refused: NegativeCache::new(NEGATIVE_CACHE_SIZE),
+            budgets: Mutex::default(),
+            permits: Mutex::default(),
             refresher: OnceLock::new(),
             rng: SystemRandom::new(),
         })
@@ -290,7 +412,7 @@ impl DekManager {
         }
         Err(DekError {
             key_id: kek.key_id().to_owned(),
-            retryable: true,
+            kind: DekErrorKind::Unavailable,
             reason: "no data key could be made".to_owned(),
         })
     }
@@ -333,13 +455,16 @@ impl DekManager {
                 .map(|()| bytes)
                 .map_err(|_| DekError {
                     key_id: key_id.to_owned(),
-                    retryable: false,
+                    kind: DekErrorKind::Refused,
                     reason: "random number generator failed".to_owned(),
                 })
         };
         let dek = Dek::from_slice(&random(DEK_LEN)?).expect("DEK_LEN bytes");
         let dek_id: String = random(16)?.iter().map(|b| format!("{b:02x}")).collect();
-        let wrapped = timed(kek, "wrap", kek.wrap(&dek, &slot.namespace)).await?;
+        let wrapped = {
+            let _permit = self.permit(key_id).await;
+            timed(kek, "wrap", kek.wrap(&dek, &slot.namespace)).await?
+        };
         let entry = Arc::new(KeyEntry::envelope(
             key_id,
             &dek,
@@ -386,7 +511,8 @@ impl DekManager {
 
     /// Puts the data key `wrapped` (of `namespace`, under `kek`) into the decryption cache:
     /// nothing to do on a hit, else one unwrap call shared with concurrent lookups of the
-    /// same key.
+    /// same key, within the limits of the module docs (length, failed keys remembered,
+    /// failure budget, concurrent calls).
     pub(crate) async fn unwrap(
         self: &Arc<Self>,
         kek: &Arc<dyn KeyEncryptionKey>,
@@ -400,6 +526,20 @@ impl DekManager {
         crate::metrics::metrics().count_dek_lookup(hit);
         if hit {
             return Ok(());
+        }
+        if wrapped.len() > MAX_WRAPPED_LEN {
+            return Err(DekError {
+                key_id: kek.key_id().to_owned(),
+                kind: DekErrorKind::Refused,
+                reason: format!(
+                    "wrapped data key of {} bytes is longer than the {MAX_WRAPPED_LEN} bytes \
+                     any key service makes; the key service was not asked",
+                    wrapped.len()
+                ),
+            });
+        }
+        if let Some(e) = self.recently_refused(kek.key_id(), namespace, wrapped) {
+            return Err(e);
         }
         let key = CacheKey {
             kek_id: kek.key_id().to_owned(),
@@ -415,20 +555,7 @@ impl DekManager {
                     let this = self.clone();
                     let kek = kek.clone();
                     async move {
-                        let result =
-                            timed(&kek, "unwrap", kek.unwrap(&key.wrapped, &key.namespace))
-                                .await
-                                .map(|dek| {
-                                    let entry = Arc::new(KeyEntry::envelope(
-                                        &key.kek_id,
-                                        &dek,
-                                        &key.wrapped,
-                                        &key.dek_id,
-                                        &key.namespace,
-                                    ));
-                                    this.cache.load().insert(key.clone(), entry.clone());
-                                    entry
-                                });
+                        let result = this.unwrap_call(&kek, &key).await;
                         this.unwrapping
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
@@ -441,6 +568,111 @@ impl DekManager {
                 .clone()
         };
         pending.await.map(drop)
+    }
+
+    /// One unwrap call for `key`, once a call permit of its KEK and a failure token of its
+    /// namespace are had; fills the decryption cache, or the cache of refused keys.
+    async fn unwrap_call(
+        &self,
+        kek: &Arc<dyn KeyEncryptionKey>,
+        key: &CacheKey,
+    ) -> Result<Arc<KeyEntry>, DekError> {
+        let _permit = self.permit(&key.kek_id).await;
+        // A call that ended while this one waited may have answered it.
+        if let Some(entry) = self.cache.load().get(key) {
+            return Ok(entry);
+        }
+        if let Some(e) = self.recently_refused(&key.kek_id, &key.namespace, &key.wrapped) {
+            return Err(e);
+        }
+        if !self.take_token(&key.kek_id, &key.namespace) {
+            return Err(DekError {
+                key_id: key.kek_id.clone(),
+                kind: DekErrorKind::Throttled,
+                reason: format!(
+                    "the key service was not asked: {FAILURE_BURST} wrapped data keys for \
+                     namespace {:?} recently did not unwrap (made-up or foreign keys); data \
+                     keys not cached for it are unwrapped again as the budget refills (one \
+                     every {} s)",
+                    key.namespace,
+                    FAILURE_REFILL.as_secs()
+                ),
+            });
+        }
+        let result = timed(kek, "unwrap", kek.unwrap(&key.wrapped, &key.namespace)).await;
+        match &result {
+            Err(e) if e.kind == DekErrorKind::Refused => {
+                self.refused.insert(
+                    CacheKey {
+                        dek_id: String::new(),
+                        ..key.clone()
+                    },
+                    (Instant::now(), e.clone()),
+                );
+            }
+            _ => self.give_back_token(&key.kek_id, &key.namespace),
+        }
+        let dek = result?;
+        let entry = Arc::new(KeyEntry::envelope(
+            &key.kek_id,
+            &dek,
+            &key.wrapped,
+            &key.dek_id,
+            &key.namespace,
+        ));
+        self.cache.load().insert(key.clone(), entry.clone());
+        Ok(entry)
+    }
+
+    /// The failure of `wrapped` when it did not unwrap within the last [`NEGATIVE_TTL`].
+    fn recently_refused(&self, kek_id: &str, namespace: &str, wrapped: &[u8]) -> Option<DekError> {
+        let (at, error) = self.refused.get(&CacheKeyRef {
+            kek_id,
+            namespace,
+            dek_id: "",
+            wrapped,
+        })?;
+        (at.elapsed() < NEGATIVE_TTL).then_some(error)
+    }
+
+    /// Takes a failure token of (`kek_id`, `namespace`); `false` when none is left.
+    fn take_token(&self, kek_id: &str, namespace: &str) -> bool {
+        let now = Instant::now();
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(budget) = budgets.get_mut(&(kek_id.to_owned(), namespace.to_owned())) {
+            return budget.take(now);
+        }
+        if budgets.len() >= MAX_BUDGETS {
+            budgets.retain(|_, b| {
+                b.refill(now);
+                b.tokens < FAILURE_BURST
+            });
+        }
+        let mut budget = FailureBudget::full(now);
+        let taken = budget.take(now);
+        budgets.insert((kek_id.to_owned(), namespace.to_owned()), budget);
+        taken
+    }
+
+    /// Gives back the token of a call that did not fail for its key.
+    fn give_back_token(&self, kek_id: &str, namespace: &str) {
+        let mut budgets = self.budgets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(budget) = budgets.get_mut(&(kek_id.to_owned(), namespace.to_owned())) {
+            budget.give_back();
+        }
+    }
+
+    /// A permit for one call to `kek_id`'s key service (at most [`CALLS_PER_KEK`] at once).
+    async fn permit(&self, kek_id: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = self
+            .permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(kek_id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(CALLS_PER_KEK)))
+            .clone();
+        // Never closed: `None` cannot happen.
+        semaphore.acquire_owned().await.ok()
     }
 
     /// Per KEK id, the age of its oldest data key that may still encrypt (metrics).
@@ -559,4 +791,35 @@ async fn timed<T>(
         start.elapsed().as_secs_f64(),
     );
     result.map_err(|e| DekError::from_kms(&e, kek.key_id()))
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn the_failure_budget_refills_one_token_per_period_up_to_the_burst() {
+        let start = Instant::now();
+        let mut b = FailureBudget::full(start);
+        for _ in 0..FAILURE_BURST {
+            assert!(b.take(start));
+        }
+        assert!(!b.take(start), "empty");
+        assert!(
+            !b.take(start + FAILURE_REFILL / 2),
+            "half a period is no token"
+        );
+        assert!(b.take(start + FAILURE_REFILL), "one period, one token");
+        assert!(!b.take(start + FAILURE_REFILL));
+        // Long idle: full again, never more than the burst.
+        let later = start + FAILURE_REFILL * (FAILURE_BURST * 10);
+        b.refill(later);
+        assert_eq!(b.tokens, FAILURE_BURST);
+        b.give_back();
+        assert_eq!(b.tokens, FAILURE_BURST);
+        // A token given back (the call did not fail) is there again at once.
+        assert!(b.take(later));
+        b.give_back();
+        assert_eq!(b.tokens, FAILURE_BURST);
+    }
 }

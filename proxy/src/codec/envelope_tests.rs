@@ -13,7 +13,7 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use bytes::Bytes;
 use prost::Message;
 
-use super::{CodecError, Connector, DekTuning, PayloadCodec, WirePayload};
+use super::{BatchError, CodecError, Connector, DekTuning, PayloadCodec, WirePayload};
 use crate::budget::MessageBudget;
 use crate::config::{Config, KeySpec};
 use crate::kms::{Dek, KeyEncryptionKey, KmsError, Provider};
@@ -27,6 +27,9 @@ struct TestKek {
     unwraps: AtomicUsize,
     down: AtomicBool,
     delay: Duration,
+    /// Calls under way, and the most ever under way at once.
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
 }
 
 impl TestKek {
@@ -40,6 +43,8 @@ impl TestKek {
             unwraps: AtomicUsize::new(0),
             down: AtomicBool::new(false),
             delay,
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
         })
     }
 
@@ -48,7 +53,10 @@ impl TestKek {
     }
 
     async fn call(&self) -> Result<(), KmsError> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         if self.down.load(Ordering::SeqCst) {
             return Err(KmsError::Unavailable {
                 key_id: self.id.clone(),
@@ -162,7 +170,7 @@ async fn encode(codec: &PayloadCodec, ns: &str, n: usize) -> Result<Bytes, Codec
 
 async fn decode(codec: &PayloadCodec, ns: &str, payload: &Bytes) -> Result<Bytes, CodecError> {
     codec
-        .prepare_decode(Some(ns), std::slice::from_ref(payload), false)
+        .prepare_decode(Some(ns), std::slice::from_ref(payload), false, 16)
         .await
         .map_err(|e| e.error)?;
     Ok(codec
@@ -460,8 +468,176 @@ fn static_keys_need_no_preparation() {
     runtime.block_on(async {
         codec.prepare_encode(Some("ns")).await.unwrap();
         codec
-            .prepare_decode(Some("ns"), std::slice::from_ref(&encoded), false)
+            .prepare_decode(Some("ns"), std::slice::from_ref(&encoded), false, 16)
             .await
             .unwrap();
     });
+}
+
+// ------------------------------------------------------------------ key-service amplification
+
+/// `payload` with a random wrapped data key of `len` bytes (and a random data key id): what a
+/// caller makes up to make the gateway call its key service.
+fn forged(payload: &Bytes, len: usize) -> Bytes {
+    let mut p = WirePayload::decode(payload.clone()).unwrap();
+    let mut wrapped = vec![0u8; len];
+    SystemRandom::new().fill(&mut wrapped).unwrap();
+    let mut id = [0u8; 16];
+    SystemRandom::new().fill(&mut id).unwrap();
+    p.metadata
+        .insert("encryption-dek".to_owned(), wrapped.clone());
+    p.metadata.insert(
+        "encryption-dek-id".to_owned(),
+        id.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+            .into_bytes(),
+    );
+    p.encode_to_vec().into()
+}
+
+async fn prepare_one(codec: &PayloadCodec, ns: &str, payload: &Bytes) -> Result<(), CodecError> {
+    codec
+        .prepare_decode(Some(ns), std::slice::from_ref(payload), true, 16)
+        .await
+        .map_err(|e| e.error)
+}
+
+/// Made-up wrapped keys, one request each: after the failure budget is spent the key service
+/// is not asked any more, for that namespace only; cached data keys keep decrypting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_wrapped_keys_spend_a_failure_budget_then_are_not_sent() {
+    use super::envelope::FAILURE_BURST;
+    let kek = TestKek::new("k", Duration::ZERO);
+    let codec = envelope_codec(std::slice::from_ref(&kek), tuning(60_000, 1 << 31), 100);
+    let legit = encode(&codec, "ns", 1).await.unwrap();
+    let mut refused = 0;
+    let mut throttled = 0;
+    for _ in 0..200 {
+        match prepare_one(&codec, "ns", &forged(&legit, 60)).await {
+            Err(CodecError::KeyService { .. }) => refused += 1,
+            Err(CodecError::KeyThrottled { reason, .. }) => {
+                assert!(reason.contains("not asked"), "{reason}");
+                throttled += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let calls = kek.unwraps.load(Ordering::SeqCst);
+    assert_eq!(
+        calls, FAILURE_BURST as usize,
+        "{refused} refused, {throttled} throttled"
+    );
+    assert_eq!((refused, throttled), (calls, 200 - calls));
+    // The namespace's own (cached) data key still decrypts.
+    assert_eq!(decode(&codec, "ns", &legit).await.unwrap(), plain(1));
+    // Another namespace has a budget of its own.
+    assert!(matches!(
+        prepare_one(&codec, "other", &forged(&legit, 60)).await,
+        Err(CodecError::KeyService { .. })
+    ));
+    assert_eq!(kek.unwraps.load(Ordering::SeqCst), calls + 1);
+}
+
+/// The same made-up key again and again (also at once) is one call: the failure is
+/// remembered; and a key too long for any key service is never sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unwrap_is_remembered_and_overlong_keys_are_not_sent() {
+    use super::envelope::MAX_WRAPPED_LEN;
+    let kek = TestKek::new("k", Duration::from_millis(20));
+    let codec = envelope_codec(std::slice::from_ref(&kek), tuning(60_000, 1 << 31), 100);
+    let legit = encode(&codec, "ns", 1).await.unwrap();
+    let bad = forged(&legit, 60);
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (codec, bad) = (codec.clone(), bad.clone());
+            tokio::spawn(async move { prepare_one(&codec, "ns", &bad).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(matches!(
+            t.await.unwrap(),
+            Err(CodecError::KeyService { .. })
+        ));
+    }
+    for _ in 0..20 {
+        assert!(matches!(
+            prepare_one(&codec, "ns", &bad).await,
+            Err(CodecError::KeyService { .. })
+        ));
+    }
+    assert_eq!(kek.unwraps.load(Ordering::SeqCst), 1);
+    // The same wrapped key for another namespace is another question for the key service.
+    assert!(prepare_one(&codec, "other", &bad).await.is_err());
+    assert_eq!(kek.unwraps.load(Ordering::SeqCst), 2);
+    match prepare_one(&codec, "ns", &forged(&legit, MAX_WRAPPED_LEN + 1)).await {
+        Err(CodecError::KeyService { reason, .. }) => {
+            assert!(reason.contains("longer than"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(kek.unwraps.load(Ordering::SeqCst), 2);
+}
+
+/// More distinct data keys to unwrap than the caller allows: refused before any call;
+/// data keys already cached do not count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_distinct_data_keys_in_one_request_are_refused_before_any_call() {
+    let kek = TestKek::new("k", Duration::ZERO);
+    let codec = envelope_codec(std::slice::from_ref(&kek), tuning(60_000, 1 << 31), 100);
+    let legit = encode(&codec, "ns", 1).await.unwrap();
+    let mut batch: Vec<Bytes> = (0..5).map(|_| forged(&legit, 60)).collect();
+    match codec.prepare_decode(Some("ns"), &batch, true, 4).await {
+        Err(e) => {
+            assert_eq!(e.index, 4);
+            assert!(
+                matches!(e.error, CodecError::TooManyDataKeys { max: 4, .. }),
+                "{}",
+                e.error
+            );
+        }
+        Ok(()) => panic!("five data keys passed a cap of four"),
+    }
+    assert_eq!(kek.unwraps.load(Ordering::SeqCst), 0);
+    // Cached keys (and repeats of one key) are not counted.
+    batch.truncate(3);
+    batch.extend([legit.clone(), legit.clone(), batch[0].clone()]);
+    assert!(matches!(
+        codec.prepare_decode(Some("ns"), &batch, true, 3).await,
+        Err(BatchError {
+            error: CodecError::KeyService { .. },
+            ..
+        })
+    ));
+}
+
+/// At most `CALLS_PER_KEK` key-service calls of one KEK run at once; the rest wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_unwraps_of_one_kek_are_bounded() {
+    use super::envelope::CALLS_PER_KEK;
+    let kek = TestKek::new("k", Duration::from_millis(30));
+    let writer = envelope_codec(std::slice::from_ref(&kek), tuning(60_000, 1 << 31), 100);
+    // Forty namespaces: forty data keys a fresh reader must unwrap.
+    let mut payloads = Vec::new();
+    for n in 0..40 {
+        payloads.push((
+            format!("ns{n}"),
+            encode(&writer, &format!("ns{n}"), n).await.unwrap(),
+        ));
+    }
+    let reader = envelope_codec(std::slice::from_ref(&kek), tuning(60_000, 1 << 31), 100);
+    let tasks: Vec<_> = payloads
+        .into_iter()
+        .map(|(ns, p)| {
+            let reader = reader.clone();
+            tokio::spawn(async move { decode(&reader, &ns, &p).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(kek.unwraps.load(Ordering::SeqCst), 40);
+    let most = kek.max_in_flight.load(Ordering::SeqCst);
+    assert!(most <= CALLS_PER_KEK, "{most} calls at once");
+    assert!(most > 1, "calls ran one at a time");
 }

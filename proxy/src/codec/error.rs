@@ -103,6 +103,29 @@ pub enum CodecError {
         /// What the key service said (no key material).
         reason: String,
     },
+    /// An envelope key's key service was not asked to unwrap a data key: too many wrapped
+    /// keys recently did not unwrap for this namespace (see "Bounding what callers can make
+    /// the key service do" in `codec/envelope.rs`). Cached data keys keep working; retrying
+    /// later may succeed.
+    #[error("encryption key {key_id:?}: {reason}")]
+    KeyThrottled {
+        /// The key-encryption key's id.
+        key_id: String,
+        /// Why, and when unwrapping resumes.
+        reason: String,
+    },
+    /// One message or request carries more distinct data keys to unwrap than the caller
+    /// allows; the key service was not asked for any of them.
+    #[error(
+        "{found} or more distinct wrapped data keys not yet unwrapped in one request, more \
+         than the {max} allowed; the key service was not asked"
+    )]
+    TooManyDataKeys {
+        /// How many were counted (counting stops one past `max`).
+        found: usize,
+        /// The cap.
+        max: usize,
+    },
     /// A worker thread of a batch failed (panicked or was cancelled).
     #[error("codec worker failed: {0}")]
     Worker(String),

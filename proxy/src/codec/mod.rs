@@ -92,12 +92,18 @@ use bytes::Bytes;
 use crate::budget::MessageBudget;
 use crate::config::{Config, ConfigError};
 use crate::kms::KeyEncryptionKey;
+use crate::policy::ByNamespace;
 use envelope::{DekManager, DekSettings};
 pub use error::{BatchError, CodecError};
 pub use keys::generate_key_base64;
 use keys::{CounterRegistry, KeyEntry, NONCE_LIMIT, TAG_LEN};
 pub use wire::WirePayload;
 use wire::{DATA_HEADER_MAX, ENCODING_ENCRYPTED, ENCODING_KEY, ENCODING_ZSTD};
+
+/// Distinct data keys one gRPC message may make the key service unwrap (a history page
+/// holds payloads of a few data keys; see "Bounding what callers can make the key service
+/// do" in `codec/envelope.rs`).
+pub const MAX_DATA_KEYS_PER_MESSAGE: usize = 256;
 
 /// Batches totalling fewer bytes than this run inline; larger ones run in parallel.
 pub const DEFAULT_PARALLEL_THRESHOLD: usize = 256 * 1024;
@@ -160,8 +166,8 @@ struct State {
     keys: HashMap<String, Arc<KeyEntry>>,
     /// Key-encryption keys (envelope encryption) by id.
     keks: HashMap<String, Kek>,
-    default_policy: Policy,
-    namespaces: HashMap<String, Policy>,
+    /// Per namespace (resolved by [`crate::policy`]).
+    policies: ByNamespace<Policy>,
     level: i32,
     min_size: usize,
     max_decompressed: usize,
@@ -239,9 +245,14 @@ impl fmt::Debug for PayloadCodec {
             .field("key_ids", &ids)
             .field(
                 "active_key",
-                &state.default_policy.encrypt.as_ref().map(ActiveKey::id),
+                &state
+                    .policies
+                    .default_value()
+                    .encrypt
+                    .as_ref()
+                    .map(ActiveKey::id),
             )
-            .field("compress", &state.default_policy.compress)
+            .field("compress", &state.policies.default_value().compress)
             .finish_non_exhaustive()
     }
 }
@@ -319,8 +330,9 @@ impl PayloadCodec {
     /// needs its rewrite layer, whatever the top-level switches say.
     pub fn is_active_anywhere(&self) -> bool {
         let state = self.inner.state.load();
-        std::iter::once(&state.default_policy)
-            .chain(state.namespaces.values())
+        state
+            .policies
+            .values()
             .any(|p| p.encrypt.is_some() || p.compress)
     }
 
@@ -359,14 +371,10 @@ impl PayloadCodec {
             forward_unknown_any_types: p.forward_any.to_vec(),
             seal_failures: p.encrypt.is_some() && p.seal_failures,
         };
-        let mut out = vec![describe(None, &state.default_policy)];
-        let mut names: Vec<&String> = state.namespaces.keys().collect();
-        names.sort();
-        out.extend(
-            names
-                .into_iter()
-                .map(|n| describe(Some(n), &state.namespaces[n])),
-        );
+        let mut out = vec![describe(None, state.policies.default_value())];
+        let mut named: Vec<(&String, &Policy)> = state.policies.configured().collect();
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        out.extend(named.into_iter().map(|(n, p)| describe(Some(n), p)));
         out
     }
 
@@ -530,6 +538,38 @@ impl PayloadCodec {
         })
     }
 
+    /// [`decode_for_within`](Self::decode_for_within) when `bound`, else the same without the
+    /// namespace's decrypt keys enforced ([`decode_in`](Self::decode_in)'s scope): the
+    /// pipeline's per-payload decode.
+    pub fn decode_scoped_within(
+        &self,
+        namespace: Option<&str>,
+        bound: bool,
+        payload: &[u8],
+        budget: usize,
+    ) -> Result<Option<Bytes>, CodecError> {
+        if bound {
+            return self.decode_for_within(namespace, payload, budget);
+        }
+        let account = MessageBudget::new(crate::budget::ProcessBudget::unlimited(), budget);
+        self.decode_with(payload, None, Some(namespace.unwrap_or("")), &account)
+            .map_err(|e| match e {
+                CodecError::Budget(crate::budget::Exhausted::Message { .. }) => {
+                    CodecError::OverBudget { budget }
+                }
+                e => e,
+            })
+    }
+
+    /// Whether `payload` is one the codec decodes (`binary/encrypted` or `binary/zstd`);
+    /// anything else, malformed input included, is left as it is.
+    pub fn is_encoded(payload: &[u8]) -> bool {
+        matches!(
+            wire::scan(payload).map(|s| s.encoding),
+            Ok(Some(ENCODING_ENCRYPTED | ENCODING_ZSTD))
+        )
+    }
+
     /// The key ids `namespace` may decrypt with (`None`: requests without a namespace), sorted.
     pub fn decrypt_key_ids(&self, namespace: Option<&str>) -> Vec<String> {
         let state = self.inner.state.load();
@@ -643,13 +683,16 @@ impl PayloadCodec {
     /// that are not cached yet (one key-service call per distinct data key, shared with
     /// concurrent callers): the async step before [`decode_in`](Self::decode_in) and
     /// [`decode_for`](Self::decode_for). With `bound`, only keys `namespace` may decrypt
-    /// with are unwrapped (the others are refused by `decode_for` anyway). Payloads that are
-    /// not envelope-encrypted are skipped; does nothing when no envelope key is configured.
+    /// with are unwrapped (the others are refused by `decode_for` anyway). More than
+    /// `max_keys` distinct data keys to unwrap is [`CodecError::TooManyDataKeys`] before any
+    /// call. Payloads that are not envelope-encrypted are skipped; does nothing when no
+    /// envelope key is configured.
     pub async fn prepare_decode(
         &self,
         namespace: Option<&str>,
         payloads: &[Bytes],
         bound: bool,
+        max_keys: usize,
     ) -> Result<(), BatchError> {
         let state = self.inner.state.load_full();
         if state.keks.is_empty() {
@@ -657,7 +700,7 @@ impl PayloadCodec {
         }
         let ns = namespace.unwrap_or("");
         let mut seen = std::collections::HashSet::new();
-        let mut calls = Vec::new();
+        let mut todo = Vec::new();
         for (index, payload) in payloads.iter().enumerate() {
             let Ok(scan) = wire::scan(payload) else {
                 continue;
@@ -684,19 +727,36 @@ impl PayloadCodec {
             if !seen.insert((key_id, dek_id, wrapped)) {
                 continue;
             }
+            if self
+                .inner
+                .deks
+                .cached(key_id, ns, dek_id, wrapped)
+                .is_some()
+            {
+                continue;
+            }
+            if todo.len() == max_keys {
+                return Err(BatchError {
+                    index,
+                    error: CodecError::TooManyDataKeys {
+                        found: max_keys + 1,
+                        max: max_keys,
+                    },
+                });
+            }
+            todo.push((index, kek.kek.clone(), wrapped.to_vec(), dek_id.to_owned()));
+        }
+        let calls = todo.into_iter().map(|(index, kek, wrapped, dek_id)| {
             let deks = self.inner.deks.clone();
-            let kek = kek.kek.clone();
-            let wrapped = wrapped.to_vec();
-            let dek_id = dek_id.to_owned();
-            calls.push(async move {
+            async move {
                 deks.unwrap(&kek, ns, &wrapped, &dek_id)
                     .await
                     .map_err(|e| BatchError {
                         index,
                         error: e.into(),
                     })
-            });
-        }
+            }
+        });
         futures::future::try_join_all(calls).await.map(drop)
     }
 
@@ -767,10 +827,34 @@ impl PayloadCodec {
         payloads: Vec<Bytes>,
         budget: MessageBudget,
     ) -> Result<Vec<Option<Bytes>>, BatchError> {
-        self.prepare_decode(namespace, &payloads, false).await?;
+        self.prepare_decode(namespace, &payloads, false, MAX_DATA_KEYS_PER_MESSAGE)
+            .await?;
         let ns = namespace.map(str::to_owned);
         self.run_batch(payloads, move |codec, p| {
             codec.decode_in(ns.as_deref(), p, &budget)
+        })
+        .await
+    }
+
+    /// The payloads of one message that reached `namespace`, after
+    /// [`prepare_decode`](Self::prepare_decode): with `bound`, only the namespace's decrypt
+    /// keys ([`decode_for`](Self::decode_for)), else any key of the keyring
+    /// ([`decode_in`](Self::decode_in)); all drawing on one `budget`, concurrently when large.
+    pub async fn decode_batch_scoped(
+        &self,
+        namespace: Option<&str>,
+        bound: bool,
+        payloads: Vec<Bytes>,
+        budget: MessageBudget,
+    ) -> Result<Vec<Option<Bytes>>, BatchError> {
+        let ns = namespace.map(str::to_owned);
+        self.run_batch(payloads, move |codec, p| {
+            let ns = ns.as_deref();
+            if bound {
+                codec.decode_with(p, Some(ns), Some(ns.unwrap_or("")), &budget)
+            } else {
+                codec.decode_in(ns, p, &budget)
+            }
         })
         .await
     }
@@ -947,44 +1031,19 @@ impl State {
                 )
             })
         };
-        let top_key = config.encryption.active_key.as_ref();
-        let default_policy = Policy {
-            encrypt: if config.encryption.enabled {
-                Some(key("encryption.active_key".to_owned(), top_key)?)
-            } else {
-                None
-            },
-            compress: config.compression.enabled,
-            forward_methods: config.encryption.forward_unknown_methods.clone().into(),
-            forward_any: config.encryption.forward_unknown_any_types.clone().into(),
-            seal_failures: config.encryption.seal_failures,
-        };
-        let mut namespaces = HashMap::new();
-        for (name, ns) in &config.namespaces {
-            let encrypt = ns.encryption.unwrap_or(config.encryption.enabled);
-            let policy = Policy {
-                encrypt: if encrypt {
-                    let (which, id) = match &ns.active_key {
-                        Some(id) => (format!("namespaces.{name}.active_key"), Some(id)),
-                        None => ("encryption.active_key".to_owned(), top_key),
-                    };
-                    Some(key(which, id)?)
+        let policies = crate::policy::resolve(config).try_map(|_, p| {
+            Ok::<_, ConfigError>(Policy {
+                encrypt: if p.encrypt {
+                    Some(key(p.active_key.0.clone(), p.active_key.1.as_ref())?)
                 } else {
                     None
                 },
-                compress: ns.compression.unwrap_or(config.compression.enabled),
-                forward_methods: ns
-                    .forward_unknown_methods
-                    .clone()
-                    .map_or_else(|| default_policy.forward_methods.clone(), Into::into),
-                forward_any: ns
-                    .forward_unknown_any_types
-                    .clone()
-                    .map_or_else(|| default_policy.forward_any.clone(), Into::into),
-                seal_failures: ns.seal_failures.unwrap_or(config.encryption.seal_failures),
-            };
-            namespaces.insert(name.clone(), policy);
-        }
+                compress: p.compress,
+                forward_methods: p.forward_methods.clone().into(),
+                forward_any: p.forward_any.clone().into(),
+                seal_failures: p.seal_failures,
+            })
+        })?;
         if !(1..=22).contains(&config.compression.level) {
             return Err(ConfigError::invalid("compression.level", "must be 1..=22"));
         }
@@ -995,8 +1054,7 @@ impl State {
             decrypt,
             keys,
             keks,
-            default_policy,
-            namespaces,
+            policies,
             level: config.compression.level,
             min_size: config.compression.min_size,
             max_decompressed: config.compression.max_decompressed_bytes,
@@ -1005,9 +1063,7 @@ impl State {
     }
 
     fn policy(&self, namespace: Option<&str>) -> &Policy {
-        namespace
-            .and_then(|ns| self.namespaces.get(ns))
-            .unwrap_or(&self.default_policy)
+        self.policies.get(namespace)
     }
 
     /// Writes the compression layer of `payload` into `buf` after `reserve` bytes of room;

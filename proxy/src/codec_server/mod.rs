@@ -36,14 +36,25 @@
 //!    the keys bound to it (its active key and `decrypt_keys`, see SECURITY.md): a payload
 //!    naming another key is refused with 422 naming the key and the namespace; nothing of it
 //!    is decrypted.
-//! 6. **Decoded-size budget.** Payloads are decoded one after the other; a compressed payload
+//! 6. **Key-service calls.** A request may carry at most [`MAX_DATA_KEYS_PER_REQUEST`]
+//!    distinct wrapped data keys that are not cached (413 before any call); wrapped keys that
+//!    recently did not unwrap are refused from memory (422), and once a namespace's budget of
+//!    failed unwraps is spent, keys not cached are not sent to the key service (429): see
+//!    "Bounding what callers can make the key service do" in `codec/envelope.rs`.
+//! 7. **Decoded-size budget.** Payloads are decoded one after the other; a compressed payload
 //!    may inflate only to what is left of `max_decoded_bytes` (default 128 MiB) for the
 //!    request, and the request is refused with 413 as soon as the total would pass it, so at
 //!    most the budget is ever inflated.
-//! 7. **Time.** The whole request must finish within `request_timeout_ms` (408 while reading
+//! 8. **Time.** The whole request must finish within `request_timeout_ms` (408 while reading
 //!    the body, 504 after). When it times out or the client goes away, decoding stops between
 //!    payloads: blocking work still queued is skipped, so at most the payload being decoded
 //!    finishes.
+//!
+//! Decoding is the gateway's one payload decode (`rewrite/pipeline.rs`,
+//! `Pipeline::decode_scoped`, the same as the gRPC path's) with this endpoint's scope: keys
+//! bound to the namespace, `max_decoded_bytes` as the budget, the request's cancel flag, and
+//! payload-by-payload decoding with the inline limits below. Its failures, typed by cause,
+//! become HTTP statuses here.
 //!
 //! Payloads of at most 64 KiB that decode to at most 256 KiB are decoded on the request's own
 //! task (the `temporal` CLI sends one request per event's payloads, and a hop to the blocking
@@ -59,10 +70,12 @@
 //! 401 missing or unknown credentials; 403 a credential limited to other namespaces; 404 other
 //! paths; 405 other methods; 408 body read too slowly; 413 body, payload count, metadata count
 //! or decoded size over a limit (also a payload inflating past
-//! `compression.max_decompressed_bytes`); 415 not `application/json`; 421 a host not in
-//! `allowed_hosts`; 422 a payload that cannot be decoded (the message names the payload index
-//! and the reason: unknown key, key not bound to the namespace, tag mismatch, corrupt frame,
-//! stored object missing or refused, storage reference with storage off). 5xx only for what a
+//! `compression.max_decompressed_bytes`, and too many data keys to unwrap); 415 not
+//! `application/json`; 421 a host not in `allowed_hosts`; 422 a payload that cannot be
+//! decoded (the message names the payload index and the reason: unknown key, key not bound to
+//! the namespace, tag mismatch, corrupt frame, a wrapped data key that does not unwrap or is
+//! too long, stored object missing or refused, storage reference with storage off); 429 the
+//! key service not asked (the namespace's failed-unwrap budget is spent). 5xx only for what a
 //! retry may cure or what is the gateway's own failure: 500 an internal failure (a payload
 //! that cannot be encoded, a failed decoding task); 503 storage unavailable or memory short;
 //! 504 storage too slow or the request timed out. README.md has the table. Errors are plain
@@ -100,11 +113,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
 use crate::codec::CodecError;
 use crate::config::{CodecServerConfig, ConfigError};
-use crate::grpc::Code;
+use crate::rewrite::pipeline::{DecodeScope, Inline, KeyScope, StageCause, StageError};
 use crate::rewrite::{CallContext, Direction, Pipeline};
-use crate::storage::{Kind, reference};
+use crate::storage::StorageFailure;
 use crate::tls::TlsAcceptor;
 use auth::{Auth, AuthError};
 use json::{ParseError, Payload};
@@ -150,7 +164,13 @@ pub fn route(path: &str) -> Option<Route> {
         "download" => Action::Download,
         _ => return None,
     };
-    let namespace = segments.next().map(percent_decode);
+    let namespace = segments.next().map(|segment| {
+        // Malformed escapes stay as written; escapes that do not decode to UTF-8 keep the
+        // segment as sent.
+        percent_encoding::percent_decode_str(segment)
+            .decode_utf8()
+            .map_or_else(|_| segment.to_owned(), |s| s.into_owned())
+    });
     Some(Route { action, namespace })
 }
 
@@ -171,28 +191,6 @@ fn route_label(method: &Method, path: &str) -> &'static str {
         return "preflight";
     }
     route(path).map_or("other", |r| r.action.label())
-}
-
-/// Decodes `%XX` escapes; anything malformed stays as written.
-fn percent_decode(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                .ok()
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            if let Some(b) = hex {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8(out).unwrap_or_else(|_| segment.to_owned())
 }
 
 /// Whether `query` holds `preserveStorageRefs=true` (or `=1`).
@@ -233,7 +231,7 @@ struct Inner {
     /// `allowed_hosts` plus the listen address.
     allowed_hosts: Vec<HostPattern>,
     /// Payloads decoded so far (tests watch it to see that cancelled work stops).
-    decoded: AtomicU64,
+    decoded: Arc<AtomicU64>,
     /// HTTPS (`[codec_server.tls]`); `None`: cleartext HTTP.
     tls: Option<TlsAcceptor>,
 }
@@ -335,7 +333,7 @@ impl CodecServer {
                 max_payloads: config.max_payloads,
                 max_decoded_bytes: config.max_decoded_bytes,
                 allowed_hosts,
-                decoded: AtomicU64::new(0),
+                decoded: Arc::default(),
                 tls,
                 request_timeout: Duration::from_millis(config.request_timeout_ms),
                 connection_limit: crate::server::ConnectionLimit::new(
@@ -628,207 +626,55 @@ impl CodecServer {
             Action::Decode => "codec-server/decode",
             Action::Download => "codec-server/download",
         };
-        let ctx = CallContext::new(method, namespace);
-        let mut out = payloads;
-        let mut used = 0usize;
         let budget = self.inner.max_decoded_bytes;
-        let mut next_yield = YIELD_EVERY_BYTES;
-        for (i, slot) in out.iter_mut().enumerate() {
-            if action == Action::Decode && preserve_refs && is_reference(slot) {
-                used = used.saturating_add(slot.data.len());
-                continue;
-            }
-            if cancel.is_set() {
-                return Err(Answer::error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "request cancelled",
-                ));
-            }
-            let remaining = budget.saturating_sub(used);
-            let decoded = self
-                .decode_one(pipeline, &ctx, i, slot, remaining, cancel)
-                .await?;
+        let ctx = CallContext::new(method, namespace)
+            .with_budget(MessageBudget::new(ProcessBudget::unlimited(), budget));
+        // The gateway's one decode, scoped for callers that send payloads of their choosing.
+        let scope = DecodeScope {
+            keys: KeyScope::Namespace,
+            max_data_keys: MAX_DATA_KEYS_PER_REQUEST,
+            cancel: cancel.0.clone(),
+            inline: Inline::PerPayload {
+                input: INLINE_INPUT_MAX,
+                output: INLINE_OUTPUT_MAX,
+            },
+            progress: Some(self.inner.decoded.clone()),
+        };
+        let mut out = payloads;
+        // With `preserveStorageRefs`, references stay as they are: only the rest is decoded.
+        let todo: Vec<usize> = (0..out.len())
+            .filter(|&i| !(action == Action::Decode && preserve_refs && is_reference(&out[i])))
+            .collect();
+        let input: Vec<Bytes> = todo.iter().map(|&i| out[i].to_bytes()).collect();
+        let decoded = pipeline
+            .decode_scoped(&ctx, &scope, input)
+            .await
+            .map_err(|e| {
+                let index = todo.get(e.index).copied().unwrap_or(e.index);
+                decode_answer(index, e, budget)
+            })?;
+        for (&i, decoded) in todo.iter().zip(decoded) {
             if let Some(bytes) = decoded {
                 // Zero-copy: the payload's data stays a slice of the decoded buffer.
-                *slot = <Payload as prost::Message>::decode(bytes).map_err(|e| {
+                out[i] = <Payload as prost::Message>::decode(bytes).map_err(|e| {
                     Answer::error(
                         StatusCode::UNPROCESSABLE_ENTITY,
                         format!("payload {i}: not a Payload message: {e}"),
                     )
                 })?;
             }
-            used = used.saturating_add(slot.data.len());
+        }
+        let mut used = 0usize;
+        for (i, p) in out.iter().enumerate() {
+            used = used.saturating_add(p.data.len());
             if used > budget {
                 return Err(over_budget(i, budget));
             }
-            if action == Action::Download && is_reference(slot) {
+            if action == Action::Download && is_reference(p) {
                 return Err(storage_unavailable());
-            }
-            // Small payloads are decoded on this task: give the worker back now and then, so
-            // the request's deadline can fire and other connections are served meanwhile.
-            if (i + 1) % YIELD_EVERY_PAYLOADS == 0 || used >= next_yield {
-                next_yield = used.saturating_add(YIELD_EVERY_BYTES);
-                tokio::task::yield_now().await;
             }
         }
         Ok(out)
-    }
-
-    /// Decodes payload `index` for `ctx`'s namespace with at most `remaining` bytes of output:
-    /// the steps of the pipeline's decode for one payload (resolve a storage reference, then
-    /// decrypt and decompress), with the codec's namespace-bound form so only keys bound to
-    /// the namespace decrypt. `Ok(None)`: not encoded, keep it.
-    async fn decode_one(
-        &self,
-        pipeline: &Pipeline,
-        ctx: &CallContext,
-        index: usize,
-        payload: &Payload,
-        remaining: usize,
-        cancel: &CancelOnDrop,
-    ) -> Result<Option<Bytes>, Answer> {
-        let ns = ctx.namespace.clone();
-        let codec = pipeline.codec().clone();
-        let fail = |e: CodecError| codec_answer(index, &e);
-        let mut input = payload.to_bytes();
-        let mut resolved = None;
-        if let Some(storage) = pipeline.storage() {
-            let kind = reference::classify(&input).map_err(|why| {
-                Answer::error(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    format!("cannot decode payload {index}: {why}"),
-                )
-            })?;
-            let kind = match kind {
-                Kind::Marked(encoded) => {
-                    self.prepare(&codec, ns.as_deref(), index, &encoded).await?;
-                    let decoded = self
-                        .decode_bytes(&codec, ns.as_deref(), &encoded, remaining, cancel)
-                        .await?
-                        .map_err(fail)?
-                        .unwrap_or(encoded);
-                    match reference::classify(&decoded) {
-                        Ok(Kind::Reference(r)) => Kind::Reference(r),
-                        _ => {
-                            return Err(Answer::error(
-                                StatusCode::UNPROCESSABLE_ENTITY,
-                                format!(
-                                    "cannot decode payload {index}: a payload marked as a \
-                                     storage reference does not decode to one"
-                                ),
-                            ));
-                        }
-                    }
-                }
-                other => other,
-            };
-            if let Kind::Reference(r) = kind {
-                let budget = crate::budget::MessageBudget::new(
-                    crate::budget::ProcessBudget::unlimited(),
-                    remaining,
-                );
-                let found = storage
-                    .resolve(ns.as_deref(), vec![(index, r)], &budget)
-                    .await
-                    .map_err(|e| {
-                        Answer::error(
-                            pipeline_status(e.code),
-                            format!("cannot decode payload {index}: {}", e.reason),
-                        )
-                    })?;
-                if let Some(bytes) = found.into_iter().next().and_then(|(_, b)| b) {
-                    if bytes.len() > remaining {
-                        return Err(over_budget(index, self.inner.max_decoded_bytes));
-                    }
-                    input = bytes.clone();
-                    resolved = Some(bytes);
-                }
-            }
-        }
-        // Payloads that are neither encrypted nor compressed need no work (and no thread).
-        let encoding = wire_encoding(&input);
-        if resolved.is_none()
-            && !matches!(
-                encoding.as_deref(),
-                Some(b"binary/encrypted" | b"binary/zstd")
-            )
-        {
-            return Ok(None);
-        }
-        self.prepare(&codec, ns.as_deref(), index, &input).await?;
-        let decoded = self
-            .decode_bytes(&codec, ns.as_deref(), &input, remaining, cancel)
-            .await?
-            .map_err(fail)?;
-        self.inner.decoded.fetch_add(1, Ordering::Relaxed);
-        Ok(decoded.or(resolved))
-    }
-
-    /// Unwraps the data key an envelope-encrypted payload carries, when the namespace may
-    /// decrypt with its key (nothing to do for other payloads or with static keys only).
-    async fn prepare(
-        &self,
-        codec: &crate::codec::PayloadCodec,
-        namespace: Option<&str>,
-        index: usize,
-        payload: &Bytes,
-    ) -> Result<(), Answer> {
-        codec
-            .prepare_decode(namespace, std::slice::from_ref(payload), true)
-            .await
-            .map_err(|e| codec_answer(index, &e.error))
-    }
-
-    /// Decodes one serialized payload with at most `remaining` bytes of output: on the calling
-    /// task when the payload is small and its output stays within [`INLINE_OUTPUT_MAX`] (a
-    /// thread hop costs more than such work: the CLI sends one request per payload), else on
-    /// the blocking pool. A small payload that inflates past [`INLINE_OUTPUT_MAX`] is decoded
-    /// again on the blocking pool with the whole budget, so the async workers never inflate
-    /// more than that per payload.
-    async fn decode_bytes(
-        &self,
-        codec: &crate::codec::PayloadCodec,
-        namespace: Option<&str>,
-        input: &Bytes,
-        remaining: usize,
-        cancel: &CancelOnDrop,
-    ) -> Result<Result<Option<Bytes>, CodecError>, Answer> {
-        if input.len() <= INLINE_INPUT_MAX {
-            let cap = remaining.min(INLINE_OUTPUT_MAX);
-            match codec.decode_for_within(namespace, input, cap) {
-                Err(CodecError::OverBudget { .. }) if cap < remaining => {}
-                done => return Ok(done),
-            }
-        }
-        let codec = codec.clone();
-        let ns = namespace.map(str::to_owned);
-        let input = input.clone();
-        self.blocking(cancel, move || {
-            codec.decode_for_within(ns.as_deref(), &input, remaining)
-        })
-        .await
-    }
-
-    /// Runs `work` on the blocking pool unless the request was cancelled meanwhile.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        cancel: &CancelOnDrop,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, Answer> {
-        let flag = cancel.0.clone();
-        let ran = tokio::task::spawn_blocking(move || {
-            // Queued behind other work and cancelled meanwhile: do nothing.
-            (!flag.load(Ordering::Relaxed)).then(work)
-        })
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "codec_server: a decoding task failed");
-            Answer::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal error: a decoding task failed",
-            )
-        })?;
-        ran.ok_or_else(|| Answer::error(StatusCode::GATEWAY_TIMEOUT, "request cancelled"))
     }
 
     /// `/encode`: the pipeline outward, in groups of at most [`ENCODE_GROUP_BYTES`] so a
@@ -857,8 +703,8 @@ impl CodecServer {
                 .await
                 .map_err(|e| {
                     Answer::error(
-                        pipeline_status(e.code),
-                        format!("cannot encode payload {}: {}", start + e.index, e.reason),
+                        encode_status(&e.cause),
+                        format!("cannot encode payload {}: {}", start + e.index, e.cause),
                     )
                 })?;
             for (i, result) in (start..end).zip(results) {
@@ -1065,11 +911,11 @@ const INLINE_INPUT_MAX: usize = 64 * 1024;
 /// the blocking pool.
 const INLINE_OUTPUT_MAX: usize = 256 * 1024;
 
-/// `/decode` and `/download` yield to the runtime after this many payloads...
-const YIELD_EVERY_PAYLOADS: usize = 64;
-
-/// ... or this many decoded bytes, whichever comes first.
-const YIELD_EVERY_BYTES: usize = 1024 * 1024;
+/// Distinct data keys one `/decode` or `/download` request may make the key service unwrap
+/// (the CLI sends one request per event's payloads; the Web UI a page of them): more is 413
+/// before any key-service call (see "Bounding what callers can make the key service do" in
+/// `codec/envelope.rs`).
+pub const MAX_DATA_KEYS_PER_REQUEST: usize = 32;
 
 /// Bytes of payloads per `/encode` pipeline run (a cancelled request stops between runs).
 const ENCODE_GROUP_BYTES: usize = 4 * 1024 * 1024;
@@ -1077,12 +923,6 @@ const ENCODE_GROUP_BYTES: usize = 4 * 1024 * 1024;
 /// Sets its flag when dropped: the request's future is gone (timed out or the client left).
 #[derive(Debug, Default)]
 struct CancelOnDrop(Arc<AtomicBool>);
-
-impl CancelOnDrop {
-    fn is_set(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-}
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
@@ -1120,9 +960,9 @@ fn codec_answer(index: usize, e: &CodecError) -> Answer {
 fn codec_status(e: &CodecError) -> StatusCode {
     match e {
         // Over a size limit of this endpoint or of the codec.
-        CodecError::OverBudget { .. } | CodecError::DecompressedTooLarge { .. } => {
-            StatusCode::PAYLOAD_TOO_LARGE
-        }
+        CodecError::OverBudget { .. }
+        | CodecError::DecompressedTooLarge { .. }
+        | CodecError::TooManyDataKeys { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         // The payload cannot be decoded here, now or on a retry.
         CodecError::UnknownKey(_)
         | CodecError::KeyNotBound { .. }
@@ -1132,6 +972,8 @@ fn codec_status(e: &CodecError) -> StatusCode {
         | CodecError::Malformed(_) => StatusCode::UNPROCESSABLE_ENTITY,
         // A key service refused, or a wrapped data key does not unwrap: a retry cannot help.
         CodecError::KeyService { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+        // The key service was not asked: too many made-up keys for this namespace lately.
+        CodecError::KeyThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
         // Short of memory, or the key service unreachable, for now: a retry may succeed.
         CodecError::Budget(_) | CodecError::KeyUnavailable { .. } => {
             StatusCode::SERVICE_UNAVAILABLE
@@ -1145,32 +987,52 @@ fn codec_status(e: &CodecError) -> StatusCode {
     }
 }
 
-/// The HTTP status of a failed pipeline or storage step, from its gRPC code: unavailable or
-/// slow storage is worth retrying (503/504); what the payload or the request asks for that
+/// The HTTP status of a failed decode, by cause: unavailable storage or key service and
+/// short memory are worth retrying (503); what the payload or the request asks for that
 /// cannot be done is not (4xx); everything else is the gateway's own failure (500).
-fn pipeline_status(code: Code) -> StatusCode {
-    match code {
-        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
-        Code::InvalidArgument
-        | Code::PermissionDenied
-        | Code::DataLoss
-        | Code::FailedPrecondition => StatusCode::UNPROCESSABLE_ENTITY,
+fn stage_status(cause: &StageCause) -> StatusCode {
+    match cause {
+        StageCause::Codec(e) | StageCause::Kms(e) => codec_status(e),
+        StageCause::Budget(Exhausted::Message { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+        StageCause::Budget(Exhausted::Process { .. }) => StatusCode::SERVICE_UNAVAILABLE,
+        StageCause::Storage { kind, .. } => match kind {
+            StorageFailure::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            StorageFailure::TooLarge | StorageFailure::Refused | StorageFailure::Lost => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            StorageFailure::Budget => StatusCode::PAYLOAD_TOO_LARGE,
+            StorageFailure::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        },
+        StageCause::Reference(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        StageCause::Cancelled => StatusCode::GATEWAY_TIMEOUT,
+    }
+}
+
+/// The HTTP status of a failed encode: the payloads were the caller's own, so what fails is
+/// the gateway's (500), its key service or store (503) or a size limit (413).
+fn encode_status(cause: &StageCause) -> StatusCode {
+    match cause {
+        StageCause::Kms(CodecError::KeyUnavailable { .. } | CodecError::KeyThrottled { .. }) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        StageCause::Storage { .. } | StageCause::Budget(_) | StageCause::Cancelled => {
+            stage_status(cause)
+        }
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
-/// The `encoding` metadata of a serialized payload (`None`: absent or not a payload).
-fn wire_encoding(payload: &Bytes) -> Option<Vec<u8>> {
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct MetaOnly {
-        #[prost(btree_map = "string, bytes", tag = "1")]
-        metadata: std::collections::BTreeMap<String, Vec<u8>>,
+/// The answer for a failed decode of payload `index` (`budget`: `max_decoded_bytes`).
+fn decode_answer(index: usize, e: StageError, budget: usize) -> Answer {
+    match &e.cause {
+        StageCause::Codec(c) | StageCause::Kms(c) => codec_answer(index, c),
+        StageCause::Budget(Exhausted::Message { .. }) => over_budget(index, budget),
+        StageCause::Cancelled => Answer::error(StatusCode::GATEWAY_TIMEOUT, "request cancelled"),
+        cause => Answer::error(
+            stage_status(cause),
+            format!("cannot decode payload {index}: {cause}"),
+        ),
     }
-    <MetaOnly as prost::Message>::decode(payload.as_ref())
-        .ok()
-        .and_then(|m| m.metadata.get("encoding").cloned())
 }
 
 /// `POST` bodies must be declared `application/json` (parameters such as `charset` allowed):

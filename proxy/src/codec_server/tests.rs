@@ -410,9 +410,10 @@ async fn preserve_storage_refs_keeps_references_and_download_needs_storage() {
 
 #[test]
 fn decode_failures_of_the_payload_are_4xx_and_of_the_gateway_5xx() {
-    use super::{codec_status, pipeline_status};
+    use super::{codec_status, stage_status};
     use crate::codec::CodecError;
-    use crate::grpc::Code;
+    use crate::rewrite::pipeline::StageCause;
+    use crate::storage::StorageFailure;
     let payload_errors = [
         CodecError::UnknownKey("k9".to_owned()),
         CodecError::KeyNotBound {
@@ -444,34 +445,81 @@ fn decode_failures_of_the_payload_are_4xx_and_of_the_gateway_5xx() {
         codec_status(&CodecError::Worker("panicked".to_owned())),
         StatusCode::INTERNAL_SERVER_ERROR
     );
-    // Storage: missing or refused objects are the payload's problem, an unreachable store
-    // is worth the Web UI's retries.
-    for code in [
-        Code::DataLoss,
-        Code::PermissionDenied,
-        Code::InvalidArgument,
-    ] {
-        assert_eq!(
-            pipeline_status(code),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "{code:?}"
-        );
-    }
+    // The key service: refused or not unwrapping is the payload's problem, not asked for now
+    // (made-up keys) is 429, too many data keys in one request 413, unreachable 503.
     assert_eq!(
-        pipeline_status(Code::Unavailable),
-        StatusCode::SERVICE_UNAVAILABLE
+        codec_status(&CodecError::KeyService {
+            key_id: "k".to_owned(),
+            reason: "x".to_owned()
+        }),
+        StatusCode::UNPROCESSABLE_ENTITY
     );
     assert_eq!(
-        pipeline_status(Code::DeadlineExceeded),
-        StatusCode::GATEWAY_TIMEOUT
+        codec_status(&CodecError::KeyThrottled {
+            key_id: "k".to_owned(),
+            reason: "x".to_owned()
+        }),
+        StatusCode::TOO_MANY_REQUESTS
     );
     assert_eq!(
-        pipeline_status(Code::ResourceExhausted),
+        codec_status(&CodecError::TooManyDataKeys { found: 33, max: 32 }),
         StatusCode::PAYLOAD_TOO_LARGE
     );
     assert_eq!(
-        pipeline_status(Code::Internal),
+        codec_status(&CodecError::KeyUnavailable {
+            key_id: "k".to_owned(),
+            reason: "x".to_owned()
+        }),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // Storage: missing or refused objects are the payload's problem, an unreachable store
+    // is worth the Web UI's retries.
+    let storage = |kind| StageCause::Storage {
+        kind,
+        reason: String::new(),
+    };
+    for kind in [
+        StorageFailure::Lost,
+        StorageFailure::Refused,
+        StorageFailure::TooLarge,
+    ] {
+        assert_eq!(
+            stage_status(&storage(kind)),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{kind:?}"
+        );
+    }
+    assert_eq!(
+        stage_status(&storage(StorageFailure::Unavailable)),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        stage_status(&StageCause::Cancelled),
+        StatusCode::GATEWAY_TIMEOUT
+    );
+    assert_eq!(
+        stage_status(&storage(StorageFailure::Budget)),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        stage_status(&StageCause::Budget(crate::budget::Exhausted::Message {
+            limit: 1
+        })),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    assert_eq!(
+        stage_status(&StageCause::Budget(crate::budget::Exhausted::Process {
+            limit: 1
+        })),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        stage_status(&storage(StorageFailure::Internal)),
         StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        stage_status(&StageCause::Reference("x".to_owned())),
+        StatusCode::UNPROCESSABLE_ENTITY
     );
 }
 

@@ -319,6 +319,51 @@ fn record(
     m.count_payload_bytes(name, bytes_in, bytes_out);
 }
 
+/// The gRPC edge of the payload stages: a [`StageError`](super::pipeline::StageError)'s cause
+/// becomes a gRPC status here (and an HTTP status at the codec endpoint); the stages below
+/// speak neither.
+impl super::pipeline::StageError {
+    /// The RPC status for this failure, naming the payload's field path.
+    pub fn into_status(self, direction: Direction, path: &str) -> Status {
+        let code = grpc_code(&self.cause);
+        let message = match direction {
+            Direction::Encode => format!(
+                "cannot encode payload at {path}: {}; nothing was forwarded",
+                self.cause
+            ),
+            Direction::Decode => format!("cannot decode payload at {path}: {}", self.cause),
+        };
+        Status::new(code, message)
+    }
+}
+
+/// The gRPC code of a stage failure, by cause.
+fn grpc_code(cause: &super::pipeline::StageCause) -> Code {
+    use super::pipeline::StageCause;
+    use crate::codec::CodecError;
+    use crate::storage::StorageFailure;
+    match cause {
+        StageCause::Budget(_) => Code::ResourceExhausted,
+        // The key service is unreachable or not asked for now: retryable, and nothing was
+        // forwarded in plaintext.
+        StageCause::Kms(CodecError::KeyUnavailable { .. } | CodecError::KeyThrottled { .. }) => {
+            Code::Unavailable
+        }
+        StageCause::Kms(CodecError::TooManyDataKeys { .. }) => Code::ResourceExhausted,
+        StageCause::Kms(_) | StageCause::Codec(_) => Code::Internal,
+        StageCause::Storage { kind, .. } => match kind {
+            StorageFailure::Unavailable => Code::Unavailable,
+            StorageFailure::TooLarge => Code::InvalidArgument,
+            StorageFailure::Refused => Code::PermissionDenied,
+            StorageFailure::Lost => Code::DataLoss,
+            StorageFailure::Budget => Code::ResourceExhausted,
+            StorageFailure::Internal => Code::Internal,
+        },
+        StageCause::Reference(_) => Code::InvalidArgument,
+        StageCause::Cancelled => Code::Cancelled,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,8 @@ use payload_gateway_drivers::{ClaimData, DriverError, StorageDriver, StoreContex
 
 use crate::budget::MessageBudget;
 use crate::config::{Config, ConfigError, DriverConfig, DriverKind};
-use crate::grpc::Code;
 use crate::metrics::{CacheLabels, StorageLabels, metrics};
+use crate::policy::ByNamespace;
 use cache::ByteCache;
 pub use reference::{Kind, Reference};
 
@@ -242,19 +242,36 @@ struct Policy {
 pub struct StorageError {
     /// Index in the batch.
     pub index: usize,
-    /// Status code.
-    pub code: Code,
+    /// What kind of failure (the edges map it to a gRPC or HTTP status).
+    pub kind: StorageFailure,
     /// Description (never payload contents).
     pub reason: String,
 }
 
+/// Why storage failed, by cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFailure {
+    /// The store could not be reached or did not answer in time (retrying may succeed).
+    Unavailable,
+    /// The payload is larger than the driver stores.
+    TooLarge,
+    /// The reference's claim may not be read by this namespace.
+    Refused,
+    /// The stored object is missing, or is not what its reference says.
+    Lost,
+    /// Resolving would pass the message's or the process's memory budget.
+    Budget,
+    /// The driver broke its contract (a bug).
+    Internal,
+}
+
 impl StorageError {
     fn driver(index: usize, driver: &str, e: DriverError) -> Self {
-        let code = match &e {
-            DriverError::Unavailable(_) => Code::Unavailable,
-            DriverError::TooLarge { .. } => Code::InvalidArgument,
-            DriverError::ClaimRefused(_) => Code::PermissionDenied,
-            DriverError::NotFound(_) | DriverError::Integrity(_) => Code::DataLoss,
+        let kind = match &e {
+            DriverError::Unavailable(_) => StorageFailure::Unavailable,
+            DriverError::TooLarge { .. } => StorageFailure::TooLarge,
+            DriverError::ClaimRefused(_) => StorageFailure::Refused,
+            DriverError::NotFound(_) | DriverError::Integrity(_) => StorageFailure::Lost,
         };
         let hint = match &e {
             DriverError::TooLarge { .. } => {
@@ -264,7 +281,7 @@ impl StorageError {
         };
         Self {
             index,
-            code,
+            kind,
             reason: format!("storage driver {driver:?}: {e}{hint}"),
         }
     }
@@ -274,8 +291,8 @@ impl StorageError {
 #[derive(Debug)]
 pub struct Storage {
     drivers: HashMap<String, Arc<dyn StorageDriver>>,
-    default: Policy,
-    namespaces: HashMap<String, Policy>,
+    /// Per namespace (resolved by [`crate::policy`]).
+    policies: ByNamespace<Policy>,
     cache: ByteCache,
     concurrency: usize,
 }
@@ -299,42 +316,28 @@ impl Storage {
                 })?;
             drivers.insert(d.name.clone(), built);
         }
-        let policy = |enabled: bool, driver: &str, threshold: usize, reads: &[String]| Policy {
-            driver: if enabled {
-                drivers.get(driver).cloned()
-            } else {
-                None
-            },
-            threshold,
-            read_namespaces: reads
-                .iter()
-                .filter_map(|ns| {
-                    let strict = layout::Encoding::Strict.encode(Some(ns))?;
-                    let gcs = layout::Encoding::Gcs.encode(Some(ns))?;
-                    Some(([strict, gcs], ns.clone()))
-                })
-                .collect(),
-        };
-        let default = policy(sc.enabled, &sc.driver, sc.threshold, &[]);
-        let namespaces = config
-            .namespaces
-            .iter()
-            .map(|(ns, o)| {
-                (
-                    ns.clone(),
-                    policy(
-                        o.storage.unwrap_or(sc.enabled),
-                        o.storage_driver.as_deref().unwrap_or(&sc.driver),
-                        o.storage_threshold.unwrap_or(sc.threshold),
-                        &o.storage_read_namespaces,
-                    ),
-                )
+        let policies = crate::policy::resolve(config).try_map(|_, p| {
+            Ok::<_, ConfigError>(Policy {
+                driver: if p.storage {
+                    drivers.get(&p.storage_driver).cloned()
+                } else {
+                    None
+                },
+                threshold: p.storage_threshold,
+                read_namespaces: p
+                    .storage_read_namespaces
+                    .iter()
+                    .filter_map(|ns| {
+                        let strict = layout::Encoding::Strict.encode(Some(ns))?;
+                        let gcs = layout::Encoding::Gcs.encode(Some(ns))?;
+                        Some(([strict, gcs], ns.clone()))
+                    })
+                    .collect(),
             })
-            .collect();
+        })?;
         Ok(Some(Self {
             drivers,
-            default,
-            namespaces,
+            policies,
             cache: ByteCache::new(sc.cache_bytes),
             concurrency: sc.concurrency.max(1),
         }))
@@ -353,22 +356,19 @@ impl Storage {
             .map(|d| (d.name().to_owned(), d))
             .collect();
         Self {
-            default: Policy {
+            policies: ByNamespace::only_default(Policy {
                 driver: drivers.get(driver).cloned(),
                 threshold,
                 read_namespaces: Vec::new(),
-            },
+            }),
             drivers,
-            namespaces: HashMap::new(),
             cache: ByteCache::new(cache_bytes),
             concurrency: 16,
         }
     }
 
     fn policy(&self, namespace: Option<&str>) -> &Policy {
-        namespace
-            .and_then(|ns| self.namespaces.get(ns))
-            .unwrap_or(&self.default)
+        self.policies.get(namespace)
     }
 
     /// Whether `namespace` offloads new payloads.
@@ -434,7 +434,7 @@ impl Storage {
                 .charge(usize::try_from(declared).unwrap_or(usize::MAX))
                 .map_err(|e| StorageError {
                     index: first,
-                    code: Code::ResourceExhausted,
+                    kind: StorageFailure::Budget,
                     reason: format!(
                         "{} storage references declaring {declared} bytes in total: {e}",
                         refs.len()
@@ -470,7 +470,7 @@ impl Storage {
                     Some(d) if len > d => {
                         return Err(StorageError {
                             index,
-                            code: Code::DataLoss,
+                            kind: StorageFailure::Lost,
                             reason: format!(
                                 "stored object of {len} bytes is larger than the {d} bytes \
                                  its reference declares"
@@ -480,7 +480,7 @@ impl Storage {
                     Some(_) => {}
                     None => budget.charge(b.len()).map_err(|e| StorageError {
                         index,
-                        code: Code::ResourceExhausted,
+                        kind: StorageFailure::Budget,
                         reason: e.to_string(),
                     })?,
                 }
@@ -526,7 +526,7 @@ impl Storage {
         .map_err(|e| StorageError::driver(index, driver.name(), e))?;
         let bytes = got.pop().ok_or_else(|| StorageError {
             index,
-            code: Code::Internal,
+            kind: StorageFailure::Internal,
             reason: format!("storage driver {:?} returned no payload", driver.name()),
         })?;
         self.cache.insert(cache_key, bytes.clone());
@@ -694,6 +694,6 @@ mod read_scope_tests {
         let refused = rt
             .block_on(s.resolve(Some("b"), vec![(0, scoped)], &MessageBudget::unlimited()))
             .unwrap_err();
-        assert_eq!(refused.code, Code::PermissionDenied, "{}", refused.reason);
+        assert_eq!(refused.kind, StorageFailure::Refused, "{}", refused.reason);
     }
 }
