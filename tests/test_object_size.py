@@ -143,7 +143,8 @@ def relayed_store(kind: str, workdir: Path, request):
     _attach(request, server.proc)
     if kind != "s3":
         store.make_bucket(BUCKET)
-    settings = {**store.driver_config(), "endpoint": endpoint}
+    # The paced relay makes a whole object take seconds: allow a minute per operation.
+    settings = {**store.driver_config(timeout_ms=60_000), "endpoint": endpoint}
     return store, server, relay, settings
 
 

@@ -190,21 +190,11 @@ impl StorageDriver for FilesystemDriver {
 mod tests {
     use super::*;
     use crate::layout::{self, KeyField};
-    use crate::{Fetch, StoreContext, StoreTarget};
+    use crate::{Fetch, test_context as ctx};
     use object_store::local::LocalFileSystem;
     use object_store::path::Path as ObjectPath;
     use object_store::{ObjectStore, PutPayload};
 
-    fn ctx() -> StoreContext {
-        StoreContext {
-            namespace: Some("default".to_owned()),
-            target: Some(StoreTarget::Workflow {
-                workflow_type: Some("T".to_owned()),
-                workflow_id: Some("w 1".to_owned()),
-                run_id: None,
-            }),
-        }
-    }
 
     /// Every file under `dir`, relative, sorted.
     fn files(dir: &Path) -> Vec<String> {

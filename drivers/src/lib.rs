@@ -265,6 +265,19 @@ pub trait StorageDriver: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The store context of the unit tests: a workflow in namespace `default`.
+#[cfg(test)]
+pub(crate) fn test_context() -> StoreContext {
+    StoreContext {
+        namespace: Some("default".to_owned()),
+        target: Some(StoreTarget::Workflow {
+            workflow_type: Some("T".to_owned()),
+            workflow_id: Some("w 1".to_owned()),
+            run_id: None,
+        }),
+    }
+}
+
 /// Runs `op` over `items`, at most `concurrency` at a time, returning the results in order;
 /// the first error wins. Every driver's batch calls go through here.
 async fn in_order<T, R, Fut>(

@@ -263,18 +263,8 @@ pub(crate) fn object_path(key: &str) -> Result<ObjectPath, DriverError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Fetch, StoreContext, StoreTarget};
+    use crate::{Fetch, test_context as ctx};
 
-    fn ctx() -> StoreContext {
-        StoreContext {
-            namespace: Some("default".to_owned()),
-            target: Some(StoreTarget::Workflow {
-                workflow_type: Some("T".to_owned()),
-                workflow_id: Some("w 1".to_owned()),
-                run_id: None,
-            }),
-        }
-    }
 
     #[tokio::test]
     async fn memory_round_trip() {
