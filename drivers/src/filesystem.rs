@@ -195,7 +195,6 @@ mod tests {
     use object_store::path::Path as ObjectPath;
     use object_store::{ObjectStore, PutPayload};
 
-
     /// Every file under `dir`, relative, sorted.
     fn files(dir: &Path) -> Vec<String> {
         let mut out = Vec::new();

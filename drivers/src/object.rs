@@ -265,7 +265,6 @@ mod tests {
     use super::*;
     use crate::{Fetch, test_context as ctx};
 
-
     #[tokio::test]
     async fn memory_round_trip() {
         let driver = ObjectStoreDriver::memory("mem", 1 << 20);
