@@ -20,7 +20,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use payload_gateway_drivers::azure::{AzureConfig, AzureDriver};
 use payload_gateway_drivers::gcs::{GcsConfig, GcsDriver};
 use payload_gateway_drivers::s3::{S3Config, S3Driver};
-use payload_gateway_drivers::{StorageDriver, StoreContext};
+use payload_gateway_drivers::{Fetch, StorageDriver, StoreContext};
 
 struct Server(Child, #[allow(dead_code)] tempfile::TempDir);
 
@@ -141,9 +141,10 @@ fn bench(c: &mut Criterion) {
             )
         });
         let payload = fresh();
-        let claims = rt
-            .block_on(driver.store(&ctx, vec![payload.clone()]))
-            .unwrap();
+        let claims = Fetch::undeclared(
+            rt.block_on(driver.store(&ctx, vec![payload.clone()]))
+                .unwrap(),
+        );
         let raw_key = "raw/get";
         rt.block_on(
             raw.put_object()
@@ -412,9 +413,10 @@ fn bench_object_store(
             )
         });
         let payload = fresh();
-        let claims = rt
-            .block_on(driver.store(&ctx, vec![payload.clone()]))
-            .unwrap();
+        let claims = Fetch::undeclared(
+            rt.block_on(driver.store(&ctx, vec![payload.clone()]))
+                .unwrap(),
+        );
         let raw_path = ObjectPath::from("raw/get");
         rt.block_on(raw.put(&raw_path, payload.into())).unwrap();
         g.bench_function("resolve (driver, verified)", |b| {

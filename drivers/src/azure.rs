@@ -17,14 +17,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use object_store::ObjectStore;
 use object_store::azure::MicrosoftAzureBuilder;
 
-use crate::cloud::{self, BucketedStore};
+use crate::DriverError;
 use crate::layout::{self, Scheme};
-use crate::{ClaimData, DriverError, StorageDriver, StoreContext};
+use crate::object::{self, Bucketed, ObjectStoreDriver, PutCreate};
 
 /// The driver name and type of the gateway's Azure driver.
 pub const AZURE_DRIVER_TYPE: &str = "azure.blobdriver";
@@ -69,14 +67,11 @@ impl AzureConfig {
     }
 }
 
-/// Stores payloads in Azure Blob Storage.
-#[derive(Debug)]
-pub struct AzureDriver {
-    name: String,
-    inner: BucketedStore,
-}
+/// Stores payloads in Azure Blob Storage: the shared `object_store` driver with conditional
+/// puts (`If-None-Match: *`).
+pub type AzureDriver = ObjectStoreDriver<PutCreate>;
 
-impl AzureDriver {
+impl ObjectStoreDriver<PutCreate> {
     /// Builds one client per configured container from the environment's credentials.
     pub fn new(config: AzureConfig) -> Result<Self, DriverError> {
         let timeout = config.operation_timeout;
@@ -85,8 +80,8 @@ impl AzureDriver {
                 .with_account(&config.account)
                 .with_container_name(container)
                 .with_skip_signature(config.anonymous)
-                .with_client_options(cloud::client_options(config.endpoint.as_deref(), timeout))
-                .with_retry(cloud::retry_config(timeout));
+                .with_client_options(object::client_options(config.endpoint.as_deref(), timeout))
+                .with_retry(object::retry_config(timeout));
             if let Some(endpoint) = &config.endpoint {
                 b = b
                     .with_endpoint(endpoint.trim_end_matches('/').to_owned())
@@ -94,46 +89,16 @@ impl AzureDriver {
             }
             Ok(Arc::new(b.build()?))
         };
-        let mut inner = BucketedStore::new(
-            "az",
-            Scheme::AZURE,
-            &config.container,
-            &config.read_containers,
-            make,
-        )?;
-        inner.max_payload_size = config.max_payload_size;
-        inner.concurrency = config.concurrency;
-        inner.timeout = timeout;
-        Ok(Self {
-            name: config.name,
-            inner,
-        })
-    }
-}
-
-#[async_trait]
-impl StorageDriver for AzureDriver {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn validate(&self, namespace: Option<&str>, claim: &ClaimData) -> Result<(), DriverError> {
-        self.inner.validate(namespace, claim).map(|_| ())
-    }
-
-    async fn store(
-        &self,
-        context: &StoreContext,
-        payloads: Vec<Bytes>,
-    ) -> Result<Vec<ClaimData>, DriverError> {
-        self.inner.store(context, payloads).await
-    }
-
-    async fn retrieve(
-        &self,
-        namespace: Option<&str>,
-        claims: Vec<ClaimData>,
-    ) -> Result<Vec<Bytes>, DriverError> {
-        self.inner.retrieve(namespace, claims).await
+        let bucketed = Bucketed {
+            name: config.name.clone(),
+            url_scheme: "az",
+            scheme: Scheme::AZURE,
+            write_bucket: &config.container,
+            read_buckets: &config.read_containers,
+            max_payload_size: config.max_payload_size,
+            concurrency: config.concurrency,
+            timeout,
+        };
+        ObjectStoreDriver::bucketed(bucketed, make, || Ok(PutCreate))
     }
 }

@@ -22,16 +22,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::layout::{self, BucketPolicy, KeyField, ValidClaim};
-use crate::{ClaimData, DriverError, StorageDriver, StoreContext};
+use crate::layout::{BucketPolicy, ReadLimit, Scheme, ValidClaim};
+use crate::{DriverError, DriverSettings, StorageDriver};
 
 /// Objects as files under a root directory.
 #[derive(Debug)]
 pub struct FilesystemDriver {
-    name: String,
+    settings: DriverSettings,
     root: Arc<Path>,
-    max_payload_size: u64,
-    concurrency: usize,
 }
 
 /// Suffixes of staging files (`<key>#<n>`); creation is exclusive, so a suffix taken by
@@ -51,10 +49,14 @@ impl FilesystemDriver {
         let root = std::fs::canonicalize(root)
             .map_err(|e| DriverError::Unavailable(format!("cannot use {}: {e}", root.display())))?;
         Ok(Self {
-            name: name.into(),
+            settings: DriverSettings {
+                name: name.into(),
+                scheme: Scheme::S3,
+                buckets: BucketPolicy::None,
+                max_payload_size,
+                concurrency: 8,
+            },
             root: root.into(),
-            max_payload_size,
-            concurrency: 8,
         })
     }
 
@@ -72,30 +74,6 @@ impl FilesystemDriver {
             )));
         }
         Ok(self.root.join(key))
-    }
-
-    async fn store_one(
-        &self,
-        context: &StoreContext,
-        payload: Bytes,
-    ) -> Result<ClaimData, DriverError> {
-        layout::check_size(payload.len(), self.max_payload_size)?;
-        let hex = layout::sha256_hex(&payload);
-        let key = layout::object_key(context, &hex);
-        let path = self.file(&key)?;
-        blocking(move || write_once(&path, &payload))
-            .await?
-            .map_err(|e| DriverError::Unavailable(format!("put {key}: {e}")))?;
-        Ok(layout::make_claim(None, KeyField::Key, &key, &hex))
-    }
-
-    async fn retrieve_one(&self, claim: ValidClaim) -> Result<Bytes, DriverError> {
-        let path = self.file(&claim.key)?;
-        let limit = self.max_payload_size;
-        let key = claim.key.clone();
-        let bytes = blocking(move || read_object(&path, &key, limit)).await??;
-        layout::verify(&claim, &bytes)?;
-        Ok(bytes)
     }
 }
 
@@ -159,8 +137,8 @@ fn create_staging(path: &Path) -> std::io::Result<(File, PathBuf)> {
     }
 }
 
-/// Reads the object at `path`, refusing one larger than `limit` bytes.
-fn read_object(path: &Path, key: &str, limit: u64) -> Result<Bytes, DriverError> {
+/// Reads the object at `path`; its length is checked against `limit` before anything is read.
+fn read_object(path: &Path, key: &str, limit: ReadLimit) -> Result<Bytes, DriverError> {
     let unavailable = |e: std::io::Error| DriverError::Unavailable(format!("get {key}: {e}"));
     let file = match File::open(path) {
         Ok(file) => file,
@@ -173,64 +151,49 @@ fn read_object(path: &Path, key: &str, limit: u64) -> Result<Bytes, DriverError>
     if !meta.is_file() {
         return Err(DriverError::NotFound(key.to_owned()));
     }
-    let size = usize::try_from(meta.len()).unwrap_or(usize::MAX);
-    layout::check_size(size, limit)?;
+    limit.check(meta.len())?;
     // The file may grow after the stat: read at most one byte past the limit.
-    let mut bytes = Vec::with_capacity(size);
-    file.take(limit.saturating_add(1))
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(limit.bytes().saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(unavailable)?;
-    layout::check_size(bytes.len(), limit)?;
+    limit.check(bytes.len() as u64)?;
     Ok(Bytes::from(bytes))
 }
 
 #[async_trait]
 impl StorageDriver for FilesystemDriver {
-    fn name(&self) -> &str {
-        &self.name
+    fn settings(&self) -> &DriverSettings {
+        &self.settings
     }
 
-    fn validate(&self, namespace: Option<&str>, claim: &ClaimData) -> Result<(), DriverError> {
-        layout::validate_claim(claim, KeyField::Key, &BucketPolicy::None, namespace).map(|_| ())
-    }
-
-    async fn store(
+    async fn put_absent(
         &self,
-        context: &StoreContext,
-        payloads: Vec<Bytes>,
-    ) -> Result<Vec<ClaimData>, DriverError> {
-        crate::in_order(payloads, self.concurrency, |p| self.store_one(context, p)).await
+        _bucket: Option<&str>,
+        key: &str,
+        payload: Bytes,
+    ) -> Result<(), DriverError> {
+        let path = self.file(key)?;
+        blocking(move || write_once(&path, &payload))
+            .await?
+            .map_err(|e| DriverError::Unavailable(format!("put {key}: {e}")))
     }
 
-    async fn retrieve(
-        &self,
-        namespace: Option<&str>,
-        claims: Vec<ClaimData>,
-    ) -> Result<Vec<Bytes>, DriverError> {
-        let valid =
-            layout::validate_claims(&claims, KeyField::Key, &BucketPolicy::None, namespace)?;
-        crate::in_order(valid, self.concurrency, |c| self.retrieve_one(c)).await
+    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Bytes, DriverError> {
+        let path = self.file(&claim.key)?;
+        let key = claim.key.clone();
+        blocking(move || read_object(&path, &key, limit)).await?
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StoreTarget;
+    use crate::layout::{self, KeyField};
+    use crate::{Fetch, test_context as ctx};
     use object_store::local::LocalFileSystem;
     use object_store::path::Path as ObjectPath;
     use object_store::{ObjectStore, PutPayload};
-
-    fn ctx() -> StoreContext {
-        StoreContext {
-            namespace: Some("default".to_owned()),
-            target: Some(StoreTarget::Workflow {
-                workflow_type: Some("T".to_owned()),
-                workflow_id: Some("w 1".to_owned()),
-                run_id: None,
-            }),
-        }
-    }
 
     /// Every file under `dir`, relative, sorted.
     fn files(dir: &Path) -> Vec<String> {
@@ -267,11 +230,14 @@ mod tests {
         assert_eq!(files(dir.path()), sorted);
         assert_eq!(std::fs::read(dir.path().join(&keys[0])).unwrap(), b"one");
         let back = driver
-            .retrieve(Some("default"), claims.clone())
+            .retrieve(Some("default"), Fetch::undeclared(claims.clone()))
             .await
             .unwrap();
         assert_eq!(back, payloads);
-        let err = driver.retrieve(Some("other"), claims).await.unwrap_err();
+        let err = driver
+            .retrieve(Some("other"), Fetch::undeclared(claims))
+            .await
+            .unwrap_err();
         assert!(matches!(err, DriverError::ClaimRefused(_)), "{err}");
     }
 
@@ -292,7 +258,9 @@ mod tests {
         }
         assert!(claims.windows(2).all(|w| w[0] == w[1]));
         assert_eq!(files(dir.path()), vec![claims[0][0]["key"].clone()]);
-        let back = driver.retrieve(Some("default"), claims[0].clone()).await;
+        let back = driver
+            .retrieve(Some("default"), Fetch::undeclared(claims[0].clone()))
+            .await;
         assert_eq!(back.unwrap(), vec![payload]);
     }
 
@@ -309,14 +277,14 @@ mod tests {
         bytes[0] ^= 0xff;
         std::fs::write(&file, bytes).unwrap();
         let err = driver
-            .retrieve(Some("default"), claims.clone())
+            .retrieve(Some("default"), Fetch::undeclared(claims.clone()))
             .await
             .unwrap_err();
         assert!(err.to_string().contains("hash mismatch"), "{err}");
         // Grown past the driver's limit on disk: refused before it is read whole.
         std::fs::write(&file, vec![0u8; 1001]).unwrap();
         let err = driver
-            .retrieve(Some("default"), claims.clone())
+            .retrieve(Some("default"), Fetch::undeclared(claims.clone()))
             .await
             .unwrap_err();
         assert!(
@@ -331,14 +299,14 @@ mod tests {
         );
         std::fs::remove_file(&file).unwrap();
         let err = driver
-            .retrieve(Some("default"), claims.clone())
+            .retrieve(Some("default"), Fetch::undeclared(claims.clone()))
             .await
             .unwrap_err();
         assert!(matches!(err, DriverError::NotFound(_)), "{err}");
         // A directory where the object belongs: not found on read, refused on write.
         std::fs::create_dir(&file).unwrap();
         let err = driver
-            .retrieve(Some("default"), claims.clone())
+            .retrieve(Some("default"), Fetch::undeclared(claims.clone()))
             .await
             .unwrap_err();
         assert!(matches!(err, DriverError::NotFound(_)), "{err}");
@@ -361,7 +329,7 @@ mod tests {
         let key = format!("{}#1", claim["key"]);
         claim.insert("key".to_owned(), key);
         let err = driver
-            .retrieve(Some("default"), vec![claim])
+            .retrieve(Some("default"), Fetch::undeclared([claim]))
             .await
             .unwrap_err();
         assert!(matches!(err, DriverError::ClaimRefused(_)), "{err}");
@@ -392,7 +360,10 @@ mod tests {
             .await
             .unwrap();
         let claim = layout::make_claim(None, KeyField::Key, &key, &hex);
-        let back = driver.retrieve(Some("default"), vec![claim]).await.unwrap();
+        let back = driver
+            .retrieve(Some("default"), Fetch::undeclared([claim]))
+            .await
+            .unwrap();
         assert_eq!(back, vec![theirs]);
     }
 
@@ -428,7 +399,10 @@ mod tests {
             rt.block_on(async {
                 for i in 0..N {
                     let claims = driver.store(&ctx(), vec![payload(i)]).await.unwrap();
-                    driver.retrieve(Some("default"), claims).await.unwrap();
+                    driver
+                        .retrieve(Some("default"), Fetch::undeclared(claims))
+                        .await
+                        .unwrap();
                 }
             });
             let ours = (cpu_ticks() - t0) as f64 * 10_000.0 / N as f64;

@@ -32,9 +32,9 @@ use bytes::Bytes;
 use object_store::ObjectStore;
 use object_store::gcp::{GcpCredentialProvider, GoogleCloudStorageBuilder};
 
-use crate::cloud::{self, BucketedStore, CreateOnly};
+use crate::DriverError;
 use crate::layout::{self, Scheme};
-use crate::{ClaimData, DriverError, StorageDriver, StoreContext};
+use crate::object::{self, Bucketed, ObjectStoreDriver, Upload};
 
 /// The driver name and type of Temporal's GCS driver.
 pub const GCS_DRIVER_TYPE: &str = "gcp.gcsdriver";
@@ -79,20 +79,18 @@ impl GcsConfig {
     }
 }
 
-/// Stores payloads in Google Cloud Storage.
-#[derive(Debug)]
-pub struct GcsDriver {
-    name: String,
-    inner: BucketedStore,
-}
+/// Stores payloads in Google Cloud Storage: the shared `object_store` driver with the JSON
+/// API upload.
+pub type GcsDriver = ObjectStoreDriver<JsonUpload>;
 
-impl GcsDriver {
+impl ObjectStoreDriver<JsonUpload> {
     /// Builds one client per configured bucket. Fails when the credentials cannot be loaded
     /// (a missing or malformed key file); an unreachable service is only seen on first use.
     pub fn new(config: GcsConfig) -> Result<Self, DriverError> {
         let emulator_key = emulator_key(&config)?;
         let timeout = config.operation_timeout;
-        let mut credentials = None;
+        // The write bucket's client's credentials, for the uploads.
+        let credentials = std::cell::OnceCell::new();
         let make = |bucket: &str| -> Result<Arc<dyn ObjectStore>, object_store::Error> {
             let mut b = match &emulator_key {
                 // The key carries the credentials: the environment's must not add a second.
@@ -108,51 +106,51 @@ impl GcsDriver {
             b = b
                 .with_bucket_name(bucket)
                 .with_skip_signature(config.anonymous)
-                .with_client_options(cloud::client_options(config.endpoint.as_deref(), timeout))
-                .with_retry(cloud::retry_config(timeout));
+                .with_client_options(object::client_options(config.endpoint.as_deref(), timeout))
+                .with_retry(object::retry_config(timeout));
             let store = b.build()?;
-            if credentials.is_none() {
-                credentials = Some(Arc::clone(store.credentials()));
-            }
+            credentials.get_or_init(|| Arc::clone(store.credentials()));
             Ok(Arc::new(store))
         };
-        let mut inner = BucketedStore::new(
-            "gs",
-            Scheme::GCS,
-            &config.bucket,
-            &config.read_buckets,
-            make,
-        )?;
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| DriverError::Unavailable(format!("cannot build the HTTP client: {e}")))?;
-        inner.creator = Arc::new(JsonUpload {
-            http,
-            base_url: config
-                .endpoint
-                .as_deref()
-                .unwrap_or(DEFAULT_BASE_URL)
-                .trim_end_matches('/')
-                .to_owned(),
-            credentials: (!config.anonymous).then_some(credentials).flatten(),
-        });
-        inner.max_payload_size = config.max_payload_size;
-        inner.concurrency = config.concurrency;
-        inner.timeout = timeout;
-        Ok(Self {
-            name: config.name,
-            inner,
-        })
+        let upload = || {
+            let http = reqwest::Client::builder()
+                .timeout(timeout)
+                .connect_timeout(timeout.min(Duration::from_secs(5)))
+                .build()
+                .map_err(|e| {
+                    DriverError::Unavailable(format!("cannot build the HTTP client: {e}"))
+                })?;
+            Ok(JsonUpload {
+                http,
+                base_url: config
+                    .endpoint
+                    .as_deref()
+                    .unwrap_or(DEFAULT_BASE_URL)
+                    .trim_end_matches('/')
+                    .to_owned(),
+                credentials: credentials.get().filter(|_| !config.anonymous).cloned(),
+            })
+        };
+        let bucketed = Bucketed {
+            name: config.name.clone(),
+            url_scheme: "gs",
+            scheme: Scheme::GCS,
+            write_bucket: &config.bucket,
+            read_buckets: &config.read_buckets,
+            max_payload_size: config.max_payload_size,
+            concurrency: config.concurrency,
+            timeout,
+        };
+        ObjectStoreDriver::bucketed(bucketed, make, upload)
     }
 }
 
 const DEFAULT_BASE_URL: &str = "https://storage.googleapis.com";
 
 /// Create-only upload through the JSON API:
-/// `POST {base}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={key}&ifGenerationMatch=0`.
-struct JsonUpload {
+/// `POST {base}/upload/storage/v1/b/{bucket}/o?uploadType=media&name={key}&ifGenerationMatch=0`,
+/// authenticated with the credentials of the write bucket's `object_store` client.
+pub struct JsonUpload {
     http: reqwest::Client,
     base_url: String,
     /// `None`: anonymous.
@@ -169,10 +167,16 @@ impl std::fmt::Debug for JsonUpload {
 }
 
 #[async_trait]
-impl CreateOnly for JsonUpload {
-    async fn create(&self, bucket: &str, key: &str, payload: Bytes) -> Result<(), DriverError> {
-        let fail =
-            |what: String| DriverError::Unavailable(format!("upload gs://{bucket}/{key}: {what}"));
+impl Upload for JsonUpload {
+    async fn create(
+        &self,
+        _store: &dyn ObjectStore,
+        bucket: &str,
+        key: &str,
+        url: &str,
+        payload: Bytes,
+    ) -> Result<(), DriverError> {
+        let fail = |what: String| DriverError::Unavailable(format!("upload {url}: {what}"));
         let url = format!("{}/upload/storage/v1/b/{bucket}/o", self.base_url);
         let mut req = self
             .http
@@ -258,31 +262,4 @@ fn emulator_key(config: &GcsConfig) -> Result<Option<String>, DriverError> {
     };
     fields.insert("gcs_base_url".to_owned(), endpoint.into());
     Ok(Some(key.to_string()))
-}
-
-#[async_trait]
-impl StorageDriver for GcsDriver {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn validate(&self, namespace: Option<&str>, claim: &ClaimData) -> Result<(), DriverError> {
-        self.inner.validate(namespace, claim).map(|_| ())
-    }
-
-    async fn store(
-        &self,
-        context: &StoreContext,
-        payloads: Vec<Bytes>,
-    ) -> Result<Vec<ClaimData>, DriverError> {
-        self.inner.store(context, payloads).await
-    }
-
-    async fn retrieve(
-        &self,
-        namespace: Option<&str>,
-        claims: Vec<ClaimData>,
-    ) -> Result<Vec<Bytes>, DriverError> {
-        self.inner.retrieve(namespace, claims).await
-    }
 }

@@ -21,6 +21,7 @@
 //! segment of exactly `.` or `..` is escaped as `%2E`. The gateway's Azure driver uses the
 //! S3 encoding ([`Encoding::Strict`]).
 
+use bytes::Bytes;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use sha2::{Digest, Sha256};
 
@@ -387,33 +388,6 @@ pub fn validate_scheme_claim(
     })
 }
 
-/// [`validate_claim`] for a whole batch: every claim is checked before anything is fetched.
-pub fn validate_claims(
-    claims: &[ClaimData],
-    key_field: KeyField,
-    buckets: &BucketPolicy,
-    namespace: Option<&str>,
-) -> Result<Vec<ValidClaim>, DriverError> {
-    claims
-        .iter()
-        .map(|c| validate_claim(c, key_field, buckets, namespace))
-        .collect()
-}
-
-/// [`validate_scheme_claim`] for a whole batch: every claim is checked before anything is
-/// fetched.
-pub fn validate_scheme_claims(
-    claims: &[ClaimData],
-    scheme: &Scheme,
-    buckets: &BucketPolicy,
-    namespace: Option<&str>,
-) -> Result<Vec<ValidClaim>, DriverError> {
-    claims
-        .iter()
-        .map(|c| validate_scheme_claim(c, scheme, buckets, namespace))
-        .collect()
-}
-
 fn check_key_shape(key: &str, refuse_backslash: bool) -> Result<(), &'static str> {
     if key.len() > MAX_KEY_BYTES {
         return Err("is longer than 1024 bytes");
@@ -461,6 +435,93 @@ pub fn check_size(len: usize, limit: u64) -> Result<(), DriverError> {
         })
     } else {
         Ok(())
+    }
+}
+
+/// How large a fetched object may be: the driver's `max_payload_size` and, when the reference
+/// declares one, its stored size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// The driver's largest payload.
+    pub max: u64,
+    /// The size the reference declares.
+    pub declared: Option<u64>,
+}
+
+impl ReadLimit {
+    /// Refuses an object of `size` bytes: larger than declared
+    /// ([`DriverError::LargerThanDeclared`]), else larger than the driver's limit
+    /// ([`DriverError::TooLarge`]).
+    pub fn check(&self, size: u64) -> Result<(), DriverError> {
+        match self.declared {
+            Some(declared) if size > declared => {
+                Err(DriverError::LargerThanDeclared { size, declared })
+            }
+            _ if size > self.max => Err(DriverError::TooLarge {
+                size,
+                limit: self.max,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The most bytes an accepted object has.
+    pub fn bytes(&self) -> u64 {
+        self.declared.map_or(self.max, |d| d.min(self.max))
+    }
+}
+
+/// The body of an object as it is read, refused by its [`ReadLimit`] as soon as it grows past
+/// it (a store that sent no length, or one smaller than the body).
+#[derive(Debug)]
+pub struct BoundedBody {
+    limit: ReadLimit,
+    /// The first chunk, kept as is: a body that arrives in one piece is not copied.
+    first: Option<Bytes>,
+    rest: Vec<u8>,
+    len: u64,
+    /// Bytes to reserve once a second chunk arrives: the size the store announced, within
+    /// the limit.
+    expected: u64,
+}
+
+impl BoundedBody {
+    /// An empty body for an object the store says has `size_hint` bytes.
+    pub fn new(limit: ReadLimit, size_hint: u64) -> Self {
+        Self {
+            limit,
+            first: None,
+            rest: Vec::new(),
+            len: 0,
+            expected: size_hint.min(limit.bytes()),
+        }
+    }
+
+    /// Appends `chunk`, or refuses the object if the body would exceed the limit.
+    pub fn push(&mut self, chunk: Bytes) -> Result<(), DriverError> {
+        let len = self.len.saturating_add(chunk.len() as u64);
+        self.limit.check(len)?;
+        self.len = len;
+        if self.first.is_none() && self.rest.is_empty() {
+            self.first = Some(chunk);
+            return Ok(());
+        }
+        if let Some(first) = self.first.take() {
+            // Up front at most what was announced (and 64 MiB): the rest grows as read.
+            let total = self.expected.max(len).min(64 << 20);
+            self.rest.reserve(total as usize);
+            self.rest.extend_from_slice(&first);
+        }
+        self.rest.extend_from_slice(&chunk);
+        Ok(())
+    }
+
+    /// The whole body.
+    pub fn finish(self) -> Bytes {
+        match self.first {
+            Some(first) => first,
+            None => Bytes::from(self.rest),
+        }
     }
 }
 
@@ -777,5 +838,69 @@ mod tests {
             err.to_string(),
             "payload of 11 bytes exceeds the storage limit of 10 bytes"
         );
+    }
+
+    #[test]
+    fn read_limit_refuses_past_the_declared_size_first() {
+        let limit = ReadLimit {
+            max: 100,
+            declared: Some(10),
+        };
+        assert_eq!(limit.bytes(), 10);
+        limit.check(10).unwrap();
+        assert!(matches!(
+            limit.check(11),
+            Err(DriverError::LargerThanDeclared {
+                size: 11,
+                declared: 10
+            })
+        ));
+        assert!(matches!(
+            limit.check(101),
+            Err(DriverError::LargerThanDeclared { .. })
+        ));
+        let undeclared = ReadLimit {
+            max: 100,
+            declared: None,
+        };
+        assert_eq!(undeclared.bytes(), 100);
+        assert!(matches!(
+            undeclared.check(101),
+            Err(DriverError::TooLarge {
+                size: 101,
+                limit: 100
+            })
+        ));
+        let over_max = ReadLimit {
+            max: 100,
+            declared: Some(1000),
+        };
+        assert_eq!(over_max.bytes(), 100);
+        assert!(matches!(
+            over_max.check(101),
+            Err(DriverError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn bounded_body_stops_at_the_limit() {
+        let limit = ReadLimit {
+            max: 100,
+            declared: Some(8),
+        };
+        let mut one = BoundedBody::new(limit, 8);
+        one.push(Bytes::from_static(b"12345678")).unwrap();
+        assert_eq!(one.finish(), Bytes::from_static(b"12345678"));
+        let mut parts = BoundedBody::new(limit, 0);
+        parts.push(Bytes::from_static(b"1234")).unwrap();
+        parts.push(Bytes::from_static(b"5678")).unwrap();
+        assert!(matches!(
+            parts.push(Bytes::from_static(b"9")),
+            Err(DriverError::LargerThanDeclared {
+                size: 9,
+                declared: 8
+            })
+        ));
+        assert_eq!(parts.finish(), Bytes::from_static(b"12345678"));
     }
 }

@@ -1,148 +1,273 @@
-//! Backends on the `object_store` crate: `memory` (tests). Same key layout as the S3 driver;
-//! the claim is `key`, `hash_algorithm`, `hash_value` (no bucket). The `filesystem` driver is
-//! [`crate::filesystem`].
+//! Drivers on the `object_store` crate: one [`ObjectStore`] client per bucket (or container),
+//! content-addressed writes (metadata lookup, then a create-only upload) and bounded reads.
+//! `memory` (tests) is built here; [`crate::gcs`] and [`crate::azure`] only build their
+//! clients and pick an [`Upload`]. The `filesystem` driver is [`crate::filesystem`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::StreamExt;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, PutMode, PutOptions, PutPayload};
+use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
-use crate::layout::{self, BucketPolicy, KeyField, ValidClaim};
-use crate::{ClaimData, DriverError, StorageDriver, StoreContext};
+use crate::layout::{BoundedBody, BucketPolicy, ReadLimit, Scheme, ValidClaim};
+use crate::{DriverError, DriverSettings, StorageDriver};
 
-/// A driver over any [`ObjectStore`].
-#[derive(Debug)]
-pub struct ObjectStoreDriver {
-    name: String,
-    store: Arc<dyn ObjectStore>,
-    max_payload_size: u64,
-    concurrency: usize,
+/// HTTP client settings for a cloud backend: per-request and connect timeouts, plain HTTP
+/// only toward an `http://` endpoint (emulators).
+pub(crate) fn client_options(endpoint: Option<&str>, timeout: Duration) -> ClientOptions {
+    ClientOptions::new()
+        .with_timeout(timeout)
+        .with_connect_timeout(timeout.min(Duration::from_secs(5)))
+        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
 }
 
-impl ObjectStoreDriver {
+/// Retries of transient errors (5xx, connection failures) within `timeout`.
+pub(crate) fn retry_config(timeout: Duration) -> RetryConfig {
+    RetryConfig {
+        max_retries: 3,
+        retry_timeout: timeout,
+        ..Default::default()
+    }
+}
+
+/// How a backend creates an object only when it is absent.
+#[async_trait]
+pub trait Upload: Send + Sync + std::fmt::Debug {
+    /// Creates `key` in `bucket` (through `store`, or the backend's own API) holding
+    /// `payload` unless it exists; losing the race to another writer of the same
+    /// (content-addressed) object is success. `url` names the object in errors.
+    async fn create(
+        &self,
+        store: &dyn ObjectStore,
+        bucket: &str,
+        key: &str,
+        url: &str,
+        payload: Bytes,
+    ) -> Result<(), DriverError>;
+}
+
+/// [`Upload`] through `object_store`'s conditional put ([`PutMode::Create`]; Azure:
+/// `If-None-Match: *`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PutCreate;
+
+#[async_trait]
+impl Upload for PutCreate {
+    async fn create(
+        &self,
+        store: &dyn ObjectStore,
+        _bucket: &str,
+        key: &str,
+        url: &str,
+        payload: Bytes,
+    ) -> Result<(), DriverError> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match store
+            .put_opts(&object_path(key)?, PutPayload::from_bytes(payload), opts)
+            .await
+        {
+            Ok(_)
+            | Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(()),
+            Err(e) => Err(DriverError::Unavailable(format!("put {url}: {e}"))),
+        }
+    }
+}
+
+/// A driver over one [`ObjectStore`] per bucket: writes go to the first bucket, claims naming
+/// any configured bucket are resolved. Bucketless (`memory`): one store under the name `""`.
+#[derive(Debug)]
+pub struct ObjectStoreDriver<U = PutCreate> {
+    settings: DriverSettings,
+    /// `gs`, `az`, `memory`: the URL scheme in error messages.
+    url_scheme: &'static str,
+    stores: HashMap<String, Arc<dyn ObjectStore>>,
+    upload: U,
+    /// Bound of one operation including the client's retries.
+    timeout: Duration,
+}
+
+impl ObjectStoreDriver<PutCreate> {
     /// Objects in process memory.
     pub fn memory(name: impl Into<String>, max_payload_size: u64) -> Self {
-        Self::new(name, Arc::new(InMemory::new()), max_payload_size)
-    }
-
-    fn new(name: impl Into<String>, store: Arc<dyn ObjectStore>, max_payload_size: u64) -> Self {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         Self {
-            name: name.into(),
-            store,
-            max_payload_size,
-            concurrency: 8,
+            settings: DriverSettings {
+                name: name.into(),
+                scheme: Scheme::S3,
+                buckets: BucketPolicy::None,
+                max_payload_size,
+                concurrency: 8,
+            },
+            url_scheme: "memory",
+            stores: HashMap::from([(String::new(), store)]),
+            upload: PutCreate,
+            timeout: Duration::from_secs(60),
         }
     }
+}
 
-    async fn store_one(
+/// What a bucketed backend is built from.
+pub(crate) struct Bucketed<'a> {
+    pub name: String,
+    /// `gs`, `az`: the URL scheme in error messages.
+    pub url_scheme: &'static str,
+    pub scheme: Scheme,
+    pub write_bucket: &'a str,
+    pub read_buckets: &'a [String],
+    pub max_payload_size: u64,
+    pub concurrency: usize,
+    pub timeout: Duration,
+}
+
+impl<U: Upload> ObjectStoreDriver<U> {
+    /// Builds the driver with `make` called once per bucket (write bucket first, each bucket
+    /// once) and `upload` for new objects, built from the write bucket's client.
+    pub(crate) fn bucketed(
+        b: Bucketed<'_>,
+        mut make: impl FnMut(&str) -> Result<Arc<dyn ObjectStore>, object_store::Error>,
+        upload: impl FnOnce() -> Result<U, DriverError>,
+    ) -> Result<Self, DriverError> {
+        let mut buckets = vec![b.write_bucket.to_owned()];
+        for r in b.read_buckets {
+            if !buckets.contains(r) {
+                buckets.push(r.clone());
+            }
+        }
+        let mut stores = HashMap::new();
+        for bucket in &buckets {
+            let store = make(bucket).map_err(|e| {
+                DriverError::Unavailable(format!(
+                    "cannot configure {}://{bucket}: {e}",
+                    b.url_scheme
+                ))
+            })?;
+            stores.insert(bucket.clone(), store);
+        }
+        Ok(Self {
+            settings: DriverSettings {
+                name: b.name,
+                scheme: b.scheme,
+                buckets: BucketPolicy::OneOf(buckets),
+                max_payload_size: b.max_payload_size,
+                concurrency: b.concurrency,
+            },
+            url_scheme: b.url_scheme,
+            stores,
+            upload: upload()?,
+            timeout: b.timeout,
+        })
+    }
+
+    fn url(&self, bucket: &str, key: &str) -> String {
+        format!("{}://{bucket}/{key}", self.url_scheme)
+    }
+
+    fn client(&self, bucket: &str) -> Result<&Arc<dyn ObjectStore>, DriverError> {
+        self.stores.get(bucket).ok_or_else(|| {
+            DriverError::ClaimRefused(format!("{bucket:?} is not configured for this driver"))
+        })
+    }
+
+    /// Runs `call` within the driver's timeout.
+    async fn bounded<T>(
         &self,
-        context: &StoreContext,
-        payload: Bytes,
-    ) -> Result<ClaimData, DriverError> {
-        layout::check_size(payload.len(), self.max_payload_size)?;
-        let hex = layout::sha256_hex(&payload);
-        let key = layout::object_key(context, &hex);
-        let path = object_path(&key)?;
-        let exists = match self.store.head(&path).await {
-            Ok(_) => true,
-            Err(object_store::Error::NotFound { .. }) => false,
-            Err(e) => return Err(unavailable("head", &key, e)),
-        };
-        if !exists {
-            let opts = PutOptions {
-                mode: PutMode::Create,
-                ..Default::default()
-            };
-            match self
-                .store
-                .put_opts(&path, PutPayload::from_bytes(payload), opts)
-                .await
-            {
-                // Another writer stored the same content first.
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-                Err(e) => return Err(unavailable("put", &key, e)),
-            }
-        }
-        Ok(layout::make_claim(None, KeyField::Key, &key, &hex))
-    }
-
-    async fn retrieve_one(&self, claim: ValidClaim) -> Result<Bytes, DriverError> {
-        let path = object_path(&claim.key)?;
-        let result = match self.store.get(&path).await {
-            Ok(r) => r,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(DriverError::NotFound(claim.key.clone()));
-            }
-            Err(e) => return Err(unavailable("get", &claim.key, e)),
-        };
-        layout::check_size(result.meta.size as usize, self.max_payload_size)?;
-        let bytes = result
-            .bytes()
+        op: &str,
+        url: &str,
+        call: impl std::future::Future<Output = Result<T, DriverError>>,
+    ) -> Result<T, DriverError> {
+        tokio::time::timeout(self.timeout, call)
             .await
-            .map_err(|e| unavailable("get", &claim.key, e))?;
-        layout::verify(&claim, &bytes)?;
-        Ok(bytes)
+            .unwrap_or_else(|_| {
+                Err(DriverError::Unavailable(format!(
+                    "{op} {url}: timed out after {:?}",
+                    self.timeout
+                )))
+            })
     }
-}
-
-fn object_path(key: &str) -> Result<ObjectPath, DriverError> {
-    ObjectPath::parse(key)
-        .map_err(|e| DriverError::ClaimRefused(format!("key {key:?} is not a valid path: {e}")))
-}
-
-fn unavailable(op: &str, key: &str, e: object_store::Error) -> DriverError {
-    DriverError::Unavailable(format!("{op} {key}: {e}"))
 }
 
 #[async_trait]
-impl StorageDriver for ObjectStoreDriver {
-    fn name(&self) -> &str {
-        &self.name
+impl<U: Upload> StorageDriver for ObjectStoreDriver<U> {
+    fn settings(&self) -> &DriverSettings {
+        &self.settings
     }
 
-    fn validate(&self, namespace: Option<&str>, claim: &ClaimData) -> Result<(), DriverError> {
-        layout::validate_claim(claim, KeyField::Key, &BucketPolicy::None, namespace).map(|_| ())
-    }
-
-    async fn store(
+    async fn put_absent(
         &self,
-        context: &StoreContext,
-        payloads: Vec<Bytes>,
-    ) -> Result<Vec<ClaimData>, DriverError> {
-        crate::in_order(payloads, self.concurrency, |p| self.store_one(context, p)).await
+        bucket: Option<&str>,
+        key: &str,
+        payload: Bytes,
+    ) -> Result<(), DriverError> {
+        let bucket = bucket.unwrap_or_default();
+        let store = self.client(bucket)?;
+        let path = object_path(key)?;
+        let url = self.url(bucket, key);
+        self.bounded("store", &url, async {
+            match store.head(&path).await {
+                Ok(_) => return Ok(()),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(unavailable("head", &url, e)),
+            }
+            self.upload
+                .create(store.as_ref(), bucket, key, &url, payload)
+                .await
+        })
+        .await
     }
 
-    async fn retrieve(
-        &self,
-        namespace: Option<&str>,
-        claims: Vec<ClaimData>,
-    ) -> Result<Vec<Bytes>, DriverError> {
-        let valid =
-            layout::validate_claims(&claims, KeyField::Key, &BucketPolicy::None, namespace)?;
-        crate::in_order(valid, self.concurrency, |c| self.retrieve_one(c)).await
+    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Bytes, DriverError> {
+        let bucket = claim.bucket.as_deref().unwrap_or_default();
+        let store = self.client(bucket)?;
+        let path = object_path(&claim.key)?;
+        let url = self.url(bucket, &claim.key);
+        self.bounded("get", &url, async {
+            let result = match store.get(&path).await {
+                Ok(r) => r,
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(DriverError::NotFound(url.clone()));
+                }
+                Err(e) => return Err(unavailable("get", &url, e)),
+            };
+            // The size from the response headers: nothing of the body is read yet, and
+            // dropping `result` closes the connection.
+            limit.check(result.meta.size)?;
+            let mut body = BoundedBody::new(limit, result.meta.size);
+            let mut chunks = result.into_stream();
+            while let Some(chunk) = chunks.next().await {
+                body.push(chunk.map_err(|e| unavailable("get", &url, e))?)?;
+            }
+            Ok(body.finish())
+        })
+        .await
     }
+}
+
+fn unavailable(op: &str, url: &str, e: object_store::Error) -> DriverError {
+    DriverError::Unavailable(format!("{op} {url}: {e}"))
+}
+
+pub(crate) fn object_path(key: &str) -> Result<ObjectPath, DriverError> {
+    ObjectPath::parse(key)
+        .map_err(|e| DriverError::ClaimRefused(format!("key {key:?} is not a valid path: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::StoreTarget;
+    use crate::{Fetch, test_context as ctx};
 
-    fn ctx() -> StoreContext {
-        StoreContext {
-            namespace: Some("default".to_owned()),
-            target: Some(StoreTarget::Workflow {
-                workflow_type: Some("T".to_owned()),
-                workflow_id: Some("w 1".to_owned()),
-                run_id: None,
-            }),
-        }
-    }
-
-    async fn round_trip(driver: &ObjectStoreDriver) {
+    #[tokio::test]
+    async fn memory_round_trip() {
+        let driver = ObjectStoreDriver::memory("mem", 1 << 20);
         let payloads = vec![Bytes::from_static(b"one"), Bytes::from(vec![7u8; 100_000])];
         let claims = driver.store(&ctx(), payloads.clone()).await.unwrap();
         assert!(claims[0]["key"].starts_with("v0/ns/default/wt/T/wi/w%201/ri/null/d/sha256/"));
@@ -151,21 +276,19 @@ mod tests {
         let again = driver.store(&ctx(), payloads.clone()).await.unwrap();
         assert_eq!(claims, again);
         let back = driver
-            .retrieve(Some("default"), claims.clone())
+            .retrieve(Some("default"), Fetch::undeclared(claims.clone()))
             .await
             .unwrap();
         assert_eq!(back, payloads);
-        let err = driver.retrieve(Some("other"), claims).await.unwrap_err();
+        let err = driver
+            .retrieve(Some("other"), Fetch::undeclared(claims))
+            .await
+            .unwrap_err();
         assert!(matches!(err, DriverError::ClaimRefused(_)), "{err}");
     }
 
     #[tokio::test]
-    async fn memory_round_trip() {
-        round_trip(&ObjectStoreDriver::memory("mem", 1 << 20)).await;
-    }
-
-    #[tokio::test]
-    async fn too_large_is_refused() {
+    async fn too_large_and_larger_than_declared_are_refused() {
         let driver = ObjectStoreDriver::memory("mem", 10);
         let err = driver
             .store(&ctx(), vec![Bytes::from(vec![0u8; 11])])
@@ -181,5 +304,29 @@ mod tests {
             ),
             "{err}"
         );
+        let claims = driver
+            .store(&ctx(), vec![Bytes::from(vec![0u8; 10])])
+            .await
+            .unwrap();
+        let fetch = |declared| Fetch {
+            claim: claims[0].clone(),
+            declared_size: Some(declared),
+        };
+        let err = driver
+            .retrieve(Some("default"), vec![fetch(9)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DriverError::LargerThanDeclared {
+                    size: 10,
+                    declared: 9
+                }
+            ),
+            "{err}"
+        );
+        let back = driver.retrieve(Some("default"), vec![fetch(10)]).await;
+        assert_eq!(back.unwrap()[0].len(), 10);
     }
 }

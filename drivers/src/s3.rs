@@ -22,8 +22,8 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
-use crate::layout::{self, BucketPolicy, KeyField, ValidClaim};
-use crate::{ClaimData, DriverError, StorageDriver, StoreContext};
+use crate::layout::{self, BoundedBody, BucketPolicy, ReadLimit, Scheme, ValidClaim};
+use crate::{DriverError, DriverSettings, StorageDriver};
 
 /// The driver name and type of Temporal's S3 driver.
 pub const S3_DRIVER_TYPE: &str = "aws.s3driver";
@@ -72,8 +72,7 @@ impl S3Config {
 #[derive(Debug)]
 pub struct S3Driver {
     client: Client,
-    config: S3Config,
-    buckets: BucketPolicy,
+    settings: DriverSettings,
 }
 
 impl S3Driver {
@@ -104,81 +103,16 @@ impl S3Driver {
         buckets.extend(config.read_buckets.iter().cloned());
         Self {
             client,
-            buckets: BucketPolicy::OneOf(buckets),
-            config,
+            settings: DriverSettings {
+                name: config.name,
+                scheme: Scheme::S3,
+                buckets: BucketPolicy::OneOf(buckets),
+                max_payload_size: config.max_payload_size,
+                concurrency: config.concurrency,
+            },
         }
-    }
-
-    async fn store_one(
-        &self,
-        context: &StoreContext,
-        payload: Bytes,
-    ) -> Result<ClaimData, DriverError> {
-        layout::check_size(payload.len(), self.config.max_payload_size)?;
-        let hex = layout::sha256_hex(&payload);
-        let key = layout::object_key(context, &hex);
-        let bucket = &self.config.bucket;
-        let exists = match self
-            .client
-            .head_object()
-            .bucket(bucket)
-            .key(&key)
-            .send()
-            .await
-        {
-            Ok(_) => true,
-            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => false,
-            Err(e) => return Err(classify("HeadObject", bucket, &key, e)),
-        };
-        if !exists {
-            self.client
-                .put_object()
-                .bucket(bucket)
-                .key(&key)
-                .content_length(payload.len() as i64)
-                .body(ByteStream::from(payload))
-                .send()
-                .await
-                .map_err(|e| classify("PutObject", bucket, &key, e))?;
-        }
-        Ok(layout::make_claim(Some(bucket), KeyField::Key, &key, &hex))
-    }
-
-    async fn retrieve_one(&self, claim: ValidClaim) -> Result<Bytes, DriverError> {
-        let bucket = claim.bucket.as_deref().unwrap_or(&self.config.bucket);
-        let out = self
-            .client
-            .get_object()
-            .bucket(bucket)
-            .key(&claim.key)
-            .send()
-            .await
-            .map_err(|e| match e {
-                SdkError::ServiceError(se) if se.err().is_no_such_key() => {
-                    DriverError::NotFound(format!("s3://{bucket}/{}", claim.key))
-                }
-                e => classify("GetObject", bucket, &claim.key, e),
-            })?;
-        if let Some(len) = out.content_length {
-            layout::check_size(len.max(0) as usize, self.config.max_payload_size)?;
-        }
-        let bytes = out
-            .body
-            .collect()
-            .await
-            .map_err(|e| {
-                DriverError::Unavailable(format!(
-                    "GetObject s3://{bucket}/{}: reading the body: {e}",
-                    claim.key
-                ))
-            })?
-            .into_bytes();
-        layout::check_size(bytes.len(), self.config.max_payload_size)?;
-        layout::verify(&claim, &bytes)?;
-        Ok(bytes)
     }
 }
-
 /// Maps an SDK error: everything but a refused claim is worth retrying later.
 fn classify<E, R>(op: &str, bucket: &str, key: &str, e: SdkError<E, R>) -> DriverError
 where
@@ -200,31 +134,71 @@ where
 
 #[async_trait]
 impl StorageDriver for S3Driver {
-    fn name(&self) -> &str {
-        &self.config.name
+    fn settings(&self) -> &DriverSettings {
+        &self.settings
     }
 
-    fn validate(&self, namespace: Option<&str>, claim: &ClaimData) -> Result<(), DriverError> {
-        layout::validate_claim(claim, KeyField::Key, &self.buckets, namespace).map(|_| ())
-    }
-
-    async fn store(
+    /// HeadObject, then PutObject only when the object is absent.
+    async fn put_absent(
         &self,
-        context: &StoreContext,
-        payloads: Vec<Bytes>,
-    ) -> Result<Vec<ClaimData>, DriverError> {
-        crate::in_order(payloads, self.config.concurrency, |p| {
-            self.store_one(context, p)
-        })
-        .await
+        bucket: Option<&str>,
+        key: &str,
+        payload: Bytes,
+    ) -> Result<(), DriverError> {
+        let bucket = bucket.unwrap_or_default();
+        match self
+            .client
+            .head_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(SdkError::ServiceError(e)) if e.err().is_not_found() => {}
+            Err(e) => return Err(classify("HeadObject", bucket, key, e)),
+        }
+        self.client
+            .put_object()
+            .bucket(bucket)
+            .key(key)
+            .content_length(payload.len() as i64)
+            .body(ByteStream::from(payload))
+            .send()
+            .await
+            .map_err(|e| classify("PutObject", bucket, key, e))?;
+        Ok(())
     }
 
-    async fn retrieve(
-        &self,
-        namespace: Option<&str>,
-        claims: Vec<ClaimData>,
-    ) -> Result<Vec<Bytes>, DriverError> {
-        let valid = layout::validate_claims(&claims, KeyField::Key, &self.buckets, namespace)?;
-        crate::in_order(valid, self.config.concurrency, |c| self.retrieve_one(c)).await
+    /// GetObject; the response's `Content-Length` is checked before the body is read (an
+    /// object refused there is dropped unread, closing the connection).
+    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Bytes, DriverError> {
+        let bucket = claim.bucket.as_deref().unwrap_or_default();
+        let key = &claim.key;
+        let out = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| match e {
+                SdkError::ServiceError(se) if se.err().is_no_such_key() => {
+                    DriverError::NotFound(format!("s3://{bucket}/{key}"))
+                }
+                e => classify("GetObject", bucket, key, e),
+            })?;
+        let announced = out.content_length.map_or(0, |len| len.max(0) as u64);
+        limit.check(announced)?;
+        let mut body = BoundedBody::new(limit, announced);
+        let mut stream = out.body;
+        while let Some(chunk) = stream.try_next().await.map_err(|e| {
+            DriverError::Unavailable(format!(
+                "GetObject s3://{bucket}/{key}: reading the body: {e}"
+            ))
+        })? {
+            body.push(chunk)?;
+        }
+        Ok(body.finish())
     }
 }

@@ -17,7 +17,7 @@ use payload_gateway_drivers::filesystem::FilesystemDriver;
 use payload_gateway_drivers::gcs::{GcsConfig, GcsDriver};
 use payload_gateway_drivers::object::ObjectStoreDriver;
 use payload_gateway_drivers::s3::{S3Config, S3Driver};
-use payload_gateway_drivers::{ClaimData, DriverError, StorageDriver, StoreContext, layout};
+use payload_gateway_drivers::{ClaimData, DriverError, Fetch, StorageDriver, StoreContext, layout};
 
 use crate::budget::MessageBudget;
 use crate::config::{Config, ConfigError, DriverConfig, DriverKind};
@@ -271,7 +271,9 @@ impl StorageError {
             DriverError::Unavailable(_) => StorageFailure::Unavailable,
             DriverError::TooLarge { .. } => StorageFailure::TooLarge,
             DriverError::ClaimRefused(_) => StorageFailure::Refused,
-            DriverError::NotFound(_) | DriverError::Integrity(_) => StorageFailure::Lost,
+            DriverError::NotFound(_)
+            | DriverError::Integrity(_)
+            | DriverError::LargerThanDeclared { .. } => StorageFailure::Lost,
         };
         let hint = match &e {
             DriverError::TooLarge { .. } => {
@@ -416,8 +418,9 @@ impl Storage {
     ///
     /// Memory: the sizes the references declare are charged to `budget` before anything is
     /// fetched (a fan-out of references to large objects is refused up front); an object
-    /// larger than its reference declared is refused (`DATA_LOSS`), and what was not declared
-    /// is charged once fetched. The same claim is fetched once per call.
+    /// larger than its reference declares is refused (`DATA_LOSS`) from the store's metadata,
+    /// before its body is read, and what was not declared is charged once fetched. The same
+    /// claim is fetched once per call, bounded by the smallest size its references declare.
     pub async fn resolve(
         &self,
         namespace: Option<&str>,
@@ -444,13 +447,19 @@ impl Storage {
         // One fetch per distinct claim; duplicates share the bytes.
         let mut unique: HashMap<String, usize> = HashMap::new();
         let mut order = Vec::with_capacity(refs.len());
-        let mut fetch = Vec::new();
+        let mut fetch: Vec<(usize, Reference)> = Vec::new();
         for (index, r) in refs {
             let key = cache_key(&r.driver_name, &r.claim);
             let slot = *unique.entry(key).or_insert_with(|| {
                 fetch.push((index, r.clone()));
                 fetch.len() - 1
             });
+            // The smallest size any of the claim's references declares bounds its one fetch.
+            let bound = &mut fetch[slot].1.declared_size;
+            *bound = match (*bound, r.declared_size) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             order.push((index, slot, r.declared_size));
         }
         let fetched: Vec<Option<Bytes>> = stream::iter(
@@ -520,7 +529,13 @@ impl Storage {
         let mut got = observed(
             driver.name(),
             "retrieve",
-            driver.retrieve(namespace, vec![r.claim]),
+            driver.retrieve(
+                namespace,
+                vec![Fetch {
+                    claim: r.claim,
+                    declared_size: r.declared_size,
+                }],
+            ),
         )
         .await
         .map_err(|e| StorageError::driver(index, driver.name(), e))?;
