@@ -107,6 +107,6 @@ pub use error::WalkError;
 pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, methods};
 pub use walk::{
     ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, FailureText, MAX_DEPTH,
-    MAX_UNKNOWN_ANYS, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath, TextEdit,
-    UnknownAny, scan, top_level_string,
+    MAX_UNKNOWN_ANYS, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath,
+    TextEdit, UnknownAny, scan, top_level_string,
 };

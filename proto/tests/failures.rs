@@ -823,7 +823,10 @@ struct RpcStatus {
     details: Vec<RpcAny>,
 }
 
-fn query_failed(error_message: &str, failure: Option<failure::Failure>) -> ws::RespondQueryTaskCompletedRequest {
+fn query_failed(
+    error_message: &str,
+    failure: Option<failure::Failure>,
+) -> ws::RespondQueryTaskCompletedRequest {
     ws::RespondQueryTaskCompletedRequest {
         task_token: b"tok".to_vec(),
         completed_type: 2, // QUERY_RESULT_TYPE_FAILED
@@ -879,7 +882,10 @@ fn query_error_message_is_a_text_of_its_failure_and_is_replaced_with_it() {
             &[Some("query secret".into())],
         )
         .unwrap();
-    assert_eq!(ws::RespondQueryTaskCompletedRequest::decode(&back[..]).unwrap(), req);
+    assert_eq!(
+        ws::RespondQueryTaskCompletedRequest::decode(&back[..]).unwrap(),
+        req
+    );
 }
 
 #[test]
@@ -998,16 +1004,19 @@ fn legacy_query_results_inside_a_workflow_task_completion_are_texts_with_their_f
     for (k, m) in [("q1", "first secret"), ("q3", "third secret")] {
         let r = &got.query_results[k];
         assert_eq!(r.error_message, ENCODED_FAILURE_MESSAGE);
-        assert_eq!(r.failure, Some(sealed(&result(m).failure.unwrap())).map(|mut f| {
-            if let Some(failure::failure::FailureInfo::ApplicationFailureInfo(a)) =
-                f.failure_info.as_mut()
-            {
-                a.details.as_mut().unwrap().payloads[0]
-                    .data
-                    .extend_from_slice(b" (encoded)");
-            }
-            f
-        }));
+        assert_eq!(
+            r.failure,
+            Some(sealed(&result(m).failure.unwrap())).map(|mut f| {
+                if let Some(failure::failure::FailureInfo::ApplicationFailureInfo(a)) =
+                    f.failure_info.as_mut()
+                {
+                    a.details.as_mut().unwrap().payloads[0]
+                        .data
+                        .extend_from_slice(b" (encoded)");
+                }
+                f
+            })
+        );
     }
     assert_eq!(
         got.query_results["q2"].answer.as_ref().unwrap().payloads[0].data,
@@ -1084,7 +1093,9 @@ fn a_text_edit_can_add_the_failure_beside_it() {
         text: ENCODED_FAILURE_MESSAGE.into(),
         failure: Some(Bytes::from(added.encode_to_vec())),
     };
-    let out = s.splice_edits(&bytes, &[], &[], &[Some(edit.clone())]).unwrap();
+    let out = s
+        .splice_edits(&bytes, &[], &[], &[Some(edit.clone())])
+        .unwrap();
     let got = ws::RespondQueryTaskCompletedRequest::decode(&out[..]).unwrap();
     assert_eq!(got.error_message, ENCODED_FAILURE_MESSAGE);
     assert_eq!(got.failure, Some(added));

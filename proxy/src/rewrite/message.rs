@@ -79,7 +79,10 @@ pub async fn rewrite(
             let plans = texts_to_seal(&scanned, &message, &seals)?;
             (seals, plans)
         }
-        _ => (Vec::new(), vec![TextPlan::Keep; scanned.failure_texts().len()]),
+        _ => (
+            Vec::new(),
+            vec![TextPlan::Keep; scanned.failure_texts().len()],
+        ),
     };
     // Texts with no failure to carry them get one: (text index, plaintext attributes payload).
     let added: Vec<(usize, Bytes)> = plans
@@ -546,7 +549,6 @@ mod tests {
     use crate::codec::PayloadCodec;
     use crate::config::{Config, KeySpec};
 
-
     /// `google.rpc.Status` and `google.protobuf.Any` as the server sends them in
     /// `grpc-status-details-bin`.
     #[derive(Clone, PartialEq, prost::Message)]
@@ -620,19 +622,31 @@ mod tests {
     }
 
     fn contains(haystack: &[u8], needle: &str) -> bool {
-        haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
     }
 
-    async fn run(p: &Pipeline, direction: Direction, name: &str, m: Bytes) -> Result<Bytes, Status> {
+    async fn run(
+        p: &Pipeline,
+        direction: Direction,
+        name: &str,
+        m: Bytes,
+    ) -> Result<Bytes, Status> {
         rewrite(p, direction, &ctx(), ty(name), m).await
     }
 
     #[tokio::test]
     async fn a_query_error_message_is_sealed_with_its_failure_and_restored() {
         let (_dir, p) = pipeline(true);
-        let sent = run(&p, Direction::Encode, QUERY_COMPLETED, query_failed(SECRET, Some(failure(SECRET))))
-            .await
-            .unwrap();
+        let sent = run(
+            &p,
+            Direction::Encode,
+            QUERY_COMPLETED,
+            query_failed(SECRET, Some(failure(SECRET))),
+        )
+        .await
+        .unwrap();
         assert!(!contains(&sent, "MARKER"), "plaintext went out");
         let got = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
         assert_eq!(got.error_message, ENCODED_FAILURE_MESSAGE);
@@ -643,7 +657,9 @@ mod tests {
             b"binary/encrypted"
         );
         // The same message on the way back (as if the server echoed it) gets the text back.
-        let back = run(&p, Direction::Decode, QUERY_COMPLETED, sent).await.unwrap();
+        let back = run(&p, Direction::Decode, QUERY_COMPLETED, sent)
+            .await
+            .unwrap();
         let got = RespondQueryTaskCompletedRequest::decode(&back[..]).unwrap();
         assert_eq!(got.error_message, SECRET);
         assert_eq!(got.failure.unwrap().message, SECRET);
@@ -661,9 +677,14 @@ mod tests {
             )
             .unwrap(),
         );
-        let sent = run(&p, Direction::Encode, QUERY_COMPLETED, query_failed(SECRET, Some(sdk_sealed)))
-            .await
-            .unwrap();
+        let sent = run(
+            &p,
+            Direction::Encode,
+            QUERY_COMPLETED,
+            query_failed(SECRET, Some(sdk_sealed)),
+        )
+        .await
+        .unwrap();
         assert!(!contains(&sent, "MARKER"), "plaintext went out");
         let got = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
         assert_eq!(got.error_message, ENCODED_FAILURE_MESSAGE);
@@ -673,9 +694,14 @@ mod tests {
     async fn a_text_with_no_failure_gets_a_sealed_one_that_brings_it_back() {
         let (_dir, p) = pipeline(true);
         // What the Python SDK sends for a failed query: error_message alone.
-        let sent = run(&p, Direction::Encode, QUERY_COMPLETED, query_failed(SECRET, None))
-            .await
-            .unwrap();
+        let sent = run(
+            &p,
+            Direction::Encode,
+            QUERY_COMPLETED,
+            query_failed(SECRET, None),
+        )
+        .await
+        .unwrap();
         assert!(!contains(&sent, "MARKER"), "plaintext went out");
         let got = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
         assert_eq!(got.error_message, ENCODED_FAILURE_MESSAGE);
@@ -685,7 +711,9 @@ mod tests {
             f.encoded_attributes.unwrap().metadata["encoding"],
             b"binary/encrypted"
         );
-        let back = run(&p, Direction::Decode, QUERY_COMPLETED, sent).await.unwrap();
+        let back = run(&p, Direction::Decode, QUERY_COMPLETED, sent)
+            .await
+            .unwrap();
         let got = RespondQueryTaskCompletedRequest::decode(&back[..]).unwrap();
         assert_eq!(got.error_message, SECRET);
         assert_eq!(got.failure.unwrap().message, SECRET);
@@ -702,12 +730,20 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code, Code::InvalidArgument);
         assert!(err.message.contains("error_message"), "{}", err.message);
-        assert!(!err.message.contains("MARKER"), "the refusal must not echo the text");
+        assert!(
+            !err.message.contains("MARKER"),
+            "the refusal must not echo the text"
+        );
         // An empty text or the placeholder alone is fine.
         for text in ["", ENCODED_FAILURE_MESSAGE] {
-            run(&p, Direction::Encode, QUERY_COMPLETED, query_failed(text, None))
-                .await
-                .unwrap();
+            run(
+                &p,
+                Direction::Encode,
+                QUERY_COMPLETED,
+                query_failed(text, None),
+            )
+            .await
+            .unwrap();
         }
     }
 
@@ -715,12 +751,19 @@ mod tests {
     async fn without_sealing_the_text_is_forwarded_as_is() {
         let (_dir, p) = pipeline(false);
         let m = query_failed(SECRET, Some(failure(SECRET)));
-        let sent = run(&p, Direction::Encode, QUERY_COMPLETED, m).await.unwrap();
+        let sent = run(&p, Direction::Encode, QUERY_COMPLETED, m)
+            .await
+            .unwrap();
         let got = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
         assert_eq!(got.error_message, SECRET);
         assert_eq!(got.failure.unwrap().message, SECRET);
         let lonely = query_failed(SECRET, None);
-        assert_eq!(run(&p, Direction::Encode, QUERY_COMPLETED, lonely.clone()).await.unwrap(), lonely);
+        assert_eq!(
+            run(&p, Direction::Encode, QUERY_COMPLETED, lonely.clone())
+                .await
+                .unwrap(),
+            lonely
+        );
     }
 
     #[tokio::test]
@@ -759,16 +802,24 @@ mod tests {
         let got = RespondWorkflowTaskCompletedRequest::decode(&back[..]).unwrap();
         assert_eq!(got.query_results["a"].error_message, "MARKER one");
         assert_eq!(got.query_results["b"].error_message, "MARKER two");
-        assert_eq!(got.query_results["b"].failure.as_ref().unwrap().message, "MARKER two");
+        assert_eq!(
+            got.query_results["b"].failure.as_ref().unwrap().message,
+            "MARKER two"
+        );
     }
 
     #[tokio::test]
     async fn a_failed_query_status_gets_its_message_and_grpc_message_back() {
         let (_dir, p) = pipeline(true);
         // The worker's answer, sealed on the way out...
-        let sent = run(&p, Direction::Encode, QUERY_COMPLETED, query_failed(SECRET, Some(failure(SECRET))))
-            .await
-            .unwrap();
+        let sent = run(
+            &p,
+            Direction::Encode,
+            QUERY_COMPLETED,
+            query_failed(SECRET, Some(failure(SECRET))),
+        )
+        .await
+        .unwrap();
         let sealed = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
         // ...comes back from the server as QueryWorkflow's status.
         let status = RpcStatus {
@@ -777,28 +828,52 @@ mod tests {
             details: vec![RpcAny {
                 type_url: "type.googleapis.com/temporal.api.errordetails.v1.QueryFailedFailure"
                     .to_owned(),
-                value: QueryFailedFailure { failure: sealed.failure }.encode_to_vec(),
+                value: QueryFailedFailure {
+                    failure: sealed.failure,
+                }
+                .encode_to_vec(),
             }],
         };
-        let back = run(&p, Direction::Decode, "google.rpc.Status", Bytes::from(status.encode_to_vec()))
-            .await
-            .unwrap();
+        let back = run(
+            &p,
+            Direction::Decode,
+            "google.rpc.Status",
+            Bytes::from(status.encode_to_vec()),
+        )
+        .await
+        .unwrap();
         let got = RpcStatus::decode(&back[..]).unwrap();
         assert_eq!(got.message, SECRET);
         let detail = QueryFailedFailure::decode(&got.details[0].value[..]).unwrap();
         assert_eq!(detail.failure.unwrap().message, SECRET);
 
         let mut headers = http::HeaderMap::new();
-        headers.insert("grpc-message", http::HeaderValue::from_static("Encoded failure"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("Encoded failure"),
+        );
         restore_grpc_message(&mut headers, &back);
-        assert_eq!(headers["grpc-message"], "query handler failed: card 4111 MARKER");
+        assert_eq!(
+            headers["grpc-message"],
+            "query handler failed: card 4111 MARKER"
+        );
         // Non-ASCII text and `%` are percent-encoded.
-        let status = RpcStatus { code: 3, message: "100% é".to_owned(), details: vec![] };
-        headers.insert("grpc-message", http::HeaderValue::from_static("Encoded%20failure"));
+        let status = RpcStatus {
+            code: 3,
+            message: "100% é".to_owned(),
+            details: vec![],
+        };
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("Encoded%20failure"),
+        );
         restore_grpc_message(&mut headers, &status.encode_to_vec());
         assert_eq!(headers["grpc-message"], "100%25 %C3%A9");
         // Any other gRPC message is the server's own: left alone.
-        headers.insert("grpc-message", http::HeaderValue::from_static("workflow not found"));
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("workflow not found"),
+        );
         restore_grpc_message(&mut headers, &back);
         assert_eq!(headers["grpc-message"], "workflow not found");
     }
