@@ -29,10 +29,14 @@ pub(crate) const FAILURE_ENCODED_ATTRIBUTES: u32 = 20;
 /// How many distinct unknown `Any` (type, path) pairs a scan records (all are counted).
 pub const MAX_UNKNOWN_ANYS: usize = 64;
 
+/// One step from a message to a failure: a field number, and the `Any` type it holds when the
+/// field is an `Any`.
+type TextStep = (u32, Option<&'static str>);
+
 /// Plain string fields that repeat the text of a `Failure` beside them (the SDKs copy the
 /// failure's message there): `(message type, string field number, its name, the path from that
 /// message to the failure as (field number, `Any` type) steps)`. See [`FailureText`].
-const FAILURE_TEXT_FIELDS: &[(&str, u32, &str, &[(u32, Option<&str>)])] = &[
+const FAILURE_TEXT_FIELDS: &[(&str, u32, &str, &[TextStep])] = &[
     (
         "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest",
         4,

@@ -213,10 +213,11 @@ fn texts_to_seal(
             if carried {
                 return Ok(TextPlan::Mask);
             }
-            if text.failures().is_empty() && text.can_add_failure() {
-                if let Ok(value) = std::str::from_utf8(value) {
-                    return Ok(TextPlan::AddFailure(attributes_payload(value, "")));
-                }
+            if text.failures().is_empty()
+                && text.can_add_failure()
+                && let Ok(value) = std::str::from_utf8(value)
+            {
+                return Ok(TextPlan::AddFailure(attributes_payload(value, "")));
             }
             Err(Status::new(
                 Code::InvalidArgument,
