@@ -77,6 +77,12 @@
 //! `encode_common_attributes` does, `Restore` undoes it. Both only replace and remove the
 //! failure's own top-level fields; every other byte is kept.
 //!
+//! Some messages repeat a failure's message in a plain string beside it
+//! (`RespondQueryTaskCompletedRequest.error_message`, `WorkflowQueryResult.error_message`, the
+//! `google.rpc.Status.message` of a failed query): [`Scan::failure_texts`] reports them as
+//! [`FailureText`]s with their sibling failures, and [`Scan::splice_edits`] replaces them in
+//! the same pass.
+//!
 //! # Limits
 //!
 //! Nesting is bounded by [`MAX_DEPTH`]; malformed input (truncation, bad varints, invalid
@@ -100,8 +106,8 @@ pub const DESCRIPTOR_SET_PATH: &str = env!("PGW_DESCRIPTOR_PATH");
 pub use error::WalkError;
 pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, methods};
 pub use walk::{
-    ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, MAX_DEPTH,
+    ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, FailureText, MAX_DEPTH,
     MAX_UNKNOWN_ANYS, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath,
-    StringFieldError, UnknownAny, len_fields_by_number, scan, string_field_by_number,
+    StringFieldError, TextEdit, UnknownAny, len_fields_by_number, scan, string_field_by_number,
     top_level_bytes, top_level_string, top_level_string_strict,
 };

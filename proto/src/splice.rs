@@ -7,7 +7,7 @@ use bytes::Bytes;
 use crate::error::WalkError;
 use crate::walk::{
     ENCODED_FAILURE_MESSAGE, FAILURE_ENCODED_ATTRIBUTES, FAILURE_MESSAGE, FAILURE_STACK_TRACE,
-    FailureEdit, FailureSite, NO_PARENT, Scan,
+    FailureEdit, FailureSite, NO_PARENT, Scan, TextEdit,
 };
 use crate::wire::{put_varint, varint_len};
 
@@ -127,13 +127,32 @@ impl Scan {
         replacements: &[Option<Bytes>],
         edits: &[Option<FailureEdit>],
     ) -> Result<Bytes, WalkError> {
+        self.splice_edits(input, replacements, edits, &vec![None; self.texts.len()])
+    }
+
+    /// [`Scan::splice_with`], and the [failure texts](Scan::failure_texts) changed too:
+    /// `texts` has one entry per failure text, `None` leaving it alone (see [`TextEdit`] for
+    /// what the others do).
+    pub fn splice_edits(
+        &self,
+        input: &Bytes,
+        replacements: &[Option<Bytes>],
+        edits: &[Option<FailureEdit>],
+        texts: &[Option<TextEdit>],
+    ) -> Result<Bytes, WalkError> {
         if edits.len() != self.failures.len() {
             return Err(WalkError::EditCount {
                 expected: self.failures.len(),
                 got: edits.len(),
             });
         }
-        if edits.iter().all(Option::is_none) {
+        if texts.len() != self.texts.len() {
+            return Err(WalkError::EditCount {
+                expected: self.texts.len(),
+                got: texts.len(),
+            });
+        }
+        if edits.iter().all(Option::is_none) && texts.iter().all(Option::is_none) {
             return self.splice(input, replacements);
         }
         if replacements.len() != self.sites.len() {
@@ -162,6 +181,30 @@ impl Scan {
             if let Some(edit) = edit {
                 failure_ops(failure, edit, &mut ops)
                     .map_err(|reason| WalkError::BadEdit { index, reason })?;
+            }
+        }
+        for (index, (text, new)) in self.texts.iter().zip(texts).enumerate() {
+            let Some(new) = new else { continue };
+            let mut bytes = Vec::new();
+            if !new.text.is_empty() {
+                put_len_field(&mut bytes, text.field, new.text.as_bytes());
+            }
+            if let Some(failure) = &new.failure {
+                let Some(field) = text.failure_field else {
+                    return Err(WalkError::BadEdit {
+                        index,
+                        reason: "this text's failure is not a field beside it: none can be added",
+                    });
+                };
+                put_len_field(&mut bytes, field, failure);
+            }
+            let mut bytes = Some(Bytes::from(bytes));
+            for whole in &text.fields {
+                ops.push(Op {
+                    range: whole.clone(),
+                    node: text.node,
+                    bytes: bytes.take().unwrap_or_default(),
+                });
             }
         }
         // Byte order; at one start the longer range first, so a range inside another one

@@ -29,6 +29,87 @@ pub(crate) const FAILURE_ENCODED_ATTRIBUTES: u32 = 20;
 /// How many distinct unknown `Any` (type, path) pairs a scan records (all are counted).
 pub const MAX_UNKNOWN_ANYS: usize = 64;
 
+/// One step from a message to a failure: a field number, and the `Any` type it holds when the
+/// field is an `Any`.
+type TextStep = (u32, Option<&'static str>);
+
+/// Plain string fields that repeat the text of a `Failure` beside them (the SDKs copy the
+/// failure's message there): `(message type, string field number, its name, the path from that
+/// message to the failure as (field number, `Any` type) steps)`. See [`FailureText`].
+const FAILURE_TEXT_FIELDS: &[(&str, u32, &str, &[TextStep])] = &[
+    (
+        "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest",
+        4,
+        "error_message",
+        &[(7, None)],
+    ),
+    (
+        "temporal.api.query.v1.WorkflowQueryResult",
+        3,
+        "error_message",
+        &[(4, None)],
+    ),
+    // A failed query comes back as a gRPC status whose message is the worker's
+    // `error_message`, with a `QueryFailedFailure` detail holding the failure.
+    (
+        "google.rpc.Status",
+        2,
+        "message",
+        &[
+            (3, Some("temporal.api.errordetails.v1.QueryFailedFailure")),
+            (1, None),
+        ],
+    ),
+];
+
+/// One resolved entry of [`FAILURE_TEXT_FIELDS`].
+#[derive(Debug)]
+struct TextSpec {
+    ty: MessageType,
+    field: u32,
+    name: &'static str,
+    /// Path segments from the containing message to the sibling failure.
+    failure_suffix: Box<[u32]>,
+    /// The failure's field number when it is a direct field of the message.
+    failure_field: Option<u32>,
+}
+
+fn text_specs() -> &'static [TextSpec] {
+    static SPECS: std::sync::LazyLock<Vec<TextSpec>> = std::sync::LazyLock::new(|| {
+        FAILURE_TEXT_FIELDS
+            .iter()
+            .filter_map(|(name, field, field_name, steps)| {
+                let ty = MessageType::by_name(name)?;
+                let mut at = ty;
+                let mut suffix = Vec::new();
+                for (number, through) in steps.iter() {
+                    let (index, info) = at.field(*number)?;
+                    suffix.push(index);
+                    at = match through {
+                        Some(any_type) => {
+                            let t = MessageType::by_name(any_type)?;
+                            suffix.push(TYPE_SEGMENT | u32::from(t.0));
+                            t
+                        }
+                        None => MessageType(info.target),
+                    };
+                }
+                Some(TextSpec {
+                    ty,
+                    field: *field,
+                    name: field_name,
+                    failure_suffix: suffix.into(),
+                    failure_field: match steps {
+                        [(number, None)] => Some(*number),
+                        _ => None,
+                    },
+                })
+            })
+            .collect()
+    });
+    &SPECS
+}
+
 pub(crate) const NO_PARENT: u32 = u32::MAX;
 /// Path segment flag: the segment is a message type (an `Any` value or an envelope),
 /// not a field index.
@@ -168,6 +249,83 @@ impl FailureSite {
     }
 }
 
+/// A plain string field beside a `Failure` that repeats the failure's text, found by [`scan`]
+/// when present on the wire: `RespondQueryTaskCompletedRequest.error_message` and
+/// `WorkflowQueryResult.error_message` (beside their `failure`), and `google.rpc.Status.message`
+/// of a failed query (beside the `failure` of its `QueryFailedFailure` detail). The SDKs write
+/// the failure's message there, so it must be sealed and restored with the failure. Change it
+/// with [`Scan::splice_edits`].
+#[derive(Clone, Debug)]
+pub struct FailureText {
+    pub(crate) node: u32,
+    path: Box<[u32]>,
+    name: &'static str,
+    pub(crate) field: u32,
+    /// The sibling failure's field number when it is a direct field of the same message.
+    pub(crate) failure_field: Option<u32>,
+    /// Whole fields (tag to end of value) of every occurrence, in byte order.
+    pub(crate) fields: Vec<Range<usize>>,
+    value: Range<usize>,
+    failures: Vec<usize>,
+}
+
+impl FailureText {
+    /// Byte range of the value of the last occurrence (the one a decoder keeps).
+    pub fn value(&self) -> Range<usize> {
+        self.value.clone()
+    }
+
+    /// Indices in [`Scan::failures`] of the sibling failures (every occurrence of the failure
+    /// field that was recorded; empty when the message has no such failure on the wire).
+    pub fn failures(&self) -> &[usize] {
+        &self.failures
+    }
+
+    /// Whether [`TextEdit::failure`] can add a sibling failure (the failure is a direct field of
+    /// the same message).
+    pub fn can_add_failure(&self) -> bool {
+        self.failure_field.is_some()
+    }
+
+    /// The field path, rendered like [`PayloadSite::path`] and ending in the field's name,
+    /// e.g. `error_message` or `query_results.error_message`.
+    pub fn path(&self) -> String {
+        let base = SitePath(&self.path).to_string();
+        if base.is_empty() {
+            self.name.to_owned()
+        } else {
+            format!("{base}.{}", self.name)
+        }
+    }
+}
+
+/// What [`Scan::splice_edits`] does to one [`FailureText`]: every occurrence of the field is
+/// removed, and in place of the first go the field with `text` (left out when empty) and, with
+/// `failure`, the sibling failure field holding that serialized `Failure` (for a text that has
+/// no failure beside it on the wire; only where [`FailureText::can_add_failure`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextEdit {
+    /// The new text.
+    pub text: String,
+    /// A serialized `temporal.api.failure.v1.Failure` to add beside the text.
+    pub failure: Option<bytes::Bytes>,
+}
+
+impl From<String> for TextEdit {
+    fn from(text: String) -> Self {
+        TextEdit {
+            text,
+            failure: None,
+        }
+    }
+}
+
+impl From<&str> for TextEdit {
+    fn from(text: &str) -> Self {
+        text.to_owned().into()
+    }
+}
+
 /// What [`Scan::splice_with`] does to one [`FailureSite`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FailureEdit {
@@ -203,6 +361,7 @@ pub struct Scan {
     pub(crate) sites: Vec<PayloadSite>,
     pub(crate) nodes: Vec<Node>,
     pub(crate) failures: Vec<FailureSite>,
+    pub(crate) texts: Vec<FailureText>,
     pub(crate) input_len: usize,
     unknown_any: usize,
     unknown_anys: Vec<UnknownAny>,
@@ -219,6 +378,12 @@ impl Scan {
     /// pre-order (a failure before its cause).
     pub fn failures(&self) -> &[FailureSite] {
         &self.failures
+    }
+
+    /// The plain string fields that repeat a failure's text (see [`FailureText`]), in the
+    /// order their messages end (a nested message before the one holding it).
+    pub fn failure_texts(&self) -> &[FailureText] {
+        &self.texts
     }
 
     /// How many `google.protobuf.Any` values the walker could not look into: a `type_url`
@@ -261,6 +426,7 @@ pub fn scan(ty: MessageType, buf: &[u8]) -> Result<Scan, WalkError> {
         nodes: Vec::new(),
         path: Vec::with_capacity(16),
         failures: Vec::new(),
+        texts: Vec::new(),
         failure_ty: *FAILURE_TYPE,
         unknown_any: 0,
         unknown_anys: Vec::new(),
@@ -280,6 +446,7 @@ pub fn scan(ty: MessageType, buf: &[u8]) -> Result<Scan, WalkError> {
         sites: w.sites,
         nodes: w.nodes,
         failures: w.failures,
+        texts: w.texts,
         input_len: buf.len(),
         unknown_any: w.unknown_any,
         unknown_anys: w.unknown_anys,
@@ -320,6 +487,7 @@ struct Walker<'a> {
     nodes: Vec<Node>,
     path: Vec<u32>,
     failures: Vec<FailureSite>,
+    texts: Vec<FailureText>,
     failure_ty: Option<MessageType>,
     unknown_any: usize,
     unknown_anys: Vec<UnknownAny>,
@@ -353,18 +521,21 @@ impl Walker<'_> {
         Ok((id, vstart, vend))
     }
 
-    /// Drops the node `id` (and anything after it) if no site and no failure was found
-    /// below it.
+    /// Drops the node `id` (and anything after it) if no site, no failure and no failure
+    /// text was found below it.
     #[inline]
-    fn leave(&mut self, id: u32, before: (usize, usize)) {
-        if self.sites.len() == before.0 && self.failures.len() == before.1 {
+    fn leave(&mut self, id: u32, before: (usize, usize, usize)) {
+        if self.sites.len() == before.0
+            && self.failures.len() == before.1
+            && self.texts.len() == before.2
+        {
             self.nodes.truncate(id as usize);
         }
     }
 
     #[inline]
-    fn counts(&self) -> (usize, usize) {
-        (self.sites.len(), self.failures.len())
+    fn counts(&self) -> (usize, usize, usize) {
+        (self.sites.len(), self.failures.len(), self.texts.len())
     }
 
     fn message(
@@ -387,6 +558,10 @@ impl Walker<'_> {
             None => None,
         };
         let buf = self.buf;
+        let text_spec = text_specs().iter().find(|t| t.ty == ty);
+        let failures_before = self.failures.len();
+        // Whole field and value ranges of the failure text field, if this type has one.
+        let mut texts: Vec<(Range<usize>, Range<usize>)> = Vec::new();
         // A Failure: reserve its site now (pre-order), fill it in below.
         let failure = (Some(ty) == self.failure_ty).then(|| {
             self.failures.push(FailureSite {
@@ -416,6 +591,14 @@ impl Walker<'_> {
                 } else {
                     site.stack_trace = last;
                 }
+                continue;
+            }
+            if let Some(spec) = text_spec
+                && wt == LEN
+                && field == spec.field
+            {
+                let value = wire::read_len(buf, &mut pos, end)?;
+                texts.push((tag_at..value.1, value.0..value.1));
                 continue;
             }
             let Some((findex, info)) = ty.field(field) else {
@@ -472,6 +655,27 @@ impl Walker<'_> {
             && self.failures[fi].fields.is_empty()
         {
             self.failures.pop();
+        }
+        if let (Some(spec), Some((_, last))) = (text_spec, texts.last()) {
+            let depth = self.path.len();
+            let failures = (failures_before..self.failures.len())
+                .filter(|&i| {
+                    let p = &self.failures[i].path;
+                    p.len() == depth + spec.failure_suffix.len()
+                        && p[..depth] == self.path[..]
+                        && p[depth..] == spec.failure_suffix[..]
+                })
+                .collect();
+            self.texts.push(FailureText {
+                node: parent,
+                path: self.path.as_slice().into(),
+                name: spec.name,
+                field: spec.field,
+                failure_field: spec.failure_field,
+                value: last.clone(),
+                fields: texts.into_iter().map(|(whole, _)| whole).collect(),
+                failures,
+            });
         }
         Ok(())
     }

@@ -800,3 +800,316 @@ fn write_failures_corpus() {
         }
     }
 }
+
+// ------------------------------------------------------------------ failure texts
+
+/// `google.rpc.Status` and `google.protobuf.Any`, declared here (the generated ones use a
+/// `prost-types` flavour this crate does not depend on).
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcAny {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<RpcAny>,
+}
+
+fn query_failed(
+    error_message: &str,
+    failure: Option<failure::Failure>,
+) -> ws::RespondQueryTaskCompletedRequest {
+    ws::RespondQueryTaskCompletedRequest {
+        task_token: b"tok".to_vec(),
+        completed_type: 2, // QUERY_RESULT_TYPE_FAILED
+        error_message: error_message.into(),
+        namespace: "ns".into(),
+        failure,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn query_error_message_is_a_text_of_its_failure_and_is_replaced_with_it() {
+    let name = "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest";
+    let f = app_failure("query secret", "stack", None);
+    let req = query_failed("query secret", Some(f.clone()));
+    let bytes = Bytes::from(req.encode_to_vec());
+    let s = scan(ty(name), &bytes).unwrap();
+    assert_eq!(s.failure_texts().len(), 1);
+    let text = &s.failure_texts()[0];
+    assert_eq!(text.path(), "error_message");
+    assert_eq!(&bytes[text.value()], b"query secret");
+    assert_eq!(text.failures(), [0]);
+    assert_eq!(s.failures()[0].path().to_string(), "failure");
+
+    // Seal the failure and the text in one splice.
+    let none = vec![None; s.sites().len()];
+    let sealed_bytes = s
+        .splice_edits(
+            &bytes,
+            &none,
+            &seal_all(&s, &bytes),
+            &[Some(ENCODED_FAILURE_MESSAGE.into())],
+        )
+        .unwrap();
+    let got = ws::RespondQueryTaskCompletedRequest::decode(&sealed_bytes[..]).unwrap();
+    let mut want = req.clone();
+    want.error_message = ENCODED_FAILURE_MESSAGE.into();
+    want.failure = Some(sealed(&f));
+    assert_eq!(got, want);
+
+    // And back.
+    let again = scan(ty(name), &sealed_bytes).unwrap();
+    assert_eq!(again.failure_texts()[0].failures(), [0]);
+    let restore = vec![Some(FailureEdit::Restore {
+        message: Some("query secret".into()),
+        stack_trace: Some("stack".into()),
+    })];
+    let back = again
+        .splice_edits(
+            &sealed_bytes,
+            &vec![None; again.sites().len()],
+            &restore,
+            &[Some("query secret".into())],
+        )
+        .unwrap();
+    assert_eq!(
+        ws::RespondQueryTaskCompletedRequest::decode(&back[..]).unwrap(),
+        req
+    );
+}
+
+#[test]
+fn every_occurrence_of_a_text_is_replaced_and_an_empty_text_is_left_out() {
+    let name = "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest";
+    let req = query_failed("", Some(app_failure("m", "", None)));
+    let mut bytes = req.encode_to_vec();
+    // error_message twice, before and after the failure: the last one wins in a decoder.
+    for text in [&b"first secret"[..], b"second secret"] {
+        bytes.push(4 << 3 | 2);
+        bytes.push(text.len() as u8);
+        bytes.extend_from_slice(text);
+    }
+    let bytes = Bytes::from(bytes);
+    let s = scan(ty(name), &bytes).unwrap();
+    assert_eq!(&bytes[s.failure_texts()[0].value()], b"second secret");
+    let none = vec![None; s.sites().len()];
+    let no_edits = vec![None; s.failures().len()];
+    let out = s
+        .splice_edits(&bytes, &none, &no_edits, &[Some("placeholder".into())])
+        .unwrap();
+    assert!(!out.windows(6).any(|w| w == b"secret"));
+    let got = ws::RespondQueryTaskCompletedRequest::decode(&out[..]).unwrap();
+    assert_eq!(got.error_message, "placeholder");
+    assert_eq!(got.failure, req.failure);
+    let out = s
+        .splice_edits(&bytes, &none, &no_edits, &[Some("".into())])
+        .unwrap();
+    assert_eq!(
+        ws::RespondQueryTaskCompletedRequest::decode(&out[..]).unwrap(),
+        req
+    );
+    // The text and edit counts must match.
+    assert!(matches!(
+        s.splice_edits(&bytes, &none, &no_edits, &[]),
+        Err(WalkError::EditCount { .. })
+    ));
+}
+
+#[test]
+fn a_text_without_a_failure_has_no_sibling() {
+    let name = "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest";
+    let bytes = Bytes::from(query_failed("lonely secret", None).encode_to_vec());
+    let s = scan(ty(name), &bytes).unwrap();
+    assert_eq!(s.failure_texts().len(), 1);
+    assert!(s.failure_texts()[0].failures().is_empty());
+    // A failure with nothing the walker records (no message, stack or attributes) is no
+    // sibling either.
+    let empty = failure::Failure {
+        source: "x".into(),
+        ..Default::default()
+    };
+    let bytes = Bytes::from(query_failed("lonely secret", Some(empty)).encode_to_vec());
+    let s = scan(ty(name), &bytes).unwrap();
+    assert!(s.failures().is_empty());
+    assert!(s.failure_texts()[0].failures().is_empty());
+}
+
+#[test]
+fn legacy_query_results_inside_a_workflow_task_completion_are_texts_with_their_failures() {
+    use temporalio_protos::protos::temporal::api::query::v1 as query;
+    let name = "temporal.api.workflowservice.v1.RespondWorkflowTaskCompletedRequest";
+    let result = |m: &str| query::WorkflowQueryResult {
+        result_type: 2,
+        error_message: m.into(),
+        failure: Some(app_failure(m, "", None)),
+        ..Default::default()
+    };
+    let answered = query::WorkflowQueryResult {
+        result_type: 1,
+        answer: Some(Payloads {
+            payloads: vec![p("answer")],
+        }),
+        ..Default::default()
+    };
+    let req = ws::RespondWorkflowTaskCompletedRequest {
+        task_token: b"tok".to_vec(),
+        namespace: "ns".into(),
+        query_results: [
+            ("q1".to_string(), result("first secret")),
+            ("q2".to_string(), answered),
+            ("q3".to_string(), result("third secret")),
+        ]
+        .into(),
+        ..Default::default()
+    };
+    let bytes = Bytes::from(req.encode_to_vec());
+    let s = scan(ty(name), &bytes).unwrap();
+    assert_eq!(s.failure_texts().len(), 2);
+    for text in s.failure_texts() {
+        assert_eq!(text.path(), "query_results.error_message");
+        assert_eq!(text.failures().len(), 1);
+        let f = &s.failures()[text.failures()[0]];
+        assert_eq!(f.path().to_string(), "query_results.failure");
+        // The text and its own failure, not the other entry's.
+        assert_eq!(bytes[text.value()], bytes[f.message().unwrap()]);
+    }
+    let texts: Vec<_> = s
+        .failure_texts()
+        .iter()
+        .map(|_| Some(ENCODED_FAILURE_MESSAGE.into()))
+        .collect();
+    let reps: Vec<_> = s
+        .sites()
+        .iter()
+        .map(|x| {
+            let mut p = Payload::decode(&bytes[x.range()]).unwrap();
+            p.data.extend_from_slice(b" (encoded)");
+            Some(Bytes::from(p.encode_to_vec()))
+        })
+        .collect();
+    let out = s
+        .splice_edits(&bytes, &reps, &seal_all(&s, &bytes), &texts)
+        .unwrap();
+    let got = ws::RespondWorkflowTaskCompletedRequest::decode(&out[..]).unwrap();
+    for (k, m) in [("q1", "first secret"), ("q3", "third secret")] {
+        let r = &got.query_results[k];
+        assert_eq!(r.error_message, ENCODED_FAILURE_MESSAGE);
+        assert_eq!(
+            r.failure,
+            Some(sealed(&result(m).failure.unwrap())).map(|mut f| {
+                if let Some(failure::failure::FailureInfo::ApplicationFailureInfo(a)) =
+                    f.failure_info.as_mut()
+                {
+                    a.details.as_mut().unwrap().payloads[0]
+                        .data
+                        .extend_from_slice(b" (encoded)");
+                }
+                f
+            })
+        );
+    }
+    assert_eq!(
+        got.query_results["q2"].answer.as_ref().unwrap().payloads[0].data,
+        b"answer (encoded)"
+    );
+}
+
+#[test]
+fn a_failed_query_status_message_is_a_text_of_the_query_failed_failure() {
+    use temporalio_protos::protos::temporal::api::errordetails::v1::QueryFailedFailure;
+    let any = |type_name: &str, value: Vec<u8>| RpcAny {
+        type_url: format!("type.googleapis.com/{type_name}"),
+        value,
+    };
+    let f = sealed(&app_failure("query secret", "", None));
+    let status = RpcStatus {
+        code: 3,
+        message: ENCODED_FAILURE_MESSAGE.into(),
+        details: vec![any(
+            "temporal.api.errordetails.v1.QueryFailedFailure",
+            QueryFailedFailure {
+                failure: Some(f.clone()),
+            }
+            .encode_to_vec(),
+        )],
+    };
+    let bytes = Bytes::from(status.encode_to_vec());
+    let s = scan(ty("google.rpc.Status"), &bytes).unwrap();
+    assert_eq!(s.failure_texts().len(), 1);
+    let text = &s.failure_texts()[0];
+    assert_eq!(text.path(), "message");
+    assert_eq!(text.failures(), [0]);
+    let restore = vec![Some(FailureEdit::Restore {
+        message: Some("query secret".into()),
+        stack_trace: None,
+    })];
+    let out = s
+        .splice_edits(
+            &bytes,
+            &vec![None; s.sites().len()],
+            &restore,
+            &[Some("query secret".into())],
+        )
+        .unwrap();
+    let got = RpcStatus::decode(&out[..]).unwrap();
+    assert_eq!(got.message, "query secret");
+    let detail = QueryFailedFailure::decode(&got.details[0].value[..]).unwrap();
+    assert_eq!(detail.failure.unwrap().message, "query secret");
+
+    // A failure in another detail type is not the status message's sibling.
+    let other = RpcStatus {
+        code: 3,
+        message: "m".into(),
+        details: vec![any(
+            "temporal.api.failure.v1.Failure",
+            app_failure("m", "", None).encode_to_vec(),
+        )],
+    };
+    let bytes = Bytes::from(other.encode_to_vec());
+    let s = scan(ty("google.rpc.Status"), &bytes).unwrap();
+    assert_eq!(s.failures().len(), 1);
+    assert!(s.failure_texts()[0].failures().is_empty());
+}
+
+#[test]
+fn a_text_edit_can_add_the_failure_beside_it() {
+    use payload_gateway_proto::TextEdit;
+    let name = "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest";
+    let bytes = Bytes::from(query_failed("lonely secret", None).encode_to_vec());
+    let s = scan(ty(name), &bytes).unwrap();
+    assert!(s.failure_texts()[0].can_add_failure());
+    let added = sealed(&app_failure("lonely secret", "", None));
+    let edit = TextEdit {
+        text: ENCODED_FAILURE_MESSAGE.into(),
+        failure: Some(Bytes::from(added.encode_to_vec())),
+    };
+    let out = s
+        .splice_edits(&bytes, &[], &[], &[Some(edit.clone())])
+        .unwrap();
+    let got = ws::RespondQueryTaskCompletedRequest::decode(&out[..]).unwrap();
+    assert_eq!(got.error_message, ENCODED_FAILURE_MESSAGE);
+    assert_eq!(got.failure, Some(added));
+    // The status message's failure lives inside a detail: none can be added there.
+    let status = RpcStatus {
+        code: 3,
+        message: "m".into(),
+        details: vec![],
+    };
+    let bytes = Bytes::from(status.encode_to_vec());
+    let s = scan(ty("google.rpc.Status"), &bytes).unwrap();
+    assert!(!s.failure_texts()[0].can_add_failure());
+    assert!(matches!(
+        s.splice_edits(&bytes, &[], &[], &[Some(edit)]),
+        Err(WalkError::BadEdit { .. })
+    ));
+}

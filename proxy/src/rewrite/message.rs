@@ -20,9 +20,22 @@
 //! On the way back, a failure whose `encoded_attributes` decodes to a `json/plain` JSON object
 //! gets its string `message` and `stack_trace` back and loses the attributes: what every SDK
 //! does itself, so SDKs and tools that do not look at `encoded_attributes` see the original.
+//!
+//! Some messages repeat a failure's message in a plain string beside it (the SDKs copy it):
+//! `RespondQueryTaskCompletedRequest.error_message` and `WorkflowQueryResult.error_message`
+//! (legacy queries answered in `RespondWorkflowTaskCompletedRequest.query_results`). When the
+//! failure beside such a text is sealed (by the gateway or already by the SDK), the text becomes
+//! `Encoded failure` too. A text with no failure on the wire (the Python SDK sends a failed
+//! query's text alone) becomes `Encoded failure` and gets a sealed failure beside it holding the
+//! text; a text beside a failure that has nothing to seal is refused (`INVALID_ARGUMENT`). The server hands that text back as the gRPC message of a failed
+//! `QueryWorkflow` (`google.rpc.Status.message`, with the failure in a `QueryFailedFailure`
+//! detail): on the way back a placeholder text gets the message its sibling failure got back,
+//! and [`restore_grpc_message`] does the same for the `grpc-message` header.
 
 use bytes::Bytes;
-use payload_gateway_proto::{ENCODED_FAILURE_MESSAGE, FailureEdit, MessageType, Scan, scan};
+use payload_gateway_proto::{
+    ENCODED_FAILURE_MESSAGE, FailureEdit, MessageType, Scan, TextEdit, scan, top_level_string,
+};
 
 use super::pipeline::{CallContext, Direction, Pipeline};
 use crate::grpc::{Code, Status};
@@ -58,20 +71,36 @@ pub async fn rewrite(
             refuse_unknown_any(pipeline, ctx, &scanned)?;
         }
     }
-    // Failures to seal: (failure index, plaintext attributes payload).
-    let seals = match direction {
+    // Failures to seal: (failure index, plaintext attributes payload), and what becomes of the
+    // failure texts beside them.
+    let (seals, plans) = match direction {
         Direction::Encode if pipeline.codec().seals_failures(ctx.namespace.as_deref()) => {
-            failures_to_seal(&scanned, &message)?
+            let seals = failures_to_seal(&scanned, &message)?;
+            let plans = texts_to_seal(&scanned, &message, &seals)?;
+            (seals, plans)
         }
-        _ => Vec::new(),
+        _ => (
+            Vec::new(),
+            vec![TextPlan::Keep; scanned.failure_texts().len()],
+        ),
     };
-    if sites.is_empty() && seals.is_empty() && scanned.failures().is_empty() {
+    // Texts with no failure to carry them get one: (text index, plaintext attributes payload).
+    let added: Vec<(usize, Bytes)> = plans
+        .iter()
+        .enumerate()
+        .filter_map(|(i, plan)| match plan {
+            TextPlan::AddFailure(attributes) => Some((i, attributes.clone())),
+            _ => None,
+        })
+        .collect();
+    if sites.is_empty() && seals.is_empty() && added.is_empty() && scanned.failures().is_empty() {
         return Ok(message);
     }
     let payloads: Vec<Bytes> = sites
         .iter()
         .map(|site| message.slice(site.range()))
         .chain(seals.iter().map(|(_, p)| p.clone()))
+        .chain(added.iter().map(|(_, p)| p.clone()))
         .collect();
     if payloads.is_empty() {
         return Ok(message);
@@ -83,15 +112,40 @@ pub async fn rewrite(
                 .get(e.index)
                 .map(|site| site.path().to_string())
                 .unwrap_or_default(),
-            Some(k) => seals
-                .get(k)
-                .map(|(f, _)| field_path(&scanned, *f, "encoded_attributes"))
+            Some(k) if k < seals.len() => field_path(&scanned, seals[k].0, "encoded_attributes"),
+            Some(k) => added
+                .get(k - seals.len())
+                .map(|(t, _)| scanned.failure_texts()[*t].path())
                 .unwrap_or_default(),
         };
         e.into_status(direction, &path)
     })?;
     record(direction, ctx, sizes.into_iter(), &replacements);
-    let sealed = replacements.split_off(sites.len());
+    let mut sealed = replacements.split_off(sites.len());
+    let added_encoded = sealed.split_off(seals.len());
+    let mut texts: Vec<Option<TextEdit>> = plans
+        .iter()
+        .map(|plan| match plan {
+            TextPlan::Keep => None,
+            TextPlan::Mask => Some(ENCODED_FAILURE_MESSAGE.into()),
+            TextPlan::AddFailure(_) => None, // filled in below
+        })
+        .collect();
+    for ((index, plain), encoded) in added.into_iter().zip(added_encoded) {
+        let Some(attributes) = encoded.filter(|e| *e != plain) else {
+            return Err(Status::new(
+                Code::Internal,
+                format!(
+                    "cannot seal {}: its attributes were not encoded; nothing was forwarded",
+                    scanned.failure_texts()[index].path()
+                ),
+            ));
+        };
+        texts[index] = Some(TextEdit {
+            text: ENCODED_FAILURE_MESSAGE.to_owned(),
+            failure: Some(sealed_failure(&attributes)),
+        });
+    }
     let mut edits: Vec<Option<FailureEdit>> = vec![None; scanned.failures().len()];
     for ((index, plain), encoded) in seals.into_iter().zip(sealed) {
         // With encryption on the codec never leaves a payload unchanged; refuse rather than
@@ -109,15 +163,145 @@ pub async fn rewrite(
     }
     if direction == Direction::Decode {
         restore_failures(&scanned, &message, &replacements, &mut edits);
+        restore_texts(&scanned, &message, &edits, &mut texts);
     }
     scanned
-        .splice_with(&message, &replacements, &edits)
+        .splice_edits(&message, &replacements, &edits, &texts)
         .map_err(|e| {
             Status::new(
                 Code::Internal,
                 format!("cannot rebuild {} message: {e}", ty.name()),
             )
         })
+}
+
+/// What becomes of one failure text on the way out.
+#[derive(Clone, Debug)]
+enum TextPlan {
+    /// Forwarded as it is (empty, the placeholder already, or sealing is off).
+    Keep,
+    /// Replaced with the placeholder: a failure beside it carries the text sealed.
+    Mask,
+    /// Replaced with the placeholder, and a sealed failure holding this plaintext
+    /// `encoded_attributes` payload (encoded with the message's other payloads) is added beside
+    /// it: the text had no failure on the wire (the Python SDK answers failed queries with
+    /// `error_message` only).
+    AddFailure(Bytes),
+}
+
+/// Encode direction, failures being sealed: a [failure text](payload_gateway_proto::FailureText)
+/// (a query's `error_message`, ...) beside a sealed failure gets the sealed failure's
+/// placeholder message; one with no failure on the wire gets a sealed failure of its own
+/// holding the text. A non-empty text beside a failure that has nothing to seal, or whose
+/// failure cannot be added beside it, is refused: it would reach the server in plaintext.
+fn texts_to_seal(
+    scanned: &Scan,
+    message: &Bytes,
+    seals: &[(usize, Bytes)],
+) -> Result<Vec<TextPlan>, Status> {
+    scanned
+        .failure_texts()
+        .iter()
+        .map(|text| {
+            let value = &message[text.value()];
+            if value.is_empty() || value == ENCODED_FAILURE_MESSAGE.as_bytes() {
+                return Ok(TextPlan::Keep);
+            }
+            let carried = text.failures().iter().any(|&i| {
+                seals.iter().any(|(s, _)| *s == i) || scanned.failures()[i].has_encoded_attributes()
+            });
+            if carried {
+                return Ok(TextPlan::Mask);
+            }
+            if text.failures().is_empty()
+                && text.can_add_failure()
+                && let Ok(value) = std::str::from_utf8(value)
+            {
+                return Ok(TextPlan::AddFailure(attributes_payload(value, "")));
+            }
+            Err(Status::new(
+                Code::InvalidArgument,
+                format!(
+                    "{} is plaintext failure text beside a failure that cannot carry it sealed \
+                     (no message to seal, or the text is not UTF-8); nothing was forwarded",
+                    text.path()
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// A serialized `Failure` sealed the way the SDKs seal one: `encoded_attributes` (field 20) and
+/// `message = "Encoded failure"` (field 1).
+fn sealed_failure(attributes: &Bytes) -> Bytes {
+    fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+        while v >= 0x80 {
+            out.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        out.push(v as u8);
+    }
+    fn put_field(out: &mut Vec<u8>, field: u64, value: &[u8]) {
+        put_varint(out, (field << 3) | 2);
+        put_varint(out, value.len() as u64);
+        out.extend_from_slice(value);
+    }
+    let mut out = Vec::with_capacity(attributes.len() + 32);
+    put_field(&mut out, 20, attributes);
+    put_field(&mut out, 1, ENCODED_FAILURE_MESSAGE.as_bytes());
+    Bytes::from(out)
+}
+
+/// Decode direction: a [failure text](payload_gateway_proto::FailureText) that is the sealed placeholder gets the
+/// message restored into its sibling failure, the way the failure gets it back.
+fn restore_texts(
+    scanned: &Scan,
+    message: &Bytes,
+    edits: &[Option<FailureEdit>],
+    texts: &mut [Option<TextEdit>],
+) {
+    for (text, new) in scanned.failure_texts().iter().zip(texts.iter_mut()) {
+        if &message[text.value()] != ENCODED_FAILURE_MESSAGE.as_bytes() {
+            continue;
+        }
+        *new = text.failures().iter().find_map(|&i| match &edits[i] {
+            Some(FailureEdit::Restore {
+                message: Some(m), ..
+            }) => Some(m.as_str().into()),
+            _ => None,
+        });
+    }
+}
+
+/// After the `google.rpc.Status` of `grpc-status-details-bin` was decoded into `status`: when
+/// `grpc-message` is the sealed placeholder and the status message was restored (a failed
+/// query comes back with the worker's `error_message` as its gRPC message), `grpc-message`
+/// gets the restored text too, so clients that read only the gRPC message (the Python SDK's
+/// `WorkflowQueryFailedError`) see the original.
+pub fn restore_grpc_message(headers: &mut http::HeaderMap, status: &[u8]) {
+    const GRPC_MESSAGE: &str = "grpc-message";
+    /// What `grpc-message` leaves unescaped: printable ASCII except `%`.
+    const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    let Some(current) = headers.get(GRPC_MESSAGE) else {
+        return;
+    };
+    let current = percent_encoding::percent_decode(current.as_bytes()).decode_utf8_lossy();
+    if current != ENCODED_FAILURE_MESSAGE {
+        return;
+    }
+    let Some(ty) = MessageType::by_name("google.rpc.Status") else {
+        return;
+    };
+    let Some(restored) = top_level_string(ty, status, "message") else {
+        return;
+    };
+    if restored == ENCODED_FAILURE_MESSAGE {
+        return;
+    }
+    let encoded = percent_encoding::utf8_percent_encode(restored, ESCAPED).to_string();
+    if let Ok(value) = http::HeaderValue::from_str(&encoded) {
+        headers.insert(GRPC_MESSAGE, value);
+    }
 }
 
 /// `<failure path>.<field>`, or just the field for a failure at the top level.
@@ -394,5 +578,349 @@ mod tests {
             &p.data[..],
             br#"{"message":"boom \u00e9","stack_trace":"at x\n  at y"}"#
         );
+    }
+
+    // ---------------------------------------------------------------- failure texts
+
+    use std::sync::Arc;
+
+    use prost::Message;
+    use temporalio_protos::protos::temporal::api::errordetails::v1::QueryFailedFailure;
+    use temporalio_protos::protos::temporal::api::failure::v1::Failure;
+    use temporalio_protos::protos::temporal::api::query::v1::WorkflowQueryResult;
+    use temporalio_protos::protos::temporal::api::workflowservice::v1::{
+        RespondQueryTaskCompletedRequest, RespondWorkflowTaskCompletedRequest,
+    };
+
+    use crate::codec::PayloadCodec;
+    use crate::config::{Config, KeySpec};
+
+    /// `google.rpc.Status` and `google.protobuf.Any` as the server sends them in
+    /// `grpc-status-details-bin`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RpcAny {
+        #[prost(string, tag = "1")]
+        type_url: String,
+        #[prost(bytes = "vec", tag = "2")]
+        value: Vec<u8>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct RpcStatus {
+        #[prost(int32, tag = "1")]
+        code: i32,
+        #[prost(string, tag = "2")]
+        message: String,
+        #[prost(message, repeated, tag = "3")]
+        details: Vec<RpcAny>,
+    }
+
+    const QUERY_COMPLETED: &str =
+        "temporal.api.workflowservice.v1.RespondQueryTaskCompletedRequest";
+    const SECRET: &str = "query handler failed: card 4111 MARKER";
+
+    fn pipeline(seal: bool) -> (tempfile::TempDir, Pipeline) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k1.key");
+        std::fs::write(&key, [0x42u8; 32]).unwrap();
+        let mut config = Config::default();
+        config.encryption.keys = vec![KeySpec {
+            id: "k1".to_owned(),
+            file: Some(key),
+            env: None,
+            kms: None,
+        }];
+        config.encryption.active_key = Some("k1".to_owned());
+        config.encryption.seal_failures = seal;
+        let codec = PayloadCodec::from_config(&config).unwrap();
+        (dir, Pipeline::new(Arc::new(codec)))
+    }
+
+    fn ctx() -> CallContext {
+        CallContext::new("test", Some("ns".to_owned()))
+    }
+
+    fn ty(name: &str) -> MessageType {
+        MessageType::by_name(name).unwrap()
+    }
+
+    fn failure(message: &str) -> Failure {
+        Failure {
+            message: message.to_owned(),
+            stack_trace: "at handler()".to_owned(),
+            source: "PythonSDK".to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn query_failed(error_message: &str, failure: Option<Failure>) -> Bytes {
+        Bytes::from(
+            RespondQueryTaskCompletedRequest {
+                task_token: b"tok".to_vec(),
+                completed_type: 2,
+                error_message: error_message.to_owned(),
+                namespace: "ns".to_owned(),
+                failure,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    async fn run(
+        p: &Pipeline,
+        direction: Direction,
+        name: &str,
+        m: Bytes,
+    ) -> Result<Bytes, Status> {
+        rewrite(p, direction, &ctx(), ty(name), m).await
+    }
+
+    #[tokio::test]
+    async fn a_query_error_message_is_sealed_with_its_failure_and_restored() {
+        let (_dir, p) = pipeline(true);
+        let sent = run(
+            &p,
+            Direction::Encode,
+            QUERY_COMPLETED,
+            query_failed(SECRET, Some(failure(SECRET))),
+        )
+        .await
+        .unwrap();
+        assert!(!contains(&sent, "MARKER"), "plaintext went out");
+        let got = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
+        assert_eq!(got.error_message, ENCODED_FAILURE_MESSAGE);
+        let f = got.failure.unwrap();
+        assert_eq!(f.message, ENCODED_FAILURE_MESSAGE);
+        assert_eq!(
+            f.encoded_attributes.unwrap().metadata["encoding"],
+            b"binary/encrypted"
+        );
+        // The same message on the way back (as if the server echoed it) gets the text back.
+        let back = run(&p, Direction::Decode, QUERY_COMPLETED, sent)
+            .await
+            .unwrap();
+        let got = RespondQueryTaskCompletedRequest::decode(&back[..]).unwrap();
+        assert_eq!(got.error_message, SECRET);
+        assert_eq!(got.failure.unwrap().message, SECRET);
+    }
+
+    #[tokio::test]
+    async fn a_text_beside_a_failure_the_sdk_sealed_is_sealed_too() {
+        let (_dir, p) = pipeline(true);
+        // What an SDK that seals its own failures and copies the original error text sends.
+        let mut sdk_sealed = failure(ENCODED_FAILURE_MESSAGE);
+        sdk_sealed.stack_trace.clear();
+        sdk_sealed.encoded_attributes = Some(
+            temporalio_protos::protos::temporal::api::common::v1::Payload::decode(
+                attributes_payload(SECRET, ""),
+            )
+            .unwrap(),
+        );
+        let sent = run(
+            &p,
+            Direction::Encode,
+            QUERY_COMPLETED,
+            query_failed(SECRET, Some(sdk_sealed)),
+        )
+        .await
+        .unwrap();
+        assert!(!contains(&sent, "MARKER"), "plaintext went out");
+        let got = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
+        assert_eq!(got.error_message, ENCODED_FAILURE_MESSAGE);
+    }
+
+    #[tokio::test]
+    async fn a_text_with_no_failure_gets_a_sealed_one_that_brings_it_back() {
+        let (_dir, p) = pipeline(true);
+        // What the Python SDK sends for a failed query: error_message alone.
+        let sent = run(
+            &p,
+            Direction::Encode,
+            QUERY_COMPLETED,
+            query_failed(SECRET, None),
+        )
+        .await
+        .unwrap();
+        assert!(!contains(&sent, "MARKER"), "plaintext went out");
+        let got = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
+        assert_eq!(got.error_message, ENCODED_FAILURE_MESSAGE);
+        let f = got.failure.unwrap();
+        assert_eq!(f.message, ENCODED_FAILURE_MESSAGE);
+        assert_eq!(
+            f.encoded_attributes.unwrap().metadata["encoding"],
+            b"binary/encrypted"
+        );
+        let back = run(&p, Direction::Decode, QUERY_COMPLETED, sent)
+            .await
+            .unwrap();
+        let got = RespondQueryTaskCompletedRequest::decode(&back[..]).unwrap();
+        assert_eq!(got.error_message, SECRET);
+        assert_eq!(got.failure.unwrap().message, SECRET);
+    }
+
+    #[tokio::test]
+    async fn a_text_beside_a_failure_with_nothing_to_seal_is_refused() {
+        let (_dir, p) = pipeline(true);
+        // A failure whose message field is on the wire but empty: nothing to seal the text into.
+        let mut m = query_failed(SECRET, None).to_vec();
+        m.extend_from_slice(&[7 << 3 | 2, 2, 1 << 3 | 2, 0]);
+        let err = run(&p, Direction::Encode, QUERY_COMPLETED, Bytes::from(m))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code, Code::InvalidArgument);
+        assert!(err.message.contains("error_message"), "{}", err.message);
+        assert!(
+            !err.message.contains("MARKER"),
+            "the refusal must not echo the text"
+        );
+        // An empty text or the placeholder alone is fine.
+        for text in ["", ENCODED_FAILURE_MESSAGE] {
+            run(
+                &p,
+                Direction::Encode,
+                QUERY_COMPLETED,
+                query_failed(text, None),
+            )
+            .await
+            .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn without_sealing_the_text_is_forwarded_as_is() {
+        let (_dir, p) = pipeline(false);
+        let m = query_failed(SECRET, Some(failure(SECRET)));
+        let sent = run(&p, Direction::Encode, QUERY_COMPLETED, m)
+            .await
+            .unwrap();
+        let got = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
+        assert_eq!(got.error_message, SECRET);
+        assert_eq!(got.failure.unwrap().message, SECRET);
+        let lonely = query_failed(SECRET, None);
+        assert_eq!(
+            run(&p, Direction::Encode, QUERY_COMPLETED, lonely.clone())
+                .await
+                .unwrap(),
+            lonely
+        );
+    }
+
+    #[tokio::test]
+    async fn legacy_query_results_are_sealed_per_entry() {
+        let (_dir, p) = pipeline(true);
+        let result = |m: &str| WorkflowQueryResult {
+            result_type: 2,
+            error_message: m.to_owned(),
+            failure: Some(failure(m)),
+            ..Default::default()
+        };
+        let name = "temporal.api.workflowservice.v1.RespondWorkflowTaskCompletedRequest";
+        let m = Bytes::from(
+            RespondWorkflowTaskCompletedRequest {
+                task_token: b"tok".to_vec(),
+                namespace: "ns".to_owned(),
+                query_results: [
+                    ("a".to_owned(), result("MARKER one")),
+                    // As the Python SDK sends it: the text alone.
+                    (
+                        "b".to_owned(),
+                        WorkflowQueryResult {
+                            failure: None,
+                            ..result("MARKER two")
+                        },
+                    ),
+                ]
+                .into(),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let sent = run(&p, Direction::Encode, name, m).await.unwrap();
+        assert!(!contains(&sent, "MARKER"), "plaintext went out");
+        let back = run(&p, Direction::Decode, name, sent).await.unwrap();
+        let got = RespondWorkflowTaskCompletedRequest::decode(&back[..]).unwrap();
+        assert_eq!(got.query_results["a"].error_message, "MARKER one");
+        assert_eq!(got.query_results["b"].error_message, "MARKER two");
+        assert_eq!(
+            got.query_results["b"].failure.as_ref().unwrap().message,
+            "MARKER two"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_query_status_gets_its_message_and_grpc_message_back() {
+        let (_dir, p) = pipeline(true);
+        // The worker's answer, sealed on the way out...
+        let sent = run(
+            &p,
+            Direction::Encode,
+            QUERY_COMPLETED,
+            query_failed(SECRET, Some(failure(SECRET))),
+        )
+        .await
+        .unwrap();
+        let sealed = RespondQueryTaskCompletedRequest::decode(&sent[..]).unwrap();
+        // ...comes back from the server as QueryWorkflow's status.
+        let status = RpcStatus {
+            code: 3,
+            message: sealed.error_message.clone(),
+            details: vec![RpcAny {
+                type_url: "type.googleapis.com/temporal.api.errordetails.v1.QueryFailedFailure"
+                    .to_owned(),
+                value: QueryFailedFailure {
+                    failure: sealed.failure,
+                }
+                .encode_to_vec(),
+            }],
+        };
+        let back = run(
+            &p,
+            Direction::Decode,
+            "google.rpc.Status",
+            Bytes::from(status.encode_to_vec()),
+        )
+        .await
+        .unwrap();
+        let got = RpcStatus::decode(&back[..]).unwrap();
+        assert_eq!(got.message, SECRET);
+        let detail = QueryFailedFailure::decode(&got.details[0].value[..]).unwrap();
+        assert_eq!(detail.failure.unwrap().message, SECRET);
+
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("Encoded failure"),
+        );
+        restore_grpc_message(&mut headers, &back);
+        assert_eq!(
+            headers["grpc-message"],
+            "query handler failed: card 4111 MARKER"
+        );
+        // Non-ASCII text and `%` are percent-encoded.
+        let status = RpcStatus {
+            code: 3,
+            message: "100% é".to_owned(),
+            details: vec![],
+        };
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("Encoded%20failure"),
+        );
+        restore_grpc_message(&mut headers, &status.encode_to_vec());
+        assert_eq!(headers["grpc-message"], "100%25 %C3%A9");
+        // Any other gRPC message is the server's own: left alone.
+        headers.insert(
+            "grpc-message",
+            http::HeaderValue::from_static("workflow not found"),
+        );
+        restore_grpc_message(&mut headers, &back);
+        assert_eq!(headers["grpc-message"], "workflow not found");
     }
 }

@@ -307,6 +307,7 @@ impl RewriteLayer {
         let rewritten = self
             .rewrite_one(Direction::Decode, ctx, ty, Bytes::from(raw))
             .await?;
+        message::restore_grpc_message(headers, &rewritten);
         let encoded = STATUS_DETAILS_BASE64.encode(&rewritten);
         headers.insert(
             STATUS_DETAILS,
