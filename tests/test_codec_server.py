@@ -15,7 +15,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
