@@ -65,8 +65,8 @@ def start_gateway(gateway_factory, upstream: str, s3: Optional[rig.S3Server], s3
     storage = s3.storage_section(BUCKET, 256 * 1024, 20000, s3_endpoint) if s3 is not None else {"enabled": False}
     return rig.encrypting_gateway(gateway_factory, upstream, KEY, "PGW_TEST_RELIABILITY_KEY", KEY_ID, name="gw-rel",
                                   extra_env={"RUST_LOG": "warn", **(s3.env() if s3 is not None else {})},
-                                  codec_endpoint=True, compression={"enabled": True},
-                                  **rig.merge_sections({"storage": storage}, overrides))
+                                  codec_endpoint=True,
+                                  **rig.merge_sections({"compression": {"enabled": True}, "storage": storage}, overrides))
 
 
 def bucket_dir(s3: rig.S3Server) -> Path:
