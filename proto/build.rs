@@ -61,7 +61,9 @@ fn collect(prefix: &str, d: &DescriptorProto, out: &mut Vec<Msg>) {
                 f.name().to_string(),
                 f.number(),
                 msg_ty,
-                f.r#type() == Type::String,
+                // Singular length-delimited scalars, read by name at the top level: strings
+                // (`namespace`, ids) and bytes (`task_token`).
+                matches!(f.r#type(), Type::String | Type::Bytes),
                 f.label() == Label::Repeated,
             )
         })

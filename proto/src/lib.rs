@@ -102,5 +102,6 @@ pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, 
 pub use walk::{
     ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, MAX_DEPTH,
     MAX_UNKNOWN_ANYS, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath,
-    UnknownAny, scan, top_level_string,
+    StringFieldError, UnknownAny, len_fields_by_number, scan, string_field_by_number,
+    top_level_bytes, top_level_string, top_level_string_strict,
 };

@@ -105,8 +105,8 @@ impl MessageType {
         (n.0 != 0).then_some(n)
     }
 
-    /// Whether messages of this type have a singular string field called `name` (e.g. whether
-    /// a request names its `namespace` at all).
+    /// Whether messages of this type have a singular string (or bytes) field called `name`
+    /// (e.g. whether a request names its `namespace` at all, or carries a `task_token`).
     pub fn has_string_field(self, name: &str) -> bool {
         self.string_field(name).is_some()
     }

@@ -287,6 +287,33 @@ pub fn scan(ty: MessageType, buf: &[u8]) -> Result<Scan, WalkError> {
     })
 }
 
+/// The walker error for a wire-level `fault` found in the message at field path `path`.
+fn fault_error(fault: Fault, path: String) -> WalkError {
+    let offset = fault.offset;
+    match fault.kind {
+        FaultKind::Truncated => WalkError::Truncated { offset, path },
+        FaultKind::BadVarint => WalkError::BadVarint { offset, path },
+        FaultKind::InvalidTag { wire_type, field } => WalkError::InvalidWireType {
+            wire_type,
+            field,
+            offset,
+            path,
+        },
+        FaultKind::UnexpectedWireType { wire_type, field } => WalkError::UnexpectedWireType {
+            wire_type,
+            field,
+            offset,
+            path,
+        },
+        FaultKind::LengthOutOfBounds { len } => WalkError::LengthOutOfBounds { len, offset, path },
+        FaultKind::TooDeep => WalkError::TooDeep {
+            limit: MAX_DEPTH,
+            offset,
+            path,
+        },
+    }
+}
+
 struct Walker<'a> {
     buf: &'a [u8],
     sites: Vec<PayloadSite>,
@@ -301,32 +328,7 @@ struct Walker<'a> {
 
 impl Walker<'_> {
     fn error(&self, fault: Fault) -> WalkError {
-        let path = SitePath(&self.path).to_string();
-        let offset = fault.offset;
-        match fault.kind {
-            FaultKind::Truncated => WalkError::Truncated { offset, path },
-            FaultKind::BadVarint => WalkError::BadVarint { offset, path },
-            FaultKind::InvalidTag { wire_type, field } => WalkError::InvalidWireType {
-                wire_type,
-                field,
-                offset,
-                path,
-            },
-            FaultKind::UnexpectedWireType { wire_type, field } => WalkError::UnexpectedWireType {
-                wire_type,
-                field,
-                offset,
-                path,
-            },
-            FaultKind::LengthOutOfBounds { len } => {
-                WalkError::LengthOutOfBounds { len, offset, path }
-            }
-            FaultKind::TooDeep => WalkError::TooDeep {
-                limit: MAX_DEPTH,
-                offset,
-                path,
-            },
-        }
+        fault_error(fault, SitePath(&self.path).to_string())
     }
 
     /// Reads the length prefix of a length-delimited field whose tag ends at `*pos` and
@@ -698,4 +700,93 @@ pub fn top_level_string<'a>(ty: MessageType, buf: &'a [u8], field_name: &str) ->
     let number = ty.string_field(field_name)?;
     let (a, b) = last_len_field(buf, 0, buf.len(), number, MAX_DEPTH).ok()??;
     std::str::from_utf8(&buf[a..b]).ok()
+}
+
+/// Why [`top_level_string_strict`] could not read a string field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StringFieldError {
+    /// The message is not well-formed protobuf at its top level.
+    #[error("the message is not valid protobuf: {0}")]
+    Malformed(WalkError),
+    /// The field's last occurrence is not UTF-8 (a proto3 `string` must be; the server
+    /// refuses it).
+    #[error("field `{0}` is not valid UTF-8")]
+    NotUtf8(String),
+}
+
+/// Reads the top-level string field `field_name` of `buf` as a protobuf parser does: the last
+/// length-delimited occurrence wins and occurrences of that field number with another wire
+/// type are skipped as unknown fields (Go's `proto.Unmarshal`, which the Temporal server
+/// runs, does both). Unlike [`top_level_string`], a malformed top level or a value that is not
+/// UTF-8 is an error, so a caller can refuse what it cannot read instead of guessing.
+///
+/// `Ok(None)`: the type has no such field, or the field is absent.
+pub fn top_level_string_strict<'a>(
+    ty: MessageType,
+    buf: &'a [u8],
+    field_name: &str,
+) -> Result<Option<&'a str>, StringFieldError> {
+    let Some(number) = ty.string_field(field_name) else {
+        return Ok(None);
+    };
+    match last_len_field(buf, 0, buf.len(), number, MAX_DEPTH) {
+        Err(fault) => Err(StringFieldError::Malformed(fault_error(
+            fault,
+            String::new(),
+        ))),
+        Ok(None) => Ok(None),
+        Ok(Some((a, b))) => std::str::from_utf8(&buf[a..b])
+            .map(Some)
+            .map_err(|_| StringFieldError::NotUtf8(field_name.to_owned())),
+    }
+}
+
+/// The bytes of the top-level singular bytes field `field_name` of `buf` (last occurrence
+/// wins, other wire types skipped, as [`top_level_string_strict`]), e.g. a `task_token`.
+pub fn top_level_bytes<'a>(
+    ty: MessageType,
+    buf: &'a [u8],
+    field_name: &str,
+) -> Result<Option<&'a [u8]>, StringFieldError> {
+    let Some(number) = ty.string_field(field_name) else {
+        return Ok(None);
+    };
+    last_len_field(buf, 0, buf.len(), number, MAX_DEPTH)
+        .map(|range| range.map(|(a, b)| &buf[a..b]))
+        .map_err(|fault| StringFieldError::Malformed(fault_error(fault, String::new())))
+}
+
+/// The string field number `number` of a message of a type outside the descriptor set (the
+/// server's own task tokens), read as [`top_level_string_strict`] reads a known field.
+pub fn string_field_by_number(buf: &[u8], number: u32) -> Result<Option<&str>, StringFieldError> {
+    match last_len_field(buf, 0, buf.len(), number, MAX_DEPTH) {
+        Err(fault) => Err(StringFieldError::Malformed(fault_error(
+            fault,
+            String::new(),
+        ))),
+        Ok(None) => Ok(None),
+        Ok(Some((a, b))) => std::str::from_utf8(&buf[a..b])
+            .map(Some)
+            .map_err(|_| StringFieldError::NotUtf8(format!("field {number}"))),
+    }
+}
+
+/// Every length-delimited occurrence of field `number` at the top level of `buf`, in wire
+/// order (repeated elements, or the parts a parser merges into one singular message field).
+pub fn len_fields_by_number(buf: &[u8], number: u32) -> Result<Vec<&[u8]>, StringFieldError> {
+    let mut pos = 0;
+    let mut found = Vec::new();
+    let malformed = |fault| StringFieldError::Malformed(fault_error(fault, String::new()));
+    while pos < buf.len() {
+        let tag_at = pos;
+        let (f, wt) = wire::read_tag(buf, &mut pos, buf.len()).map_err(malformed)?;
+        if f == number && wt == LEN {
+            let (a, b) = wire::read_len(buf, &mut pos, buf.len()).map_err(malformed)?;
+            found.push(&buf[a..b]);
+        } else {
+            wire::skip_value(buf, &mut pos, buf.len(), f, wt, tag_at, MAX_DEPTH)
+                .map_err(malformed)?;
+        }
+    }
+    Ok(found)
 }

@@ -9,12 +9,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin::{self, Readiness};
+use crate::auth::namespace_ids::NamespaceIds;
 use crate::auth::{AuthLayer, Authorizer};
 use crate::budget::ProcessBudget;
 use crate::codec::PayloadCodec;
 use crate::codec_server::CodecServer;
 use crate::config::{Config, ConfigError};
 use crate::drain::DrainLayer;
+use crate::grpc::layer::HandlerLayer;
+use crate::ingress::Ingress;
 use crate::observe::ObserveLayer;
 use crate::rewrite::{Pipeline, RewriteLayer};
 use crate::server::{self, ServerSettings};
@@ -46,6 +49,7 @@ pub struct Gateway {
     upstream: Upstream,
     rewrite: Option<RewriteLayer>,
     auth: Option<AuthLayer>,
+    ingress: Option<Ingress>,
     codec_server: Option<(TcpListener, CodecServer)>,
     settings: ServerSettings,
     readiness: Readiness,
@@ -129,10 +133,10 @@ impl Gateway {
                     forward_client_authorization = auth.forward_client_authorization,
                     "proxy.auth: every gRPC request is authenticated and checked against its namespace"
                 );
+                let namespace_ids = NamespaceIds::new(upstream.clone());
                 Some(AuthLayer::new(
                     Arc::new(authorizer),
-                    config.proxy.max_message_bytes,
-                    process_budget.clone(),
+                    Arc::new(namespace_ids),
                 ))
             }
             None => {
@@ -145,6 +149,10 @@ impl Gateway {
                 None
             }
         };
+        // One ingress decides every request's method and namespace whenever anything acts on
+        // them; a gateway that only forwards has nothing to decide and streams bodies through.
+        let ingress = (auth.is_some() || rewrite.is_some())
+            .then(|| Ingress::new(config.proxy.max_message_bytes, process_budget.clone()));
         let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
         let codec_server = if config.codec_server.enabled {
             let pipeline = rewrite.as_ref().map(|r| r.pipeline().clone());
@@ -165,6 +173,7 @@ impl Gateway {
             upstream,
             rewrite,
             auth,
+            ingress,
             codec_server,
             settings: ServerSettings {
                 shutdown_grace: Duration::from_millis(config.proxy.shutdown_grace_ms),
@@ -246,15 +255,20 @@ impl Gateway {
             upstream = %self.upstream.authority(),
             "gateway ready"
         );
-        let (auth, rewrite, upstream) = (self.auth, self.rewrite, self.upstream);
+        let (auth, ingress, rewrite, upstream) =
+            (self.auth, self.ingress, self.rewrite, self.upstream);
         let drain = shutdown.clone();
-        // One stack per connection thread, each with its own upstream pool.
+        // One stack per connection thread, each with its own upstream pool. Authentication
+        // needs only headers, so it runs before the ingress reads a body; authorization and
+        // the rewrite act on what the ingress decided.
         let make_service = move || {
             tower::ServiceBuilder::new()
                 .layer(ObserveLayer)
                 .layer(DrainLayer::new(drain.clone()))
-                .option_layer(auth.clone())
-                .option_layer(rewrite.clone())
+                .option_layer(auth.as_ref().map(|a| HandlerLayer(a.authenticate())))
+                .option_layer(ingress.clone().map(HandlerLayer))
+                .option_layer(auth.as_ref().map(|a| HandlerLayer(a.authorize())))
+                .option_layer(rewrite.clone().map(HandlerLayer))
                 .service(upstream.with_own_pool())
         };
         server::serve(

@@ -2,8 +2,10 @@
 //! compresses and offloads every payload on the way out and restores it on the way back.
 //!
 //! The request path is a tower stack over a pooled HTTP/2 [`upstream::Upstream`]:
-//! [`server`] accepts client connections, the payload rewrite layer walks each message with
-//! `payload_gateway_proto` and hands the payloads to the codec, and the upstream forwards.
+//! [`server`] accepts client connections, [`auth`] authenticates, the [`ingress`] reads each
+//! request once and decides its method and namespace, [`auth`] authorizes that decision, the
+//! payload [`rewrite`] layer walks each message with `payload_gateway_proto` and hands the
+//! payloads to the codec, and the upstream forwards exactly the bytes that were decided on.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -16,6 +18,7 @@ pub mod codec_server;
 pub mod config;
 pub mod drain;
 pub mod grpc;
+pub mod ingress;
 pub mod kms;
 pub mod metrics;
 pub mod non_grpc;

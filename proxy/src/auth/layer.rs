@@ -6,9 +6,9 @@
 //!    against `[[proxy.auth.client_certs]]`. A presented bearer credential that is invalid is
 //!    refused even when a certificate would match (no silent fallback). The grants of every
 //!    valid credential add up. Nothing valid: `UNAUTHENTICATED`.
-//! 2. **Find the namespace** the server will act on ([`super::namespace`]); for that the
-//!    request body is read, only after authentication (an anonymous caller cannot make the
-//!    gateway buffer anything).
+//! 2. **Find the namespace** the server will act on: the single ingress
+//!    ([`crate::ingress`]) reads the body, only after authentication (an anonymous caller
+//!    cannot make the gateway buffer anything), and decides it from the bytes it forwards.
 //! 3. **Authorize.** The namespace must be granted; a `temporal-namespace` header that
 //!    disagrees with the body, a namespace-less or unknown method without a `"*"` grant, and
 //!    an empty namespace are refused: `PERMISSION_DENIED`, naming what is missing.
@@ -20,27 +20,22 @@
 //! to them. Denials never contain the presented token.
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request, Response};
-use payload_gateway_proto::Method;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Service, ServiceExt};
 
 use super::client_cert::{CertMappings, ClientIdentity};
 use super::jwks::{Jwks, JwksSettings, JwksSource, JwtVerifier};
-use super::namespace::{self, Plan, Target};
+use super::namespace_ids::NamespaceIds;
 use super::tokens::{TokenSet, bearer};
 use super::{Grant, grant_from_claim};
-use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
 use crate::config::{AuthConfig, ConfigError};
-use crate::grpc::body::{self, TooLarge};
-use crate::grpc::frame::{self, Encoding};
+use crate::grpc::layer::Handler;
 use crate::grpc::{Code, GatewayBody, Status};
+use crate::ingress::{Inspected, Target};
 use crate::metrics::{method_label, metrics};
 
 /// The header naming the namespace for routing (Temporal Cloud); must agree with the body.
@@ -300,22 +295,19 @@ impl Authorizer {
     }
 }
 
-/// Adds `[proxy.auth]` in front of a service.
+/// `[proxy.auth]` as two tower layers around the ingress: [`AuthLayer::authenticate`] before
+/// it (headers only: an anonymous caller cannot make the gateway read a body) and
+/// [`AuthLayer::authorize`] after it (against the namespace the ingress decided).
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
     authorizer: Arc<Authorizer>,
-    max_message_bytes: usize,
-    process_budget: Arc<ProcessBudget>,
+    namespace_ids: Arc<NamespaceIds>,
 }
 
 impl AuthLayer {
-    /// Checks requests with `authorizer`; request bodies read to find the namespace are
-    /// limited to `max_message_bytes` and held against `process_budget`.
-    pub fn new(
-        authorizer: Arc<Authorizer>,
-        max_message_bytes: usize,
-        process_budget: Arc<ProcessBudget>,
-    ) -> Self {
+    /// Checks requests with `authorizer`; task tokens against the namespace ids that
+    /// `namespace_ids` reads from the server.
+    pub fn new(authorizer: Arc<Authorizer>, namespace_ids: Arc<NamespaceIds>) -> Self {
         if let Some(jwks) = authorizer.jwks()
             && let JwksSource::Url(url) = jwks.source()
         {
@@ -323,157 +315,174 @@ impl AuthLayer {
         }
         Self {
             authorizer,
-            max_message_bytes,
-            process_budget,
+            namespace_ids,
         }
     }
-}
 
-impl<S> Layer<S> for AuthLayer {
-    type Service = AuthService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        AuthService {
-            inner,
+    /// The layer in front of the ingress: authenticates from headers and the client
+    /// certificate, and hands the [`Caller`] to [`Self::authorize`].
+    pub fn authenticate(&self) -> AuthStep {
+        AuthStep {
             layer: self.clone(),
+            step: Step::Authenticate,
+        }
+    }
+
+    /// The layer behind the ingress: authorizes the caller for the request's [`Inspected`]
+    /// target, then strips the client's `authorization` (unless configured to forward it).
+    pub fn authorize(&self) -> AuthStep {
+        AuthStep {
+            layer: self.clone(),
+            step: Step::Authorize,
         }
     }
 }
 
-/// The service [`AuthLayer`] produces.
+/// One of the two steps of [`AuthLayer`], a [`Handler`] (stack it with
+/// [`crate::grpc::layer::HandlerLayer`]).
 #[derive(Debug, Clone)]
-pub struct AuthService<S> {
-    inner: S,
+pub struct AuthStep {
     layer: AuthLayer,
+    step: Step,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S> Service<Request<GatewayBody>> for AuthService<S>
-where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<GatewayBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<GatewayBody>) -> Self::Future {
-        let inner = self.inner.clone();
-        let layer = self.layer.clone();
-        Box::pin(async move { Ok(layer.handle(inner, request).await) })
-    }
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    Authenticate,
+    Authorize,
 }
 
-impl AuthLayer {
-    async fn handle<S>(&self, inner: S, request: Request<GatewayBody>) -> Response<GatewayBody>
+impl Handler for AuthStep {
+    async fn handle<S>(self, inner: S, request: Request<GatewayBody>) -> Response<GatewayBody>
     where
-        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>,
+        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
     {
-        let (mut parts, body) = request.into_parts();
-        let path = parts.uri.path().to_owned();
-        let identity = parts.extensions.get::<Arc<ClientIdentity>>().cloned();
-        let refuse = |denial: Denial| {
-            metrics().count_auth(denial.result(), denial.credential);
-            tracing::warn!(
-                method = %method_label(&path),
-                credential = denial.credential,
-                code = ?denial.status.code,
-                reason = %denial.status.message,
-                "request refused by proxy.auth"
-            );
-            denial.status.into_response()
+        let request = match self.step {
+            Step::Authenticate => self.authenticate(request).await,
+            Step::Authorize => self.authorize(request).await,
         };
-        let caller = match self
-            .authorizer
-            .authenticate(&parts.headers, identity.as_deref())
-            .await
+        match request {
+            Ok(request) => inner
+                .oneshot(request)
+                .await
+                .unwrap_or_else(|never| match never {}),
+            Err((denial, path)) => refuse(&path, denial),
+        }
+    }
+}
+
+/// Answers a refused request (and counts and logs it, never with the credential).
+fn refuse(path: &str, denial: Denial) -> Response<GatewayBody> {
+    metrics().count_auth(denial.result(), denial.credential);
+    tracing::warn!(
+        method = %method_label(path),
+        credential = denial.credential,
+        code = ?denial.status.code,
+        reason = %denial.status.message,
+        "request refused by proxy.auth"
+    );
+    denial.status.into_response()
+}
+
+impl AuthStep {
+    /// What the server acts on beyond the request's own namespace: namespaces named by its
+    /// commands, and the namespace of its task token. A caller granted every namespace may
+    /// act on all of them.
+    async fn authorize_inside(&self, caller: &Caller, inspected: &Inspected) -> Result<(), Denial> {
+        if caller.grant == Grant::All {
+            return Ok(());
+        }
+        let denied = |message: String| Denial::denied(caller.credential, message);
+        if let Some(ns) = inspected
+            .nested_namespaces
+            .iter()
+            .find(|ns| !caller.grant.permits(ns))
         {
-            Ok(caller) => caller,
-            Err(denial) => return refuse(denial),
+            return Err(denied(format!(
+                "a command of this request acts on namespace {ns:?}, which this credential is \
+                 not granted"
+            )));
+        }
+        if let (Some(id), Target::Namespace(ns)) = (&inspected.task_namespace_id, &inspected.target)
+        {
+            match self.layer.namespace_ids.is_id_of(ns, id).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(denied(format!(
+                        "the task token belongs to another namespace than {ns:?}, the one the \
+                         request names and this credential is granted"
+                    )));
+                }
+                Err(e) => {
+                    return Err(Denial {
+                        status: Status::new(Code::Unavailable, e.to_string()),
+                        credential: caller.credential,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn authenticate(
+        &self,
+        mut request: Request<GatewayBody>,
+    ) -> Result<Request<GatewayBody>, (Denial, String)> {
+        let identity = request.extensions().get::<Arc<ClientIdentity>>().cloned();
+        let caller = self
+            .layer
+            .authorizer
+            .authenticate(request.headers(), identity.as_deref())
+            .await
+            .map_err(|d| (d, request.uri().path().to_owned()))?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+
+    async fn authorize(
+        &self,
+        mut request: Request<GatewayBody>,
+    ) -> Result<Request<GatewayBody>, (Denial, String)> {
+        let path = request.uri().path().to_owned();
+        // Both are put there by the layers in front; a stack without them fails closed.
+        let (Some(caller), Some(inspected)) = (
+            request.extensions().get::<Caller>(),
+            Inspected::of(&request),
+        ) else {
+            let denial = Denial {
+                status: Status::new(
+                    Code::Internal,
+                    "gateway misconfigured: authorization ran without authentication and ingress",
+                ),
+                credential: "none",
+            };
+            return Err((denial, path));
         };
-        let (target, body) = match namespace::plan(&path) {
-            Plan::Decided(kind) => (namespace::decided_target(&path, kind), body),
-            Plan::ReadBody(m) => match self.read_first(&parts.headers, body, m).await {
-                Ok((first, body)) => (namespace::target_of(m, first.as_deref()), body),
-                Err(status) => return status.into_response(),
-            },
-        };
-        let header = match parts.headers.get_all(NAMESPACE_HEADER).iter().count() {
+        let headers = request.headers();
+        let header = match headers.get_all(NAMESPACE_HEADER).iter().count() {
             0 => None,
             1 => Some(
-                parts
-                    .headers
+                headers
                     .get(NAMESPACE_HEADER)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("(not UTF-8)"),
             ),
             _ => Some("(several headers)"),
         };
-        if let Err(denial) = self.authorizer.authorize(&caller, &target, header) {
-            return refuse(denial);
-        }
-        metrics().count_auth("allowed", caller.credential);
-        if !self.authorizer.forward_client_authorization {
-            parts.headers.remove(AUTHORIZATION);
-        }
-        inner
-            .oneshot(Request::from_parts(parts, body))
+        let authorizer = &self.layer.authorizer;
+        authorizer
+            .authorize(caller, &inspected.target, header)
+            .map_err(|d| (d, path.clone()))?;
+        self.authorize_inside(caller, inspected)
             .await
-            .unwrap_or_else(|never| match never {})
-    }
-
-    /// Reads the request body whole and returns its first message (inflated) and the body
-    /// to forward, byte for byte as received.
-    async fn read_first(
-        &self,
-        headers: &HeaderMap,
-        body: GatewayBody,
-        m: Method,
-    ) -> Result<(Option<bytes::Bytes>, GatewayBody), Status> {
-        let encoding =
-            Encoding::from_header(headers.get("grpc-encoding").and_then(|v| v.to_str().ok()))
-                .map_err(|e| Status::new(Code::Unimplemented, e.to_string()))?;
-        let budget = MessageBudget::new(self.process_budget.clone(), self.max_message_bytes);
-        let limit = self.max_message_bytes.saturating_add(frame::PREFIX_LEN);
-        let collected = body::collect(body, limit, &budget).await.map_err(|e| {
-            if e.is::<TooLarge>() || e.is::<Exhausted>() {
-                Status::new(Code::ResourceExhausted, e.to_string())
-            } else {
-                Status::new(
-                    Code::Unavailable,
-                    format!("connection lost while reading the message: {e}"),
-                )
-            }
-        })?;
-        let joined = frame::join(collected.chunks, collected.len);
-        let messages = frame::split(
-            &joined,
-            encoding,
-            self.max_message_bytes,
-            !m.client_streaming,
-            &budget,
-        )
-        .map_err(|e| {
-            let code = match e {
-                frame::FrameError::TooLarge { .. } | frame::FrameError::Budget(_) => {
-                    Code::ResourceExhausted
-                }
-                _ => Code::InvalidArgument,
-            };
-            Status::new(code, e.to_string())
-        })?;
-        let first = messages.into_iter().next();
-        Ok((
-            first,
-            GatewayBody::buffered(vec![joined], collected.trailers),
-        ))
+            .map_err(|d| (d, path.clone()))?;
+        metrics().count_auth("allowed", caller.credential);
+        if !authorizer.forward_client_authorization {
+            request.headers_mut().remove(AUTHORIZATION);
+        }
+        Ok(request)
     }
 }

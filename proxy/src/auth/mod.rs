@@ -4,14 +4,14 @@
 //!   the gRPC listener.
 //! - [`tokens`]: static bearer tokens.
 //! - [`client_cert`]: identities of verified client certificates.
-//! - [`namespace`]: which namespace a gRPC request acts on.
-//! - [`layer`]: `[proxy.auth]`, the tower layer in front of everything that reaches the
-//!   upstream.
+//! - [`namespace_ids`]: namespace ids as the server knows them, for task tokens.
+//! - [`layer`]: `[proxy.auth]`, the tower layers around the ingress ([`crate::ingress`]),
+//!   in front of everything that reaches the upstream.
 
 pub mod client_cert;
 pub mod jwks;
 pub mod layer;
-pub mod namespace;
+pub mod namespace_ids;
 pub mod tokens;
 
 use std::collections::BTreeSet;

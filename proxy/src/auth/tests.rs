@@ -7,15 +7,13 @@ use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, RsaKeyPair};
 use base64::Engine;
 use http::{HeaderMap, HeaderValue};
-use payload_gateway_proto::method;
-use prost::Message;
 
 use super::jwks::{Jwks, JwksSettings, JwksSource, JwtError, JwtVerifier};
 use super::layer::{Authorizer, Caller};
-use super::namespace::{self, Kind, Plan, Target};
 use super::*;
 use crate::config::{AuthConfig, AuthTokenConfig};
 use crate::grpc::Code;
+use crate::ingress::Target;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 const ISS: &str = "https://idp.example";
@@ -381,122 +379,6 @@ fn grants_from_claims_and_lists() {
     assert!(a.permits("a") && !a.permits("b") && !a.permits(""));
     assert!(a.clone().union(Grant::from_list(&["b"])).permits("b"));
     assert_eq!(a.union(Grant::All), Grant::All);
-}
-
-// ------------------------------------------------------------------ namespace extraction
-
-const START: &str = "/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution";
-
-fn start_request(ns: &str) -> Vec<u8> {
-    temporalio_protos::temporal::api::workflowservice::v1::StartWorkflowExecutionRequest {
-        namespace: ns.to_owned(),
-        workflow_id: "wf".to_owned(),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
-
-#[test]
-fn the_namespace_is_the_request_body_field() {
-    let m = method(START).unwrap();
-    assert!(matches!(namespace::plan(START), Plan::ReadBody(_)));
-    assert_eq!(
-        namespace::target_of(m, Some(&start_request("a"))),
-        Target::Namespace("a".into())
-    );
-    // The last occurrence wins, as the server reads it.
-    let mut twice = start_request("a");
-    twice.extend(start_request("b"));
-    assert_eq!(
-        namespace::target_of(m, Some(&twice)),
-        Target::Namespace("b".into())
-    );
-    assert_eq!(
-        namespace::target_of(m, None),
-        Target::Namespace(String::new())
-    );
-    assert_eq!(
-        namespace::target_of(m, Some(&[0xff, 0xff])),
-        Target::Namespace(String::new())
-    );
-}
-
-#[test]
-fn namespace_less_and_unknown_methods_are_global_except_the_open_ones() {
-    for open in namespace::OPEN_METHODS {
-        assert!(
-            matches!(namespace::plan(open), Plan::Decided(Kind::Open)),
-            "{open}"
-        );
-    }
-    let unknown = "/temporal.api.workflowservice.v1.WorkflowService/FutureMethod";
-    assert!(matches!(
-        namespace::plan(unknown),
-        Plan::Decided(Kind::Unknown)
-    ));
-    assert!(matches!(
-        namespace::decided_target(unknown, Kind::Unknown),
-        Target::Global(_)
-    ));
-    let mut global = Vec::new();
-    for m in payload_gateway_proto::methods() {
-        match namespace::plan(m.path) {
-            Plan::Decided(Kind::NoNamespace) => global.push(crate::metrics::short_method(m.path)),
-            Plan::Decided(Kind::Open) => assert!(!m.request.has_string_field("namespace")),
-            Plan::ReadBody(_) => assert!(m.request.has_string_field("namespace")),
-            Plan::Decided(Kind::Unknown) => panic!("{} is known", m.path),
-        }
-    }
-    for expected in [
-        "OperatorService/CreateNexusEndpoint",
-        "OperatorService/UpdateNexusEndpoint",
-        "OperatorService/DeleteNexusEndpoint",
-        "OperatorService/GetNexusEndpoint",
-        "OperatorService/ListNexusEndpoints",
-        "OperatorService/ListClusters",
-        "WorkflowService/ListNamespaces",
-    ] {
-        assert!(
-            global.iter().any(|g| g == expected),
-            "{expected}: {global:?}"
-        );
-    }
-    // Batch operations and namespace-scoped operator calls name their namespace.
-    for path in [
-        "/temporal.api.workflowservice.v1.WorkflowService/StartBatchOperation",
-        "/temporal.api.operatorservice.v1.OperatorService/AddSearchAttributes",
-        "/temporal.api.workflowservice.v1.WorkflowService/ExecuteMultiOperation",
-    ] {
-        assert!(matches!(namespace::plan(path), Plan::ReadBody(_)), "{path}");
-    }
-}
-
-#[test]
-fn a_namespace_named_by_id_is_global() {
-    let path = "/temporal.api.workflowservice.v1.WorkflowService/DescribeNamespace";
-    let m = method(path).unwrap();
-    let by_id = temporalio_protos::temporal::api::workflowservice::v1::DescribeNamespaceRequest {
-        namespace: "a".into(),
-        id: "0000-1111".into(),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    assert!(matches!(
-        namespace::target_of(m, Some(&by_id)),
-        Target::Global(_)
-    ));
-    let path = "/temporal.api.operatorservice.v1.OperatorService/DeleteNamespace";
-    let m = method(path).unwrap();
-    let by_id = temporalio_protos::temporal::api::operatorservice::v1::DeleteNamespaceRequest {
-        namespace: "a".into(),
-        namespace_id: "0000-1111".into(),
-        ..Default::default()
-    }
-    .encode_to_vec();
-    assert!(matches!(
-        namespace::target_of(m, Some(&by_id)),
-        Target::Global(_)
-    ));
 }
 
 // ------------------------------------------------------------------ the authorizer

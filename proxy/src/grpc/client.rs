@@ -10,6 +10,9 @@ use super::frame::{self, Encoding};
 use crate::budget::MessageBudget;
 use crate::upstream::Upstream;
 
+/// How long one of the gateway's own calls may take.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Why a call to the upstream failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -53,12 +56,21 @@ pub async fn unary(
         .uri(path)
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")
+        // Upstreams (and fronts such as grpcio proxies) treat a call without a deadline
+        // differently; the gateway's own calls always carry one, and keep it locally too.
+        .header("grpc-timeout", format!("{}S", CALL_TIMEOUT.as_secs()))
         .body(GatewayBody::buffered(chunks, None))
         .map_err(|e| malformed(e.to_string()))?;
     if let Some(ns) = namespace.and_then(|ns| HeaderValue::from_str(ns).ok()) {
         request.headers_mut().insert("temporal-namespace", ns);
     }
-    let response = upstream.forward(request).await;
+    let response = tokio::time::timeout(CALL_TIMEOUT, upstream.forward(request))
+        .await
+        .map_err(|_| CallError::Status {
+            path: path.to_owned(),
+            code: 4,
+            message: format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
+        })?;
     let (parts, body) = response.into_parts();
     let budget = MessageBudget::unlimited();
     let collected = collect(body, limit, &budget)

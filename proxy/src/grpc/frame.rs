@@ -146,29 +146,68 @@ pub fn split(
 
 /// Inflates one compressed message, reading at most `limit` bytes of output and charging
 /// every byte of capacity it allocates to `budget` first.
+///
+/// Read as the Temporal server's Go readers read it, so that nothing is left for a second
+/// reader to see: gzip reads every member (Go's `gzip.Reader` is multistream by default), and
+/// anything after the compressed stream that is not another member is an error, as is an
+/// empty compressed message.
 fn inflate(
     message: &[u8],
     encoding: Encoding,
     limit: usize,
     budget: &MessageBudget,
 ) -> Result<Bytes, FrameError> {
-    let (name, mut reader): (&'static str, Box<dyn Read + '_>) = match encoding {
-        Encoding::Gzip => ("gzip", Box::new(flate2::read::GzDecoder::new(message))),
-        Encoding::Deflate => ("deflate", Box::new(flate2::read::ZlibDecoder::new(message))),
+    let name = match encoding {
+        Encoding::Gzip => "gzip",
+        Encoding::Deflate => "deflate",
         Encoding::Identity => {
             return Err(FrameError::UnsupportedEncoding(
                 "compressed message without grpc-encoding".to_owned(),
             ));
         }
     };
-    let corrupt = |e: std::io::Error| FrameError::Corrupt {
+    let corrupt = |reason: String| FrameError::Corrupt {
         encoding: name,
-        reason: e.to_string(),
+        reason,
     };
+    if message.is_empty() {
+        return Err(corrupt("empty compressed message".to_owned()));
+    }
+    match encoding {
+        Encoding::Gzip => read_limited(
+            flate2::bufread::MultiGzDecoder::new(message),
+            limit,
+            budget,
+            corrupt,
+        ),
+        _ => {
+            let mut reader = flate2::bufread::ZlibDecoder::new(message);
+            let out = read_limited(&mut reader, limit, budget, corrupt)?;
+            if !reader.get_ref().is_empty() {
+                return Err(corrupt(format!(
+                    "{} bytes after the end of the compressed stream",
+                    reader.get_ref().len()
+                )));
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// Reads `reader` to its end into one buffer of at most `limit` bytes, charging capacity to
+/// `budget` before allocating it.
+fn read_limited(
+    mut reader: impl Read,
+    limit: usize,
+    budget: &MessageBudget,
+    corrupt: impl Fn(String) -> FrameError,
+) -> Result<Bytes, FrameError> {
     let mut chunk = vec![0u8; 64 * 1024];
     let mut out: Vec<u8> = Vec::new();
     loop {
-        let n = reader.read(&mut chunk).map_err(corrupt)?;
+        let n = reader
+            .read(&mut chunk)
+            .map_err(|e| corrupt(e.to_string()))?;
         if n == 0 {
             return Ok(Bytes::from(out));
         }
@@ -373,6 +412,55 @@ mod tests {
             Err(FrameError::NotUnary)
         );
         assert_eq!(budget.used(), 0, "the second message was never inflated");
+    }
+
+    #[test]
+    fn every_gzip_member_is_read_and_trailing_bytes_refused() {
+        let mut two = gzip(b"first ");
+        two.extend(gzip(b"second"));
+        let budget = MessageBudget::unlimited();
+        let messages = split(
+            &Bytes::from(frame(1, &two)),
+            Encoding::Gzip,
+            1024,
+            true,
+            &budget,
+        );
+        assert_eq!(messages.unwrap(), vec![&b"first second"[..]]);
+        let mut trailing = gzip(b"first");
+        trailing.extend_from_slice(b"\x0a\x01B");
+        let err = split(
+            &Bytes::from(frame(1, &trailing)),
+            Encoding::Gzip,
+            1024,
+            true,
+            &budget,
+        );
+        assert!(matches!(err, Err(FrameError::Corrupt { .. })), "{err:?}");
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::fast());
+        zlib.write_all(b"first").unwrap();
+        let mut zlib = zlib.finish().unwrap();
+        zlib.extend_from_slice(b"\x0a\x01B");
+        let err = split(
+            &Bytes::from(frame(1, &zlib)),
+            Encoding::Deflate,
+            1024,
+            true,
+            &budget,
+        );
+        assert!(matches!(err, Err(FrameError::Corrupt { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn an_empty_compressed_message_is_refused() {
+        let err = split(
+            &Bytes::from(frame(1, b"")),
+            Encoding::Gzip,
+            1024,
+            true,
+            &MessageBudget::unlimited(),
+        );
+        assert!(matches!(err, Err(FrameError::Corrupt { .. })), "{err:?}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod body;
 pub mod client;
 pub mod frame;
+pub mod layer;
 pub mod status;
 
 pub use body::{BoxError, GatewayBody};

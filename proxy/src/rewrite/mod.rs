@@ -2,30 +2,30 @@
 //! and runs the payload [`pipeline`] over it, requests on the way out and responses (including
 //! the `grpc-status-details-bin` trailer) on the way back.
 //!
-//! Methods the descriptors don't know, and methods whose messages cannot hold payloads, stream
-//! through untouched. Known methods are unary, so their messages are buffered whole: a message
-//! is either fully rewritten or not sent at all.
+//! The request side works on the messages the ingress ([`crate::ingress`]) read, inflated and
+//! decided on; nothing here reads a request body. Methods of other services, and methods whose
+//! messages cannot hold payloads, go upstream as the ingress re-framed them. Known methods are
+//! unary, so their messages are whole: a message is either fully rewritten or not sent at all.
 
 pub mod capture;
 pub mod message;
 pub mod pipeline;
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
-use payload_gateway_proto::{MessageType, Method, method, top_level_string};
-use tower::{Layer, Service, ServiceExt};
+use payload_gateway_proto::{MessageType, Method};
+use tower::{Service, ServiceExt};
 
 use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
 use crate::grpc::body::{self, TooLarge};
 use crate::grpc::frame::{self, Encoding};
+use crate::grpc::layer::Handler;
 use crate::grpc::{Code, GatewayBody, Status};
+use crate::ingress::Inspected;
 use crate::metrics::metrics;
 use capture::Capture;
 pub use pipeline::{CallContext, Direction, Pipeline};
@@ -41,7 +41,8 @@ const STATUS_DETAILS_BASE64: base64::engine::GeneralPurpose = base64::engine::Ge
         .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
 );
 
-/// Adds payload rewriting in front of a service.
+/// Payload rewriting in front of a service: a [`Handler`] (stack it with
+/// [`crate::grpc::layer::HandlerLayer`]).
 #[derive(Debug, Clone)]
 pub struct RewriteLayer {
     pipeline: Pipeline,
@@ -79,61 +80,41 @@ impl RewriteLayer {
     }
 }
 
-impl<S> Layer<S> for RewriteLayer {
-    type Service = RewriteService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RewriteService {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-/// The service [`RewriteLayer`] produces.
-#[derive(Debug, Clone)]
-pub struct RewriteService<S> {
-    inner: S,
-    layer: RewriteLayer,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<S> Service<Request<GatewayBody>> for RewriteService<S>
-where
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    type Response = Response<GatewayBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Response<GatewayBody>, Infallible>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<GatewayBody>) -> Self::Future {
-        let inner = self.inner.clone();
-        let layer = self.layer.clone();
-        let path = request.uri().path();
-        let Some(m) = method(path) else {
-            if let Some(refusal) = layer.refuse_unknown_method(&request) {
-                return Box::pin(async move { Ok(refusal.into_response()) });
+impl Handler for RewriteLayer {
+    async fn handle<S>(self, inner: S, request: Request<GatewayBody>) -> Response<GatewayBody>
+    where
+        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let forward = |inner: S, request| async move {
+            inner
+                .oneshot(request)
+                .await
+                .unwrap_or_else(|never| match never {})
+        };
+        // The ingress in front decided method, messages and namespace; without it the layer
+        // cannot know what it would forward, so it refuses.
+        let Some(inspected) = Inspected::of(&request).cloned() else {
+            return Status::new(
+                Code::Internal,
+                "gateway misconfigured: the payload rewrite ran without the ingress",
+            )
+            .into_response();
+        };
+        let (Some(m), Some(messages)) = (inspected.method, inspected.messages.clone()) else {
+            if let Some(refusal) = self.refuse_unknown_method(&request) {
+                return refusal.into_response();
             }
-            return Box::pin(inner.oneshot(request));
+            return forward(inner, request).await;
         };
         if !(m.request.can_hold_payloads() || m.response.can_hold_payloads()) {
-            return Box::pin(inner.oneshot(request));
+            return forward(inner, request).await;
         }
-        Box::pin(async move {
-            Ok(layer
-                .round_trip(inner, request, m)
-                .await
-                .unwrap_or_else(Status::into_response))
-        })
+        self.round_trip(inner, request, m, messages, inspected)
+            .await
+            .unwrap_or_else(Status::into_response)
     }
 }
 
@@ -170,55 +151,33 @@ impl RewriteLayer {
         ))
     }
 
-    /// Rewrites the request, forwards it, rewrites the response.
+    /// Rewrites the request's inspected `messages`, forwards them, rewrites the response.
     async fn round_trip<S>(
         &self,
         inner: S,
         request: Request<GatewayBody>,
         m: Method,
+        messages: Vec<Bytes>,
+        inspected: Inspected,
     ) -> Result<Response<GatewayBody>, Status>
     where
         S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>,
     {
         let (request_type, response_type) = (m.request, m.response);
-        let (mut parts, body) = request.into_parts();
-        let encoding = encoding_of(&parts.headers)
-            .map_err(|e| Status::new(Code::Unimplemented, e.to_string()))?;
-        let budget = self.message_budget();
-        let messages = self
-            .read_messages(
-                body,
-                encoding,
-                Code::InvalidArgument,
-                !m.client_streaming,
-                &budget,
-            )
-            .await?
-            .0;
-        // The namespace the server will act on: the request's own field. A request type
+        // The body the ingress re-framed is these same messages: it is replaced, not read.
+        let (parts, _same_messages) = request.into_parts();
+        // The namespace the server will act on, as the ingress decided it. A request type
         // without one (OperatorService Nexus endpoints, ...) follows the default policy: a
         // client-chosen header never picks the policy.
-        let namespace = if request_type.has_string_field("namespace") {
-            Some(
-                messages
-                    .first()
-                    .and_then(|m| top_level_string(request_type, m, "namespace"))
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-        } else {
-            None
-        };
-        let ctx = CallContext::new(m.path, namespace)
+        let ctx = CallContext::new(m.path, inspected.namespace)
             .with_request(request_type, messages.first())
-            .with_budget(budget);
+            .with_budget(inspected.budget);
         let messages = if self.pipeline.applies(Direction::Encode, &ctx) {
             self.rewrite_all(Direction::Encode, &ctx, request_type, messages)
                 .await?
         } else {
             messages
         };
-        parts.headers.remove(http::header::CONTENT_LENGTH);
         let request =
             Request::from_parts(parts, GatewayBody::buffered(encode_frames(messages)?, None));
 

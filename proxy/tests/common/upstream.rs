@@ -12,6 +12,8 @@ use payload_gateway::budget::ProcessBudget;
 use payload_gateway::codec::PayloadCodec;
 use payload_gateway::config::Config;
 use payload_gateway::grpc::GatewayBody;
+use payload_gateway::grpc::layer::HandlerLayer;
+use payload_gateway::ingress::Ingress;
 use payload_gateway::rewrite::{Pipeline, RewriteLayer};
 use tower::{Layer, ServiceExt};
 
@@ -88,8 +90,9 @@ pub async fn call(
             v.parse().unwrap(),
         );
     }
-    layer
-        .layer(upstream.service())
+    // The rewrite acts on what the single ingress decided, as in the gateway's stack.
+    HandlerLayer(Ingress::new(4 << 20, ProcessBudget::unlimited()))
+        .layer(HandlerLayer(layer.clone()).layer(upstream.service()))
         .oneshot(request)
         .await
         .unwrap()
