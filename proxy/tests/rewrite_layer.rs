@@ -240,7 +240,7 @@ async fn malformed_request_is_invalid_argument_and_nothing_is_forwarded() {
     assert_eq!(response.headers()["grpc-status"], "3");
     let message = response.headers()["grpc-message"].to_str().unwrap();
     assert!(
-        message.contains("StartWorkflowExecutionRequest"),
+        message.contains("StartWorkflowExecution"),
         "{message}"
     );
     assert!(
