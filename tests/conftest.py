@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -62,11 +63,18 @@ def dedicated_temporal_server(workdir, request):
 
 @pytest.fixture
 def gateway_factory(workdir, request):
-    """make(upstream, config=None, extra_env=None, name=...) -> a started Gateway, stopped at teardown."""
+    """make(upstream, config=None, extra_env=None, name=...) -> a started Gateway, stopped at teardown.
+    `config` is a dict, None (forwarding only), or a function of the new Gateway returning the
+    dict (for a config on the gateway's own ports: `rig.encrypting_config`)."""
     started: list[rig.Gateway] = []
 
-    def make(upstream: str, config: dict | None = None, extra_env: dict | None = None, name: str = "gateway", start: bool = True) -> rig.Gateway:
-        gw = rig.Gateway(rig.new_tmpdir(workdir, f"{name}-"), upstream, config=config, extra_env=extra_env, name=name)
+    def make(upstream: str, config: dict | Callable[[rig.Gateway], dict] | None = None, extra_env: dict | None = None,
+             name: str = "gateway", start: bool = True) -> rig.Gateway:
+        build = config if callable(config) else None
+        gw = rig.Gateway(rig.new_tmpdir(workdir, f"{name}-"), upstream, config={} if build else config, extra_env=extra_env,
+                         name=name)
+        if build:
+            gw.configure(build(gw))
         started.append(gw)
         if start:
             try:

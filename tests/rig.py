@@ -84,6 +84,16 @@ def port_accepts(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bo
         return False
 
 
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a process in KiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            out[k] = int(v.split()[0])
+    return out
+
+
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.1, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -335,6 +345,44 @@ def forwarding_config(upstream: str, proxy_port: int, codec_port: int, admin_por
     }
 
 
+def b64(data: bytes) -> str:
+    """Standard base64 of `data` as text (how the gateway reads a key from a variable)."""
+    return base64.b64encode(data).decode()
+
+
+def merge_sections(config: dict, overrides: dict) -> dict:
+    """`config` with `overrides` applied section by section: a dict updates the section of that
+    name (into a new dict), anything else replaces it. `config` itself is left as it was."""
+    out = dict(config)
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section] = {**out[section], **values}
+        else:
+            out[section] = values
+    return out
+
+
+def encrypting_config(gw: "Gateway", key_env: str, key_id: str = "k1", codec_endpoint: bool = False, **sections) -> dict:
+    """A config on `gw`'s ports (`[codec_server]` enabled when `codec_endpoint`) that encrypts with
+    the one key `key_id` read from the variable `key_env`; `sections` are merged over it
+    (`merge_sections`: `proxy={...}` adds to `[proxy]`, `encryption={...}` to `[encryption]`)."""
+    return merge_sections({
+        **gw.listener_sections(codec_server=codec_endpoint),
+        "encryption": {"enabled": True, "active_key": key_id, "keys": [{"id": key_id, "env": key_env}]},
+    }, sections)
+
+
+def encrypting_gateway(gateway_factory, upstream: str, key: bytes, key_env: str, key_id: str = "k1", *,
+                       name: str = "gateway", extra_env: Optional[dict] = None, codec_endpoint: bool = False,
+                       **sections) -> "Gateway":
+    """A started gateway toward `upstream` (made by the `gateway_factory` fixture, so stopped at
+    teardown) with `encrypting_config`: `key` is passed base64-encoded in `key_env`, beside
+    `extra_env`."""
+    env = {key_env: b64(key), **(extra_env or {})}
+    return gateway_factory(upstream, name=name, extra_env=env,
+                           config=lambda gw: encrypting_config(gw, key_env, key_id, codec_endpoint, **sections))
+
+
 def key_files(workdir: Path, keys: dict[str, bytes]) -> list[dict]:
     """Writes each key base64-encoded to `{workdir}/{id}.key`; returns the `encryption.keys`
     entries naming those files."""
@@ -465,6 +513,19 @@ class S3Server:
                 raise TimeoutError(f"s3s-fs not listening in {timeout}s\n{out}")
             time.sleep(0.05)
         return self
+
+    def env(self) -> dict:
+        """The gateway's S3 credentials for this server (the standard AWS chain's variables)."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+
+    def storage_section(self, bucket: str, threshold: int, timeout_ms: int, endpoint: Optional[str] = None) -> dict:
+        """`[storage]` offloading payloads of `threshold` bytes or more to `bucket` with the S3
+        driver `aws.s3driver` at `endpoint` (this server unless given: a fault proxy in front)."""
+        return {
+            "enabled": True, "driver": "aws.s3driver", "threshold": threshold,
+            "drivers": [{"name": "aws.s3driver", "kind": "s3", "bucket": bucket, "endpoint": endpoint or self.endpoint,
+                         "region": "us-east-1", "force_path_style": True, "timeout_ms": timeout_ms}],
+        }
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import functools
 import hashlib
 import hmac
@@ -30,11 +29,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from cryptography.x509.oid import NameOID
 from temporalio import workflow
 from temporalio.api.nexus.v1 import EndpointSpec, EndpointTarget
 from temporalio.api.operatorservice.v1 import CreateNexusEndpointRequest, DeleteNexusEndpointRequest
@@ -44,6 +41,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 import rig
+import tls_pki
 
 NS_A = "default"
 NS_B = "auth-b"
@@ -58,55 +56,19 @@ WORKER_SAN = "spiffe://test/worker-a"
 # --------------------------------------------------------------------------- certificates
 
 
-def _name(cn: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _cert(subject: str, key, issuer_name, issuer_key, sans, ca=False, client=False):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if ca:
-        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                          encipher_only=False, decipher_only=False), critical=True)
-    else:
-        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        usage = x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH if client else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
-        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    return b.sign(issuer_key, hashes.SHA256())
-
-
-def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-
-
-def _pem_cert(cert) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 class Pki:
-    """A CA, a server certificate for localhost/127.0.0.1 and client certificates."""
+    """A CA (tls_pki), a server certificate for localhost/127.0.0.1 and client certificates
+    naming a URI (SPIFFE ID)."""
 
     def __init__(self, d: Path):
-        self.dir = d
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        self.ca = _cert("auth-test-ca", self.ca_key, _name("auth-test-ca"), self.ca_key, [], ca=True)
-        self.ca_pem = _pem_cert(self.ca)
-        (d / "ca.pem").write_bytes(self.ca_pem)
-        key = ec.generate_private_key(ec.SECP256R1())
-        import ipaddress
-        server = _cert("localhost", key, self.ca.subject, self.ca_key,
-                       [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-        (d / "server.pem").write_bytes(_pem_cert(server))
-        (d / "server.key").write_bytes(_pem_key(key))
+        self.ca = tls_pki.Ca(d, "auth-test-ca")
+        self.ca_pem = self.ca.pem
+        self.ca_file = self.ca.cert_file
+        self.server = self.ca.server("localhost")
 
     def client(self, san: str) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = _cert("client", key, self.ca.subject, self.ca_key, [x509.UniformResourceIdentifier(san)], client=True)
-        return _pem_cert(cert), _pem_key(key)
+        leaf = self.ca.issue("client", uris=(san,), client=True)
+        return leaf.cert_pem, leaf.key_pem
 
 
 # --------------------------------------------------------------------------- JWTs and the JWKS server
@@ -173,12 +135,12 @@ def unsigned(alg: str, key: bytes | None, kid: str) -> str:
 class JwksServer:
     """An https server answering GET /jwks with the current key set; restartable on its port."""
 
-    def __init__(self, pki_dir: Path):
+    def __init__(self, server: tls_pki.Leaf):
         self.port = rig.free_port()
         self.keys: list[dict] = []
         self.fetches = 0
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(pki_dir / "server.pem", pki_dir / "server.key")
+        self.ctx.load_cert_chain(server.cert, server.key)
         self.httpd = None
         self.thread = None
 
@@ -285,7 +247,7 @@ def setup(workdir):
     base = rig.new_tmpdir(workdir, "auth-")
     s.pki = Pki(base)
     s.signers = {k: Signer(k, f"kid-{k}") for k in ("RS256", "ES256", "EdDSA")}
-    s.jwks = JwksServer(base)
+    s.jwks = JwksServer(s.pki.server)
     s.jwks.keys = [sg.jwk() for sg in s.signers.values()]
     server = TemporalServerWithB(base / "temporal", name="temporal-auth")
     front = gw = None
@@ -298,18 +260,18 @@ def setup(workdir):
         sections = gw.listener_sections(codec_server=True)
         sections["proxy"].update({"api_key_env": "PGW_T_API_KEY"})
         # The codec endpoint verifies JWTs against the same JWKS URL.
-        sections["codec_server"].update({"jwks_url": s.jwks.url, "jwks_ca_file": str(base / "ca.pem"),
+        sections["codec_server"].update({"jwks_url": s.jwks.url, "jwks_ca_file": str(s.pki.ca_file),
                                          "jwt_issuer": ISS, "jwt_audience": AUD})
         gw.configure({
             **sections,
-            "proxy.tls": {"cert_file": str(base / "server.pem"), "key_file": str(base / "server.key"),
-                          "client_ca_file": str(base / "ca.pem"), "require_client_cert": False},
+            "proxy.tls": {"cert_file": str(s.pki.server.cert), "key_file": str(s.pki.server.key),
+                          "client_ca_file": str(s.pki.ca_file), "require_client_cert": False},
             "proxy.auth": {
                 "forward_client_authorization": False,
                 "tokens": [{"env": "PGW_T_TOKEN_A", "namespaces": [NS_A]}, {"env": "PGW_T_ADMIN", "namespaces": ["*"]}],
                 "client_certs": [{"san": WORKER_SAN, "namespaces": [NS_A]}],
             },
-            "proxy.auth.jwt": {"jwks_url": s.jwks.url, "jwks_ca_file": str(base / "ca.pem"), "issuer": ISS, "audience": AUD,
+            "proxy.auth.jwt": {"jwks_url": s.jwks.url, "jwks_ca_file": str(s.pki.ca_file), "issuer": ISS, "audience": AUD,
                                "jwks_refresh_secs": 2, "jwks_min_refresh_secs": 1},
             "encryption": {"enabled": False}, "compression": {"enabled": False}, "storage": {"enabled": False},
         })

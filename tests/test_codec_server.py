@@ -15,7 +15,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -47,31 +46,24 @@ def json_payload(value) -> dict:
 
 
 def codec_config(gw: rig.Gateway, workdir, cors_origins: list[str], max_body_bytes: int = 1024 * 1024) -> dict:
-    sections = gw.listener_sections(codec_server=True)
-    sections["codec_server"].update(
-        cors_origins=cors_origins,
-        bearer_tokens_env="PGW_TEST_CODEC_TOKENS",
-        max_body_bytes=max_body_bytes,
-        max_payloads=50,
-    )
-    return {
-        **sections,
-        "encryption": {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "env": "PGW_TEST_CODEC_KEY"}]},
-        "compression": {"enabled": True},
-        "storage": {
+    return rig.encrypting_config(
+        gw, "PGW_TEST_CODEC_KEY", codec_endpoint=True,
+        codec_server={"cors_origins": cors_origins, "bearer_tokens_env": "PGW_TEST_CODEC_TOKENS",
+                      "max_body_bytes": max_body_bytes, "max_payloads": 50},
+        compression={"enabled": True},
+        storage={
             "enabled": True,
             "driver": "local",
             "threshold": THRESHOLD,
             "drivers": [{"name": "local", "kind": "filesystem", "root": str(workdir / "payloads")}],
         },
-    }
+    )
 
 
 def start_gateway(gateway_factory, upstream: str, cors_origins: list[str], **kw) -> rig.Gateway:
-    gw = gateway_factory(upstream, config={}, start=False, name="codec-gw",
-                         extra_env={"PGW_TEST_CODEC_KEY": b64(KEY), "PGW_TEST_CODEC_TOKENS": ",".join(TOKENS)})
-    gw.configure(codec_config(gw, gw.workdir, cors_origins, **kw))
-    return gw.start()
+    return gateway_factory(upstream, name="codec-gw",
+                           extra_env={"PGW_TEST_CODEC_KEY": b64(KEY), "PGW_TEST_CODEC_TOKENS": ",".join(TOKENS)},
+                           config=lambda gw: codec_config(gw, gw.workdir, cors_origins, **kw))
 
 
 class Reply:
@@ -603,16 +595,6 @@ def test_cross_namespace_decode_is_refused(gateway_factory, temporal_server):
             assert '"kb"' in r.text and "not bound" in r.text, r.text
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of a process in KiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
-            out[k] = int(v.split()[0])
-    return out
-
-
 @pytest.fixture
 def default_limits_gw(gateway_factory, temporal_server):
     """A gateway with the codec endpoint's default limits (32 MiB bodies, 1,000 payloads,
@@ -631,7 +613,7 @@ def warm_up(gw: rig.Gateway) -> dict[str, int]:
     for _ in range(3):
         r = http(gw, "POST", "/decode", {"payloads": [json_payload("warm")]}, token=None)
         assert r.status == 200, r.text
-    return proc_status(gw.proc.pid)
+    return rig.proc_status(gw.proc.pid)
 
 
 def test_millions_of_nulls_are_refused_while_parsing(default_limits_gw):
@@ -644,7 +626,7 @@ def test_millions_of_nulls_are_refused_while_parsing(default_limits_gw):
     took = time.monotonic() - t0
     assert r.status == 413 and "max_payloads" in r.text, r.text
     assert took < 5, f"took {took:.1f} s"
-    after = proc_status(gw.proc.pid)
+    after = rig.proc_status(gw.proc.pid)
     growth = (after["VmHWM"] - before["VmHWM"]) // 1024
     print(f"6.7 M nulls: 413 in {took:.2f} s, VmHWM {before['VmHWM'] // 1024} -> {after['VmHWM'] // 1024} MiB")
     # The body itself is 32 MiB; parsing 6.7 M entries before counting them grew it by ~1 GiB.
@@ -675,7 +657,7 @@ def test_zstd_bombs_are_refused_within_the_budget(default_limits_gw, declare_siz
     r = http(gw, "POST", "/decode", {"payloads": [bomb] * count}, token=None)
     took = time.monotonic() - t0
     assert r.status == 413 and "max_decoded_bytes" in r.text and "payload 0" in r.text, r.text
-    after = proc_status(gw.proc.pid)
+    after = rig.proc_status(gw.proc.pid)
     growth = (after["VmHWM"] - before["VmHWM"]) // 1024
     print(f"{count} bombs: 413 in {took:.2f} s, VmHWM {before['VmHWM'] // 1024} -> {after['VmHWM'] // 1024} MiB")
     assert growth < 400, f"VmHWM grew by {growth} MiB"

@@ -61,20 +61,13 @@ def envelope_config(gw: rig.Gateway, keks: dict[str, str], active: str, s3: rig.
                     rotation_s: int = 3600, timeout_ms: int = 2000) -> dict:
     keys = [{"id": kid, "kms": kek_uri(arn)} for kid, arn in keks.items()]
     keys.append({"id": "k1", "env": "PGW_TEST_STATIC_KEY"})  # static keys keep working alongside
-    config = {
+    return {
         **gw.listener_sections(codec_server=True),
         "encryption": {"enabled": True, "active_key": active, "keys": keys, "dek_rotation_s": rotation_s,
                        "kms_timeout_ms": timeout_ms},
         "compression": {"enabled": True},
-        "storage": {"enabled": False},
+        "storage": s3.storage_section(BUCKET, 64 * 1024, 5000) if s3 is not None else {"enabled": False},
     }
-    if s3 is not None:
-        config["storage"] = {
-            "enabled": True, "driver": "aws.s3driver", "threshold": 64 * 1024,
-            "drivers": [{"name": "aws.s3driver", "kind": "s3", "bucket": BUCKET, "endpoint": s3.endpoint,
-                         "region": "us-east-1", "force_path_style": True, "timeout_ms": 5000}],
-        }
-    return config
 
 
 def start_gateway(gateway_factory, upstream: str, kms: rig.KmsServer, keks: dict[str, str], active: str,
@@ -82,9 +75,8 @@ def start_gateway(gateway_factory, upstream: str, kms: rig.KmsServer, keks: dict
     env = {**kms.gateway_env(), "PGW_TEST_STATIC_KEY": STATIC_KEY}
     if s3 is not None:
         # The S3 driver gets its endpoint from the config; its credentials from the same chain.
-        env.update({"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
-    gw = gateway_factory(upstream, config={}, start=False, extra_env=env)
-    return gw.configure(envelope_config(gw, keks, active, s3, **kw)).start()
+        env.update(s3.env())
+    return gateway_factory(upstream, extra_env=env, config=lambda gw: envelope_config(gw, keks, active, s3, **kw))
 
 
 async def run_many(address: str, n: int, parallel: int = 20, pause_s: float = 0.0, data: str = "",

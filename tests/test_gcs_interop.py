@@ -15,7 +15,6 @@ on and off on both sides.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import json
 import uuid
@@ -47,14 +46,8 @@ def gcs(request, workdir, monkeypatch):
 
 
 def start_gateway(gateway_factory, upstream: str, gcs: GcsStore, compression: bool) -> rig.Gateway:
-    gw = gateway_factory(upstream, config={}, start=False,
-                         extra_env={"PGW_TEST_GCS_KEY": base64.b64encode(KEYS["k1"]).decode()})
-    return gw.configure({
-        **gw.listener_sections(),
-        "encryption": {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "env": "PGW_TEST_GCS_KEY"}]},
-        "compression": {"enabled": compression},
-        "storage": gcs.storage_section(timeout_ms=10000),
-    }).start()
+    return rig.encrypting_gateway(gateway_factory, upstream, KEYS["k1"], "PGW_TEST_GCS_KEY",
+                                  compression={"enabled": compression}, storage=gcs.storage_section(timeout_ms=10000))
 
 
 async def sdk_driver(stack: AsyncExitStack):

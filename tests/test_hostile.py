@@ -60,20 +60,10 @@ def vm_hwm_mib(pid: int) -> int:
 
 def start_gateway(gateway_factory, upstream: str, **sections) -> rig.Gateway:
     """A gateway encrypting with KEY (from a variable) unless `sections` say otherwise."""
-    env = {"PGW_TEST_HOSTILE_KEY": base64.b64encode(KEY).decode(), "RUST_LOG": "warn"}
-    gw = gateway_factory(upstream, config={}, start=False, extra_env=env, name="gw-hostile")
-    config = {
-        **gw.listener_sections(),
-        "encryption": {"enabled": True, "active_key": KEY_ID, "keys": [{"id": KEY_ID, "env": "PGW_TEST_HOSTILE_KEY"}]},
-        "compression": {"enabled": False},
-        "storage": {"enabled": False},
-    }
-    for section, values in sections.items():
-        if isinstance(values, dict) and isinstance(config.get(section), dict):
-            config[section] = {**config[section], **values}
-        else:
-            config[section] = values
-    return gw.configure(config).start()
+    return rig.encrypting_gateway(gateway_factory, upstream, KEY, "PGW_TEST_HOSTILE_KEY", KEY_ID, name="gw-hostile",
+                                  extra_env={"RUST_LOG": "warn"},
+                                  **rig.merge_sections({"compression": {"enabled": False}, "storage": {"enabled": False}},
+                                                       sections))
 
 
 def assert_served(gw: rig.Gateway) -> None:

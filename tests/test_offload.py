@@ -8,7 +8,6 @@ S3StorageDriver interoperates both ways (GCS interop: test_gcs_interop.py)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import hashlib
 import json
@@ -244,21 +243,11 @@ class GatewayCodec(PayloadCodec):
         return out
 
 
-def gateway_config(gw: rig.Gateway, store: Store, compression: bool = True) -> dict:
-    return {
-        **gw.listener_sections(),
-        "encryption": {"enabled": True, "active_key": KEY_ID, "keys": [{"id": KEY_ID, "env": "PGW_TEST_OFFLOAD_KEY"}]},
-        "compression": {"enabled": compression},
-        "storage": store.storage_section(),
-    }
-
-
 def start_gateway(gateway_factory, upstream: str, store, compression: bool = True) -> rig.Gateway:
     if isinstance(store, rig.S3Server):
         store = S3Store(store)
-    gw = gateway_factory(upstream, config={}, start=False,
-                         extra_env={"PGW_TEST_OFFLOAD_KEY": base64.b64encode(KEY).decode(), **store.env()})
-    return gw.configure(gateway_config(gw, store, compression)).start()
+    return rig.encrypting_gateway(gateway_factory, upstream, KEY, "PGW_TEST_OFFLOAD_KEY", KEY_ID, extra_env=store.env(),
+                                  compression={"enabled": compression}, storage=store.storage_section())
 
 
 def objects(s3: rig.S3Server) -> list[Path]:

@@ -58,42 +58,15 @@ MiB = 1024 * 1024
 # ----------------------------------------------------------------------------- helpers
 
 
-def config_for(gw: rig.Gateway, s3_endpoint: Optional[str], **overrides) -> dict:
-    config = {
-        **gw.listener_sections(codec_server=True),
-        "encryption": {"enabled": True, "active_key": KEY_ID, "keys": [{"id": KEY_ID, "env": "PGW_TEST_RELIABILITY_KEY"}]},
-        "compression": {"enabled": True},
-        "storage": {"enabled": False},
-    }
-    if s3_endpoint is not None:
-        config["storage"] = {
-            "enabled": True, "driver": "aws.s3driver", "threshold": 256 * 1024,
-            "drivers": [{"name": "aws.s3driver", "kind": "s3", "bucket": BUCKET, "endpoint": s3_endpoint,
-                         "region": "us-east-1", "force_path_style": True, "timeout_ms": 20000}],
-        }
-    for section, values in overrides.items():
-        config.setdefault(section, {}).update(values)
-    return config
-
-
 def start_gateway(gateway_factory, upstream: str, s3: Optional[rig.S3Server], s3_endpoint: Optional[str] = None,
                   **overrides) -> rig.Gateway:
-    env = {"PGW_TEST_RELIABILITY_KEY": base64.b64encode(KEY).decode(), "RUST_LOG": "warn"}
-    if s3 is not None:
-        env.update({"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
-        s3_endpoint = s3_endpoint or s3.endpoint
-    gw = gateway_factory(upstream, config={}, start=False, extra_env=env, name="gw-rel")
-    return gw.configure(config_for(gw, s3_endpoint, **overrides)).start()
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS / VmHWM of a process in KiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
-            out[k] = int(v.split()[0])
-    return out
+    """Encryption and compression on; offload to `s3` (through `s3_endpoint` when given: a fault
+    proxy in front) when there is one; `overrides` merged over the sections."""
+    storage = s3.storage_section(BUCKET, 256 * 1024, 20000, s3_endpoint) if s3 is not None else {"enabled": False}
+    return rig.encrypting_gateway(gateway_factory, upstream, KEY, "PGW_TEST_RELIABILITY_KEY", KEY_ID, name="gw-rel",
+                                  extra_env={"RUST_LOG": "warn", **(s3.env() if s3 is not None else {})},
+                                  codec_endpoint=True,
+                                  **rig.merge_sections({"compression": {"enabled": True}, "storage": storage}, overrides))
 
 
 def bucket_dir(s3: rig.S3Server) -> Path:
@@ -228,7 +201,7 @@ def test_soak(temporal_server, gateway_factory, s3_server):
     seed = int(os.environ.get("PGW_SOAK_SEED", "1"))
     sizes = soak.draw_sizes(n, seed, max_total=budget)
     gw = start_gateway(gateway_factory, temporal_server.address, s3_server)
-    before = proc_status(gw.proc.pid)
+    before = rig.proc_status(gw.proc.pid)
     result = asyncio.run(soak.run_load(gw.address, sizes, concurrency=concurrency, seed=seed,
                                        timeout_s=max(600.0, n * 2.0), progress_every=max(10, n // 20),
                                        activity_timeout_s=120,
@@ -236,7 +209,7 @@ def test_soak(temporal_server, gateway_factory, s3_server):
     # The load is over (last result back, worker stopped): watch the resident set come down
     # while the server-side checks run (they read the server and the bucket, not the gateway).
     sampler = soak.ResidentSampler(gw.proc.pid, seconds=30).start()
-    after = proc_status(gw.proc.pid)
+    after = rig.proc_status(gw.proc.pid)
     print(f"\n[soak] {result.summary()}; gateway VmHWM {before['VmHWM'] // 1024} -> {after['VmHWM'] // 1024} MiB, "
           f"VmRSS at end {after['VmRSS'] // 1024} MiB")
     # The plaintext check reads every history (all of them up to 200; a spread sample above).
@@ -342,7 +315,7 @@ def test_fault_clients_cancel_large_requests(temporal_server, gateway_factory, s
     gw = start_gateway(gateway_factory, temporal_server.address, s3_server)
     cancelled_ids: list[str] = []
     codes: dict[str, int] = {}
-    before = proc_status(gw.proc.pid)
+    before = rig.proc_status(gw.proc.pid)
 
     def cancel_storm(_progress):
         blob = soak.make_blob(8 * MiB, 2)  # even seed: repetitive, marker-laden
@@ -378,7 +351,7 @@ def test_fault_clients_cancel_large_requests(temporal_server, gateway_factory, s
     histories = asyncio.run(reached_server())
     for h in histories:
         soak.check_history(h, bucket_dir(s3_server))
-    after = proc_status(gw.proc.pid)
+    after = rig.proc_status(gw.proc.pid)
     print(f"\n[fault client cancel] {result.summary()} {totals}; cancelled calls {codes}, "
           f"{len(histories)} reached the server; gateway VmRSS {before['VmRSS'] // 1024} -> {after['VmRSS'] // 1024} MiB")
     assert_served(gw)
@@ -454,7 +427,7 @@ def test_forged_references_more_shapes(temporal_server, gateway_factory, s3_serv
             _reference(claim(f"v0/ns/default/d/sha256/{hb}", hash_value=hb), size=big_size), RPCStatusCode.INVALID_ARGUMENT),
     }
     outcomes = {}
-    before = proc_status(gw.proc.pid)
+    before = rig.proc_status(gw.proc.pid)
     for what, (ref, expected) in cases.items():
         wf_id = f"forged2-{uuid.uuid4().hex[:8]}"
         asyncio.run(start_raw(temporal_server.address, wf_id, ref))
@@ -465,7 +438,7 @@ def test_forged_references_more_shapes(temporal_server, gateway_factory, s3_serv
         except RPCError as err:
             outcomes[what] = (err.status, str(err))
             assert soak.MARKER.decode() not in str(err), f"{what}: plaintext in the error"
-    after = proc_status(gw.proc.pid)
+    after = rig.proc_status(gw.proc.pid)
     report = {k: (v[0], v[1] if isinstance(v[1], str) else "payload") for k, v in outcomes.items()}
     print("\n" + "\n".join(f"[forged] {k}: {v[0]} {v[1][:160]}" for k, v in report.items()))
     for what, (ref, expected) in cases.items():
@@ -547,10 +520,10 @@ def test_zstd_payload_bomb_is_refused_with_bounded_memory(temporal_server, gatew
     inner = Payload(metadata={"encoding": b"binary/zstd"}, data=data)
     wf_id = f"bomb-{uuid.uuid4().hex[:8]}"
     asyncio.run(start_raw(temporal_server.address, wf_id, encrypt(inner)))
-    before = proc_status(gw.proc.pid)
+    before = rig.proc_status(gw.proc.pid)
     with pytest.raises(RPCError) as err:
         asyncio.run(history_raw(gw.address, wf_id))
-    after = proc_status(gw.proc.pid)
+    after = rig.proc_status(gw.proc.pid)
     grown = (after["VmHWM"] - before["VmHWM"]) // 1024
     print(f"\n[zstd bomb {bomb}] {len(data)} compressed bytes: {err.value.status.name}: {err.value}; VmHWM +{grown} MiB")
     # INTERNAL naming the payload's path and the cap (test_encryption.py's undecodable-payload contract).
@@ -611,7 +584,7 @@ def test_gzip_frame_bomb_and_malformed_frames(temporal_server, gateway_factory):
         for _ in range(1024):
             f.write(b"\0" * MiB)  # 1 GiB of zeros, about 1 MB compressed
     bomb = buf.getvalue()
-    before = proc_status(gw.proc.pid)
+    before = rig.proc_status(gw.proc.pid)
     cases = {
         "gzip bomb (1 GiB inflated, 8 MiB limit)": (frame(1, bomb), {"grpc-encoding": "gzip"}, {"RESOURCE_EXHAUSTED"}),
         "length prefix over the limit": (frame(0, b"", length=64 * MiB), {}, {"RESOURCE_EXHAUSTED"}),
@@ -633,7 +606,7 @@ def test_gzip_frame_bomb_and_malformed_frames(temporal_server, gateway_factory):
         if code is None and got["_curl_rc"] == "92":  # HTTP/2 stream reset
             code = "RESET"
         results[what] = (code, got.get("grpc-message", ""), "curl rc " + got["_curl_rc"])
-    after = proc_status(gw.proc.pid)
+    after = rig.proc_status(gw.proc.pid)
     print("\n".join(f"[frames] {w}: {r}" for w, r in results.items()))
     bad = {w: r for w, r in results.items() if r[0] not in cases[w][2]}
     assert not bad, "unexpected statuses:\n" + "\n".join(f"{w}: {r}" for w, r in bad.items())
@@ -692,11 +665,11 @@ SLOW_CONNECTIONS = 300
 def test_slow_loris_grpc_listener_keeps_serving(temporal_server, gateway_factory, stall):
     gw = start_gateway(gateway_factory, temporal_server.address, None)
     payload = b"PRI * HTTP/2.0\r\n" if stall == "partial-preface" else _h2_headers_partial()
-    before = proc_status(gw.proc.pid)
+    before = rig.proc_status(gw.proc.pid)
     socks = _stall(gw.port, SLOW_CONNECTIONS, payload)
     try:
         latencies = [assert_served(gw, timeout=5) for _ in range(5)]
-        after = proc_status(gw.proc.pid)
+        after = rig.proc_status(gw.proc.pid)
         print(f"\n[slow loris gRPC {stall}] {SLOW_CONNECTIONS} stalled connections: other clients served in "
               f"{max(latencies) * 1000:.0f} ms max; VmRSS {before['VmRSS'] // 1024} -> {after['VmRSS'] // 1024} MiB")
         assert max(latencies) < 2.0
@@ -761,7 +734,7 @@ def test_slow_loris_codec_listener(temporal_server, gateway_factory, stall):
     gw = start_gateway(gateway_factory, temporal_server.address, None)
     payload = (b"POST /decode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" if stall == "partial-http1-headers"
                else b"PRI * HTTP/2.0\r\n")
-    before = proc_status(gw.proc.pid)
+    before = rig.proc_status(gw.proc.pid)
     socks = _stall(gw.codec_port, SLOW_CONNECTIONS, payload)
     try:
         body = json.dumps({"payloads": []}).encode()
@@ -772,7 +745,7 @@ def test_slow_loris_codec_listener(temporal_server, gateway_factory, stall):
             with urllib.request.urlopen(req, timeout=5) as r:
                 assert r.status == 200
             assert time.monotonic() - t0 < 2.0
-        after = proc_status(gw.proc.pid)
+        after = rig.proc_status(gw.proc.pid)
         assert after["VmRSS"] - before["VmRSS"] < 64 * 1024
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

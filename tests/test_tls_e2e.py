@@ -75,20 +75,12 @@ def upstream_tls(pki, ca: str = "front-ca", client: str | None = "gateway-upstre
 
 def start_gateway(gateway_factory, front: TlsFront, pki, *, mtls: bool, upstream: dict | None = None,
                   codec_tls: bool = False) -> rig.Gateway:
-    gw = gateway_factory(front.address, config={}, start=False, name="tls-gw",
-                         extra_env={"PGW_TEST_TLS_KEY": base64.b64encode(KEY).decode()})
-    sections = gw.listener_sections(codec_server=codec_tls)
-    sections["proxy"]["tls"] = {"cert_file": str(pki["gateway"].cert), "key_file": str(pki["gateway"].key)}
-    if mtls:
-        sections["proxy"]["tls"]["client_ca_file"] = str(pki["gateway-ca"].cert_file)
-    sections["proxy"]["upstream_tls"] = upstream if upstream is not None else upstream_tls(pki)
-    if codec_tls:
-        sections["codec_server"]["tls"] = {"cert_file": str(pki["gateway"].cert), "key_file": str(pki["gateway"].key)}
-    gw.configure({
-        **sections,
-        "encryption": {"enabled": True, "active_key": "k1", "keys": [{"id": "k1", "env": "PGW_TEST_TLS_KEY"}]},
-    })
-    return gw.start()
+    tls = {"cert_file": str(pki["gateway"].cert), "key_file": str(pki["gateway"].key)}
+    proxy = {"tls": {**tls, "client_ca_file": str(pki["gateway-ca"].cert_file)} if mtls else tls,
+             "upstream_tls": upstream if upstream is not None else upstream_tls(pki)}
+    codec = {"codec_server": {"tls": tls}} if codec_tls else {}
+    return rig.encrypting_gateway(gateway_factory, front.address, KEY, "PGW_TEST_TLS_KEY", name="tls-gw",
+                                  codec_endpoint=codec_tls, proxy=proxy, **codec)
 
 
 def sdk_tls(pki, ca: str = "gateway-ca", client: str | None = None) -> TLSConfig:

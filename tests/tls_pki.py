@@ -73,10 +73,15 @@ class Ca:
     def pem(self) -> bytes:
         return self.cert_file.read_bytes()
 
-    def issue(self, cn: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), client: bool = False) -> Leaf:
+    def issue(self, cn: str, dns: tuple[str, ...] = (), ips: tuple[str, ...] = (), client: bool = False,
+              uris: tuple[str, ...] = ()) -> Leaf:
+        """A leaf named `cn` (its files `{ca}-{cn}.crt/.key`: a later leaf of the same name
+        replaces them) for the names `dns`, `ips` and `uris` (SPIFFE IDs), for client or server
+        authentication."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
-        sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        sans = ([x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+                + [x509.UniformResourceIdentifier(u) for u in uris])
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(cn)).issuer_name(self.cert.subject)
@@ -97,7 +102,7 @@ class Ca:
         return leaf
 
     def server(self, cn: str) -> Leaf:
-        return self.issue(cn, dns=(cn, "localhost"), ips=("127.0.0.1",))
+        return self.issue(cn, dns=tuple(dict.fromkeys((cn, "localhost"))), ips=("127.0.0.1",))
 
     def client(self, cn: str) -> Leaf:
         return self.issue(cn, client=True)

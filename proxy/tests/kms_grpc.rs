@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 use payload_gateway::config::KmsServerConfig;
 use payload_gateway::kms::grpc::GrpcKek;
 use payload_gateway::kms::{Dek, KeyEncryptionKey, KmsError, Provider};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use rcgen::ExtendedKeyUsagePurpose;
+
+mod common;
+use common::pki::{Ca, LOCAL_NAMES};
 
 const KEY_ID: &str = "payments-kek";
 
@@ -248,74 +248,23 @@ async fn service_that_never_answers_times_out() {
     hold.abort();
 }
 
-// ---------------------------------------------------------------------------------------------
-// TLS
-
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    dir: PathBuf,
-    name: String,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.join(format!("{name}-ca.pem")), cert.pem()).unwrap();
-        Self {
-            issuer: Issuer::new(params, key),
-            dir: dir.to_owned(),
-            name: name.to_owned(),
-        }
-    }
-
-    fn cert_file(&self) -> PathBuf {
-        self.dir.join(format!("{}-ca.pem", self.name))
-    }
-
-    /// `(certificate, key)` files of a leaf.
-    fn issue(&self, leaf: &str, purpose: ExtendedKeyUsagePurpose) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, leaf);
-        params.extended_key_usages = vec![purpose];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let cert_file = self.dir.join(format!("{}-{leaf}.crt", self.name));
-        let key_file = self.dir.join(format!("{}-{leaf}.key", self.name));
-        std::fs::write(&cert_file, cert.pem()).unwrap();
-        std::fs::write(&key_file, key.serialize_pem()).unwrap();
-        (cert_file, key_file)
-    }
-}
-
 #[tokio::test]
 async fn mtls_to_the_service_and_its_failures_are_named() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "kms");
     let other_ca = Ca::new(dir.path(), "other");
-    let (server_cert, server_key) = ca.issue("server", ExtendedKeyUsagePurpose::ServerAuth);
-    let (client_cert, client_key) = ca.issue("gateway", ExtendedKeyUsagePurpose::ClientAuth);
+    let server = ca.server("server");
+    let client = ca.issue("gateway", LOCAL_NAMES, ExtendedKeyUsagePurpose::ClientAuth);
     let sidecar = Sidecar::start(
         &python,
         dir.path(),
         "127.0.0.1:0",
         &[
             "--tls-cert",
-            server_cert.to_str().unwrap(),
+            server.cert.to_str().unwrap(),
             "--tls-key",
-            server_key.to_str().unwrap(),
+            server.key.to_str().unwrap(),
             "--client-ca",
             ca.cert_file().to_str().unwrap(),
         ],
@@ -323,8 +272,8 @@ async fn mtls_to_the_service_and_its_failures_are_named() {
     let port = sidecar.address.rsplit_once(':').unwrap().1.to_owned();
     let mut good = KmsServerConfig::new(format!("localhost:{port}"));
     good.ca_file = Some(ca.cert_file());
-    good.cert_file = Some(client_cert);
-    good.key_file = Some(client_key);
+    good.cert_file = Some(client.cert);
+    good.key_file = Some(client.key);
     good.timeout_ms = 3_000;
 
     let kek = GrpcKek::connect(KEY_ID, "vault", &good).unwrap();

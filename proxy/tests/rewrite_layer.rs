@@ -2,20 +2,14 @@
 //! receives and answers with a chosen response.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Response};
 use http_body_util::BodyExt;
-use payload_gateway::budget::ProcessBudget;
 use payload_gateway::codec::PayloadCodec;
-use payload_gateway::config::Config;
 use payload_gateway::grpc::GatewayBody;
-use payload_gateway::grpc::layer::HandlerLayer;
-use payload_gateway::ingress::Ingress;
-use payload_gateway::rewrite::{Pipeline, RewriteLayer};
+use payload_gateway::rewrite::RewriteLayer;
 use prost::Message;
 use temporalio_protos::temporal::api::common::v1::{
     Payload, Payloads, SearchAttributes, WorkflowType,
@@ -23,71 +17,10 @@ use temporalio_protos::temporal::api::common::v1::{
 use temporalio_protos::temporal::api::workflowservice::v1::{
     StartWorkflowExecutionRequest, StartWorkflowExecutionResponse,
 };
-use tower::{Layer, ServiceExt};
+mod common;
+use common::upstream::{RecordingUpstream, call, codec, contains, frame, layer, unframe};
 
 const START: &str = "/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution";
-const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
-/// A response message and its trailers (empty: `grpc-status: 0`).
-type Answer = (Vec<u8>, HeaderMap);
-
-/// What the fake upstream saw and what it answers.
-#[derive(Clone, Default)]
-struct Upstream {
-    received: Arc<Mutex<Vec<Bytes>>>,
-    answer: Arc<Mutex<Option<Answer>>>,
-}
-
-impl Upstream {
-    fn service(
-        &self,
-    ) -> tower::util::BoxCloneService<Request<GatewayBody>, Response<GatewayBody>, Infallible> {
-        let this = self.clone();
-        tower::service_fn(move |request: Request<GatewayBody>| {
-            let this = this.clone();
-            async move {
-                let body = request.into_body().collect().await.unwrap().to_bytes();
-                this.received.lock().unwrap().push(body);
-                let (message, trailers) = this.answer.lock().unwrap().clone().unwrap_or_default();
-                let mut ok = HeaderMap::new();
-                ok.insert("grpc-status", "0".parse().unwrap());
-                let trailers = if trailers.is_empty() { ok } else { trailers };
-                Ok::<_, Infallible>(Response::new(GatewayBody::buffered(
-                    vec![frame(&message)],
-                    Some(trailers),
-                )))
-            }
-        })
-        .boxed_clone()
-    }
-}
-
-fn frame(message: &[u8]) -> Bytes {
-    let mut out = vec![0u8];
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    out.extend_from_slice(message);
-    Bytes::from(out)
-}
-
-fn unframe(body: &[u8]) -> Vec<u8> {
-    assert_eq!(body[0], 0, "gateway output must be uncompressed");
-    let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
-    assert_eq!(body.len(), 5 + len, "exactly one message");
-    body[5..].to_vec()
-}
-
-fn codec(env_key: &str) -> Arc<PayloadCodec> {
-    // SAFETY: tests in this file set distinct variables before any thread reads them.
-    unsafe { std::env::set_var(env_key, KEY_B64) };
-    let config = Config::from_toml(
-        &format!(
-            "[encryption]\nactive_key = \"k1\"\nkeys = [{{ id = \"k1\", env = \"{env_key}\" }}]\n[compression]\nmin_size = 64\n"
-        ),
-        Vec::new(),
-    )
-    .unwrap();
-    Arc::new(PayloadCodec::from_config(&config).unwrap())
-}
 
 fn payload(data: &[u8]) -> Payload {
     Payload {
@@ -121,44 +54,13 @@ fn start_request(secret: &[u8]) -> Vec<u8> {
     bytes
 }
 
-async fn call(
-    layer: &RewriteLayer,
-    upstream: &Upstream,
-    body: Bytes,
-    headers: &[(&str, &str)],
-) -> Response<GatewayBody> {
-    let mut request = Request::post(format!("http://gateway{START}"))
-        .body(GatewayBody::buffered(vec![body], None))
-        .unwrap();
-    for (k, v) in headers {
-        request.headers_mut().insert(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
-    }
-    // The rewrite acts on what the single ingress decided, as in the gateway's stack.
-    HandlerLayer(Ingress::new(4 << 20, ProcessBudget::unlimited()))
-        .layer(HandlerLayer(layer.clone()).layer(upstream.service()))
-        .oneshot(request)
-        .await
-        .unwrap()
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 #[tokio::test]
 async fn request_payloads_are_encrypted_and_everything_else_kept() {
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec("PGW_TEST_KEY_A")),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec("PGW_TEST_KEY_A", ""));
+    let upstream = RecordingUpstream::default();
     let secret = b"\"top secret input that must never reach the server\"";
     let original = start_request(secret);
-    let response = call(&layer, &upstream, frame(&original), &[]).await;
+    let response = call(&layer, &upstream, START, frame(&original), &[]).await;
     assert_eq!(
         response.headers().get("grpc-status"),
         None,
@@ -203,31 +105,20 @@ fn encode_all(codec: &PayloadCodec, ty: &str, message: &[u8]) -> Vec<u8> {
 
 const QUERY: &str = "/temporal.api.workflowservice.v1.WorkflowService/QueryWorkflow";
 
-async fn query(layer: &RewriteLayer, upstream: &Upstream) -> Response<GatewayBody> {
+async fn query(layer: &RewriteLayer, upstream: &RecordingUpstream) -> Response<GatewayBody> {
     let request = temporalio_protos::temporal::api::workflowservice::v1::QueryWorkflowRequest {
         namespace: "default".to_owned(),
         ..Default::default()
     }
     .encode_to_vec();
-    let http_request = Request::post(format!("http://gateway{QUERY}"))
-        .body(GatewayBody::buffered(vec![frame(&request)], None))
-        .unwrap();
-    layer
-        .layer(upstream.service())
-        .oneshot(http_request)
-        .await
-        .unwrap()
+    call(layer, upstream, QUERY, frame(&request), &[]).await
 }
 
 #[tokio::test]
 async fn responses_come_back_byte_identical_after_a_round_trip() {
-    let codec = codec("PGW_TEST_KEY_B");
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec.clone()),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let codec = codec("PGW_TEST_KEY_B", "");
+    let layer = layer(codec.clone());
+    let upstream = RecordingUpstream::default();
     let mut original =
         temporalio_protos::temporal::api::workflowservice::v1::QueryWorkflowResponse {
             query_result: Some(Payloads {
@@ -243,7 +134,7 @@ async fn responses_come_back_byte_identical_after_a_round_trip() {
         &original,
     );
     assert!(!contains(&stored, b"query result"));
-    *upstream.answer.lock().unwrap() = Some((stored, HeaderMap::new()));
+    upstream.answer(stored, HeaderMap::new());
     let collected = query(&layer, &upstream)
         .await
         .into_body()
@@ -263,13 +154,9 @@ async fn failure_details_in_status_trailers_are_decoded() {
         ApplicationFailureInfo, Failure, failure::FailureInfo,
     };
 
-    let codec = codec("PGW_TEST_KEY_I");
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec.clone()),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let codec = codec("PGW_TEST_KEY_I", "");
+    let layer = layer(codec.clone());
+    let upstream = RecordingUpstream::default();
     let failure = Failure {
         message: "boom".to_owned(),
         failure_info: Some(FailureInfo::ApplicationFailureInfo(
@@ -320,7 +207,7 @@ async fn failure_details_in_status_trailers_are_decoded() {
             .parse()
             .unwrap(),
     );
-    *upstream.answer.lock().unwrap() = Some((Vec::new(), trailers));
+    upstream.answer(Vec::new(), trailers);
     let collected = query(&layer, &upstream)
         .await
         .into_body()
@@ -345,19 +232,15 @@ fn prost_wkt_types_any(type_name: &str, value: Vec<u8>) -> prost_wkt_types::Any 
 
 #[tokio::test]
 async fn malformed_request_is_invalid_argument_and_nothing_is_forwarded() {
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec("PGW_TEST_KEY_C")),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec("PGW_TEST_KEY_C", ""));
+    let upstream = RecordingUpstream::default();
     let mut bad = start_request(b"\"x\"");
     bad.truncate(bad.len() - 20);
-    let response = call(&layer, &upstream, frame(&bad), &[]).await;
+    let response = call(&layer, &upstream, START, frame(&bad), &[]).await;
     assert_eq!(response.headers()["grpc-status"], "3");
     let message = response.headers()["grpc-message"].to_str().unwrap();
     assert!(
-        message.contains("StartWorkflowExecutionRequest"),
+        message.contains("StartWorkflowExecution"),
         "{message}"
     );
     assert!(
@@ -368,27 +251,19 @@ async fn malformed_request_is_invalid_argument_and_nothing_is_forwarded() {
 
 #[tokio::test]
 async fn truncated_frame_is_invalid_argument() {
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec("PGW_TEST_KEY_D")),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec("PGW_TEST_KEY_D", ""));
+    let upstream = RecordingUpstream::default();
     let mut body = frame(&start_request(b"\"x\"")).to_vec();
     body.truncate(body.len() - 1);
-    let response = call(&layer, &upstream, Bytes::from(body), &[]).await;
+    let response = call(&layer, &upstream, START, Bytes::from(body), &[]).await;
     assert_eq!(response.headers()["grpc-status"], "3");
     assert!(upstream.received.lock().unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn gzip_frames_are_inflated_and_rewritten() {
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec("PGW_TEST_KEY_E")),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec("PGW_TEST_KEY_E", ""));
+    let upstream = RecordingUpstream::default();
     let original = start_request(b"\"gzipped secret\"");
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     gz.write_all(&original).unwrap();
@@ -399,6 +274,7 @@ async fn gzip_frames_are_inflated_and_rewritten() {
     let response = call(
         &layer,
         &upstream,
+        START,
         Bytes::from(body),
         &[("grpc-encoding", "gzip")],
     )
@@ -416,14 +292,10 @@ async fn gzip_frames_are_inflated_and_rewritten() {
 
 #[tokio::test]
 async fn oversized_message_is_resource_exhausted() {
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec("PGW_TEST_KEY_F")),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec("PGW_TEST_KEY_F", ""));
+    let upstream = RecordingUpstream::default();
     let big = start_request(&vec![b'a'; 5 << 20]);
-    let response = call(&layer, &upstream, frame(&big), &[]).await;
+    let response = call(&layer, &upstream, START, frame(&big), &[]).await;
     assert_eq!(response.headers()["grpc-status"], "8");
     assert!(upstream.received.lock().unwrap().is_empty());
 }
@@ -431,12 +303,8 @@ async fn oversized_message_is_resource_exhausted() {
 #[tokio::test]
 async fn undecodable_response_names_key_and_path() {
     // The upstream answers with a payload encrypted under a key this gateway doesn't have.
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec("PGW_TEST_KEY_G")),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec("PGW_TEST_KEY_G", ""));
+    let upstream = RecordingUpstream::default();
     let foreign = Payload {
         metadata: HashMap::from([
             ("encoding".to_owned(), b"binary/encrypted".to_vec()),
@@ -453,25 +321,20 @@ async fn undecodable_response_names_key_and_path() {
             ..Default::default()
         }
         .encode_to_vec();
-    *upstream.answer.lock().unwrap() = Some((response_message, HeaderMap::new()));
+    upstream.answer(response_message, HeaderMap::new());
     let request = temporalio_protos::temporal::api::workflowservice::v1::QueryWorkflowRequest {
         namespace: "default".to_owned(),
         ..Default::default()
     }
     .encode_to_vec();
-    let mut http_request = Request::post(
-        "http://gateway/temporal.api.workflowservice.v1.WorkflowService/QueryWorkflow",
+    let response = call(
+        &layer,
+        &upstream,
+        QUERY,
+        frame(&request),
+        &[("te", "trailers")],
     )
-    .body(GatewayBody::buffered(vec![frame(&request)], None))
-    .unwrap();
-    http_request
-        .headers_mut()
-        .insert("te", "trailers".parse().unwrap());
-    let response = layer
-        .layer(upstream.service())
-        .oneshot(http_request)
-        .await
-        .unwrap();
+    .await;
     let status = response.headers()["grpc-status"]
         .to_str()
         .unwrap()
@@ -487,20 +350,23 @@ async fn undecodable_response_names_key_and_path() {
 
 #[tokio::test]
 async fn start_response_without_payloads_passes_unchanged() {
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec("PGW_TEST_KEY_H")),
-        4 << 20,
-        ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec("PGW_TEST_KEY_H", ""));
+    let upstream = RecordingUpstream::default();
     let answer = StartWorkflowExecutionResponse {
         run_id: "run-1".to_owned(),
         started: true,
         ..Default::default()
     }
     .encode_to_vec();
-    *upstream.answer.lock().unwrap() = Some((answer.clone(), HeaderMap::new()));
-    let response = call(&layer, &upstream, frame(&start_request(b"\"x\"")), &[]).await;
+    upstream.answer(answer.clone(), HeaderMap::new());
+    let response = call(
+        &layer,
+        &upstream,
+        START,
+        frame(&start_request(b"\"x\"")),
+        &[],
+    )
+    .await;
     let collected = response.into_body().collect().await.unwrap();
     let trailers = collected.trailers().cloned().unwrap();
     assert_eq!(trailers["grpc-status"], "0");

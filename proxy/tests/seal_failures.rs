@@ -2,18 +2,10 @@
 //! upstream that records what it receives and answers with a chosen response.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::HeaderMap;
 use http_body_util::BodyExt;
 use payload_gateway::codec::PayloadCodec;
-use payload_gateway::config::Config;
-use payload_gateway::grpc::GatewayBody;
-use payload_gateway::grpc::layer::HandlerLayer;
-use payload_gateway::ingress::Ingress;
-use payload_gateway::rewrite::{Pipeline, RewriteLayer};
 use prost::Message;
 use temporalio_protos::temporal::api::common::v1::{Payload, Payloads};
 use temporalio_protos::temporal::api::failure::v1::{
@@ -26,69 +18,13 @@ use temporalio_protos::temporal::api::workflowservice::v1::{
     GetWorkflowExecutionHistoryRequest, GetWorkflowExecutionHistoryResponse,
     RespondActivityTaskFailedRequest,
 };
-use tower::{Layer, ServiceExt};
+
+mod common;
+use common::upstream::{RecordingUpstream, call, codec, contains, frame, layer, unframe};
 
 const FAILED: &str = "/temporal.api.workflowservice.v1.WorkflowService/RespondActivityTaskFailed";
 const HISTORY: &str =
     "/temporal.api.workflowservice.v1.WorkflowService/GetWorkflowExecutionHistory";
-const KEY_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-
-/// What the fake upstream saw and what it answers.
-#[derive(Clone, Default)]
-struct Upstream {
-    received: Arc<Mutex<Vec<Bytes>>>,
-    answer: Arc<Mutex<Vec<u8>>>,
-}
-
-impl Upstream {
-    fn service(
-        &self,
-    ) -> tower::util::BoxCloneService<Request<GatewayBody>, Response<GatewayBody>, Infallible> {
-        let this = self.clone();
-        tower::service_fn(move |request: Request<GatewayBody>| {
-            let this = this.clone();
-            async move {
-                let body = request.into_body().collect().await.unwrap().to_bytes();
-                this.received.lock().unwrap().push(body);
-                let message = this.answer.lock().unwrap().clone();
-                let mut ok = HeaderMap::new();
-                ok.insert("grpc-status", "0".parse().unwrap());
-                Ok::<_, Infallible>(Response::new(GatewayBody::buffered(
-                    vec![frame(&message)],
-                    Some(ok),
-                )))
-            }
-        })
-        .boxed_clone()
-    }
-}
-
-fn frame(message: &[u8]) -> Bytes {
-    let mut out = vec![0u8];
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    out.extend_from_slice(message);
-    Bytes::from(out)
-}
-
-fn unframe(body: &[u8]) -> Vec<u8> {
-    assert_eq!(body[0], 0, "gateway output must be uncompressed");
-    let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
-    assert_eq!(body.len(), 5 + len, "exactly one message");
-    body[5..].to_vec()
-}
-
-fn codec(env_key: &str, extra: &str) -> Arc<PayloadCodec> {
-    // SAFETY: tests in this file set distinct variables before any thread reads them.
-    unsafe { std::env::set_var(env_key, KEY_B64) };
-    let config = Config::from_toml(
-        &format!(
-            "[encryption]\nactive_key = \"k1\"\nkeys = [{{ id = \"k1\", env = \"{env_key}\" }}]\n[compression]\nmin_size = 64\n{extra}"
-        ),
-        Vec::new(),
-    )
-    .unwrap();
-    Arc::new(PayloadCodec::from_config(&config).unwrap())
-}
 
 fn failure(message: &str, stack: &str, cause: Option<Failure>) -> Failure {
     Failure {
@@ -132,30 +68,6 @@ fn failed_request(namespace: &str, f: Failure) -> Vec<u8> {
     .encode_to_vec()
 }
 
-async fn call(
-    layer: &RewriteLayer,
-    upstream: &Upstream,
-    path: &str,
-    message: &[u8],
-) -> Response<GatewayBody> {
-    let request = Request::post(format!("http://gateway{path}"))
-        .body(GatewayBody::buffered(vec![frame(message)], None))
-        .unwrap();
-    // The rewrite acts on what the single ingress decided, as in the gateway's stack.
-    HandlerLayer(Ingress::new(
-        4 << 20,
-        payload_gateway::budget::ProcessBudget::unlimited(),
-    ))
-    .layer(HandlerLayer(layer.clone()).layer(upstream.service()))
-    .oneshot(request)
-    .await
-    .unwrap()
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 /// Decrypts a sealed failure's attributes with `codec`: the `json/plain` data.
 fn attributes(codec: &PayloadCodec, f: &Failure) -> Vec<u8> {
     let sealed = f.encoded_attributes.as_ref().expect("encoded_attributes");
@@ -173,17 +85,14 @@ fn attributes(codec: &PayloadCodec, f: &Failure) -> Vec<u8> {
 async fn failures_are_sealed_at_every_level_and_restored_on_the_way_back() {
     let codec = codec("PGW_SEAL_KEY_A", "");
     assert!(codec.seals_failures(Some("default")));
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec.clone()),
-        4 << 20,
-        payload_gateway::budget::ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec.clone());
+    let upstream = RecordingUpstream::default();
     let response = call(
         &layer,
         &upstream,
         FAILED,
-        &failed_request("default", chain()),
+        frame(&failed_request("default", chain())),
+        &[],
     )
     .await;
     assert_eq!(response.headers().get("grpc-status"), None, "refused");
@@ -237,12 +146,19 @@ async fn failures_are_sealed_at_every_level_and_restored_on_the_way_back() {
         }),
         ..Default::default()
     };
-    *upstream.answer.lock().unwrap() = history.encode_to_vec();
+    upstream.answer(history.encode_to_vec(), HeaderMap::new());
     let request = GetWorkflowExecutionHistoryRequest {
         namespace: "default".to_owned(),
         ..Default::default()
     };
-    let response = call(&layer, &upstream, HISTORY, &request.encode_to_vec()).await;
+    let response = call(
+        &layer,
+        &upstream,
+        HISTORY,
+        frame(&request.encode_to_vec()),
+        &[],
+    )
+    .await;
     let body = response.into_body().collect().await.unwrap().to_bytes();
     let back = GetWorkflowExecutionHistoryResponse::decode(&unframe(&body)[..]).unwrap();
     let Some(Attributes::WorkflowExecutionFailedEventAttributes(a)) =
@@ -267,12 +183,8 @@ async fn failures_are_sealed_at_every_level_and_restored_on_the_way_back() {
 #[tokio::test]
 async fn already_sealed_failures_pass_and_contradicting_ones_are_refused() {
     let codec = codec("PGW_SEAL_KEY_B", "");
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec),
-        4 << 20,
-        payload_gateway::budget::ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
+    let layer = layer(codec);
+    let upstream = RecordingUpstream::default();
     // Sealed by an SDK (attributes not encrypted here: the gateway encrypts them as a payload).
     let mut sdk_sealed = failure("Encoded failure", "", None);
     sdk_sealed.encoded_attributes = Some(Payload {
@@ -284,7 +196,8 @@ async fn already_sealed_failures_pass_and_contradicting_ones_are_refused() {
         &layer,
         &upstream,
         FAILED,
-        &failed_request("default", sdk_sealed.clone()),
+        frame(&failed_request("default", sdk_sealed.clone())),
+        &[],
     )
     .await;
     assert_eq!(response.headers().get("grpc-status"), None);
@@ -300,7 +213,14 @@ async fn already_sealed_failures_pass_and_contradicting_ones_are_refused() {
         c.encoded_attributes = Some(Payload::default());
         c
     }));
-    let response = call(&layer, &upstream, FAILED, &failed_request("default", both)).await;
+    let response = call(
+        &layer,
+        &upstream,
+        FAILED,
+        frame(&failed_request("default", both)),
+        &[],
+    )
+    .await;
     assert_eq!(response.headers()["grpc-status"], "3");
     let message = response.headers()["grpc-message"].to_str().unwrap();
     assert!(message.contains("failure.cause.message"), "{message}");
@@ -318,13 +238,16 @@ async fn the_namespace_switch_turns_sealing_off() {
     assert!(!codec.seals_failures(Some("plain")));
     assert!(codec.seals_failures(Some("other")));
     assert!(codec.seals_failures(None));
-    let layer = RewriteLayer::new(
-        Pipeline::new(codec),
-        4 << 20,
-        payload_gateway::budget::ProcessBudget::unlimited(),
-    );
-    let upstream = Upstream::default();
-    let response = call(&layer, &upstream, FAILED, &failed_request("open", chain())).await;
+    let layer = layer(codec);
+    let upstream = RecordingUpstream::default();
+    let response = call(
+        &layer,
+        &upstream,
+        FAILED,
+        frame(&failed_request("open", chain())),
+        &[],
+    )
+    .await;
     assert_eq!(response.headers().get("grpc-status"), None);
     let sent = unframe(&upstream.received.lock().unwrap()[0]);
     let got = RespondActivityTaskFailedRequest::decode(&sent[..]).unwrap();

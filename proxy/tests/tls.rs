@@ -5,7 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,114 +17,19 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use payload_gateway::app::Gateway;
 use payload_gateway::config::Config;
 use payload_gateway::grpc::GatewayBody;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+mod common;
+use common::pki::{Ca, Leaf, certs, key};
+
 const METHOD: &str = "/test.v1.EchoService/Ping";
 const ANSWER: &[u8] = b"pong";
-
-// ---------------------------------------------------------------------------------------------
-// Certificates
-
-/// A test CA that issues leaf certificates, written as PEM files into a temporary directory.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    cert_pem: String,
-    dir: PathBuf,
-    name: String,
-}
-
-/// A certificate and key on disk.
-struct Leaf {
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Self {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        let ca = Self {
-            issuer: Issuer::new(params, key),
-            cert_pem: cert.pem(),
-            dir: dir.to_owned(),
-            name: name.to_owned(),
-        };
-        std::fs::write(ca.cert_file(), &ca.cert_pem).unwrap();
-        ca
-    }
-
-    fn cert_file(&self) -> PathBuf {
-        self.dir.join(format!("{}-ca.pem", self.name))
-    }
-
-    fn roots(&self) -> RootCertStore {
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).unwrap())
-            .unwrap();
-        roots
-    }
-
-    fn issue(&self, leaf: &str, sans: &[&str], purpose: ExtendedKeyUsagePurpose) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, leaf);
-        params.extended_key_usages = vec![purpose];
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        let out = Leaf {
-            cert: self.dir.join(format!("{}-{leaf}.crt", self.name)),
-            key: self.dir.join(format!("{}-{leaf}.key", self.name)),
-        };
-        std::fs::write(&out.cert, cert.pem()).unwrap();
-        std::fs::write(&out.key, key.serialize_pem()).unwrap();
-        out
-    }
-
-    fn server(&self, leaf: &str) -> Leaf {
-        self.issue(
-            leaf,
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        )
-    }
-
-    fn client(&self, leaf: &str) -> Leaf {
-        self.issue(leaf, &[], ExtendedKeyUsagePurpose::ClientAuth)
-    }
-}
-
-fn certs(path: &Path) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_file_iter(path)
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
-fn key(path: &Path) -> PrivateKeyDer<'static> {
-    PrivateKeyDer::from_pem_file(path).unwrap()
-}
 
 fn client_tls(ca: &Ca, identity: Option<&Leaf>) -> Arc<ClientConfig> {
     let builder = ClientConfig::builder_with_provider(payload_gateway::tls::provider())
