@@ -17,6 +17,7 @@ pub mod config;
 pub mod drain;
 pub mod grpc;
 pub mod kms;
+pub mod listener;
 pub mod metrics;
 pub mod non_grpc;
 pub mod observe;
