@@ -1,5 +1,8 @@
 //! The admin HTTP listener: `/metrics` (Prometheus), `/healthz` (the process is alive) and
-//! `/readyz` (the upstream accepts connections).
+//! `/readyz` (the upstream accepts connections). Served on the gateway's one
+//! [`listener`](crate::listener): its own connection cap (`admin.max_connections`), accept
+//! backoff, a first-request deadline and graceful drain at shutdown. Cleartext (bind it to a
+//! private address).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,12 +12,41 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+
+use crate::config::{AdminConfig, ProxyConfig};
+use crate::listener::{Client, ConnectionLimit, ListenerSettings, Protocol};
 
 /// How long a readiness probe waits for the upstream.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Time a client gets to send a complete request (HTTP/1 headers included) after connecting.
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the admin listener accepts and drains.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// Caps the connections open at once (`admin.max_connections`).
+    pub connection_limit: ConnectionLimit,
+    /// A connection that has sent no complete request by then is closed.
+    pub first_request_timeout: Duration,
+    /// How long requests in flight may run after shutdown begins (`proxy.shutdown_grace_ms`).
+    pub shutdown_grace: Duration,
+}
+
+impl AdminSettings {
+    /// The settings `[admin]` and `[proxy]` configure.
+    pub fn from_config(admin: &AdminConfig, proxy: &ProxyConfig) -> Self {
+        Self {
+            connection_limit: ConnectionLimit::new(admin.max_connections, "admin.max_connections"),
+            first_request_timeout: FIRST_REQUEST_TIMEOUT,
+            shutdown_grace: Duration::from_millis(proxy.shutdown_grace_ms),
+        }
+    }
+}
 
 /// What `/readyz` checks.
 #[derive(Debug, Clone)]
@@ -42,31 +74,56 @@ impl Readiness {
     }
 }
 
-/// Serves the admin endpoints on `listener` until `shutdown` resolves.
+/// Serves the admin endpoints on `listener` until `shutdown` resolves, then drains: the
+/// listening socket closes, idle connections close, requests in flight finish for up to
+/// `settings.shutdown_grace`.
 pub async fn serve(
     listener: TcpListener,
     readiness: Readiness,
+    settings: AdminSettings,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(_) => continue,
-            },
-            () = &mut shutdown => return,
-        };
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let readiness = readiness.clone();
-                async move { Ok::<_, Infallible>(route(&request, &readiness).await) }
-            });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+    let settings = ListenerSettings {
+        name: "admin",
+        tls: None,
+        first_request_timeout: settings.first_request_timeout,
+        connection_limit: settings.connection_limit,
+        shutdown_grace: settings.shutdown_grace,
+        connection_threads: 0,
+    };
+    crate::listener::serve(
+        listener,
+        move || Admin(readiness.clone()),
+        settings,
+        shutdown,
+    )
+    .await;
+}
+
+/// The admin endpoints over HTTP/1.1 or HTTP/2.
+#[derive(Clone)]
+struct Admin(Readiness);
+
+impl Protocol for Admin {
+    async fn serve<I>(self, io: TokioIo<I>, client: Client)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let marker = client.first.clone();
+        let readiness = self.0;
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            marker.seen();
+            let readiness = readiness.clone();
+            async move { Ok::<_, Infallible>(route(&request, &readiness).await) }
         });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(FIRST_REQUEST_TIMEOUT);
+        client
+            .run(builder.serve_connection(io, service).into_owned())
+            .await;
     }
 }
 

@@ -53,6 +53,7 @@ pub struct Gateway {
     codec_server: Option<(TcpListener, CodecServer)>,
     settings: ServerSettings,
     readiness: Readiness,
+    admin_settings: admin::AdminSettings,
 }
 
 /// What `check-config` found: the configuration loads as start would load it.
@@ -113,7 +114,10 @@ impl Gateway {
         // The policy is per namespace: the rewrite layer exists whenever any namespace needs
         // any stage (a namespace that alone turns encryption on must not be forwarded as is).
         let codec = Arc::new(PayloadCodec::from_config(config)?);
-        let process_budget = ProcessBudget::new(config.proxy.max_inflight_bytes);
+        let process_budget = ProcessBudget::with_response_send_timeout(
+            config.proxy.max_inflight_bytes,
+            Duration::from_millis(config.proxy.response_send_timeout_ms),
+        );
         let rewrite = if codec.is_active_anywhere() || storage.is_some() {
             crate::metrics::observe_codec(&codec);
             log_policy(&codec);
@@ -191,6 +195,7 @@ impl Gateway {
             readiness: Readiness {
                 upstream: config.proxy.upstream.clone(),
             },
+            admin_settings: admin::AdminSettings::from_config(&config.admin, &config.proxy),
         })
     }
 
@@ -236,6 +241,7 @@ impl Gateway {
             tokio::spawn(admin::serve(
                 listener,
                 self.readiness,
+                self.admin_settings,
                 stopped(shutdown.clone()),
             ))
         });

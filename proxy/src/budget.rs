@@ -13,9 +13,15 @@
 //!   the process growing (and being OOM-killed in a sidecar with a memory limit).
 //! - Charges are released when the budget that took them is dropped (the end of the RPC, also
 //!   when it is cancelled), never earlier, so a budget over-counts at worst.
+//! - A rewritten response stays charged ([`Reservation`]) until its bytes are gone: handed to
+//!   the connection (whose HTTP/2 send buffer is bounded per stream), dropped with the stream,
+//!   or freed by the send timeout (`proxy.response_send_timeout_ms`). A client that stops
+//!   reading therefore runs the budget out (`RESOURCE_EXHAUSTED` for new RPCs) instead of the
+//!   process growing by every response it does not take.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 /// A budget ran out. The message names the config key that sets the limit.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,20 +57,49 @@ fn add_within(counter: &AtomicUsize, n: usize, limit: usize) -> Option<()> {
         .map(|_| ())
 }
 
+/// The default of `proxy.response_send_timeout_ms`.
+pub const DEFAULT_RESPONSE_SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// The process-wide in-flight byte budget, shared by every RPC and the codec endpoint.
 #[derive(Debug)]
 pub struct ProcessBudget {
     limit: usize,
     used: AtomicUsize,
+    /// How long a buffered response may hold its [`Reservation`] before its unsent rest is
+    /// freed (`proxy.response_send_timeout_ms`).
+    response_send_timeout: Duration,
 }
 
 impl ProcessBudget {
-    /// A budget of `limit` bytes (`0`: unlimited).
+    /// A budget of `limit` bytes (`0`: unlimited), with the default response send timeout.
     pub fn new(limit: usize) -> Arc<Self> {
+        Self::with_response_send_timeout(limit, DEFAULT_RESPONSE_SEND_TIMEOUT)
+    }
+
+    /// A budget of `limit` bytes (`0`: unlimited) whose buffered responses are freed when not
+    /// sent within `timeout` (`proxy.response_send_timeout_ms`).
+    pub fn with_response_send_timeout(limit: usize, timeout: Duration) -> Arc<Self> {
         Arc::new(Self {
             limit: if limit == 0 { usize::MAX } else { limit },
             used: AtomicUsize::new(0),
+            response_send_timeout: timeout,
         })
+    }
+
+    /// How long a buffered response may wait for its client before its unsent rest is freed.
+    pub fn response_send_timeout(&self) -> Duration {
+        self.response_send_timeout
+    }
+
+    /// Charges `n` bytes that are already allocated (a rewritten response about to be sent),
+    /// even past the limit: the memory exists either way, and counting it makes new RPCs
+    /// wait for it to be gone. Released as the returned reservation shrinks or drops.
+    pub fn reserve_allocated(self: &Arc<Self>, n: usize) -> Reservation {
+        self.used.fetch_add(n, Ordering::AcqRel);
+        Reservation {
+            process: self.clone(),
+            bytes: n,
+        }
     }
 
     /// An unlimited budget (tests, tools).
@@ -88,6 +123,38 @@ impl ProcessBudget {
 
     fn give_back(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+/// Bytes charged to the process budget until released: what a buffered response still holds.
+#[derive(Debug)]
+pub struct Reservation {
+    process: Arc<ProcessBudget>,
+    bytes: usize,
+}
+
+impl Reservation {
+    /// Bytes still charged.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Returns `n` of the charged bytes (at most what is left) to the process budget.
+    pub fn release(&mut self, n: usize) {
+        let n = n.min(self.bytes);
+        self.bytes -= n;
+        self.process.give_back(n);
+    }
+
+    /// The process budget this reservation draws on.
+    pub fn process(&self) -> &Arc<ProcessBudget> {
+        &self.process
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.process.give_back(self.bytes);
     }
 }
 
@@ -162,6 +229,11 @@ impl MessageBudget {
     pub fn limit(&self) -> usize {
         self.inner.limit
     }
+
+    /// The process budget this message draws on.
+    pub fn process(&self) -> &Arc<ProcessBudget> {
+        &self.inner.process
+    }
 }
 
 impl Drop for Account {
@@ -212,6 +284,26 @@ mod tests {
         assert_eq!(m.remaining(), 10);
         assert!(matches!(m.hold(21), Err(Exhausted::Process { .. })));
         drop(m);
+        assert_eq!(process.in_use(), 0);
+    }
+
+    #[test]
+    fn a_reservation_counts_past_the_limit_until_released() {
+        let process = ProcessBudget::new(100);
+        let m = MessageBudget::new(process.clone(), 1000);
+        m.charge(80).unwrap();
+        let mut held = process.reserve_allocated(60);
+        drop(m);
+        assert_eq!(process.in_use(), 60);
+        assert!(matches!(
+            MessageBudget::new(process.clone(), 1000).charge(41),
+            Err(Exhausted::Process { .. })
+        ));
+        held.release(50);
+        assert_eq!((held.bytes(), process.in_use()), (10, 10));
+        held.release(50);
+        assert_eq!((held.bytes(), process.in_use()), (0, 0));
+        drop(held);
         assert_eq!(process.in_use(), 0);
     }
 

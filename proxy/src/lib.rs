@@ -20,6 +20,7 @@ pub mod drain;
 pub mod grpc;
 pub mod ingress;
 pub mod kms;
+pub mod listener;
 pub mod metrics;
 pub mod non_grpc;
 pub mod observe;

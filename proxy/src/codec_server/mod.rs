@@ -759,78 +759,48 @@ impl CodecServer {
     }
 
     /// Serves on `listener` until `shutdown` resolves, then lets in-flight requests finish
-    /// (at most `grace`).
+    /// (at most `grace`): the gateway's one [`listener`](crate::listener), with the
+    /// endpoint's connection cap (`codec_server.max_connections`), TLS
+    /// (`[codec_server.tls]`) and a first-request deadline of [`HEADER_READ_TIMEOUT`].
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
         grace: Duration,
     ) {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        tokio::pin!(shutdown);
-        while let Some(crate::server::Admitted {
-            stream,
-            peer,
-            permit,
-        }) = self
-            .inner
-            .connection_limit
-            .accept(&listener, shutdown.as_mut())
-            .await
-        {
+        let settings = crate::listener::ListenerSettings {
+            name: "codec_server",
+            tls: self.inner.tls.clone(),
+            first_request_timeout: HEADER_READ_TIMEOUT,
+            connection_limit: self.inner.connection_limit.clone(),
+            shutdown_grace: grace,
+            connection_threads: 0,
+        };
+        crate::listener::serve(listener, move || self.clone(), settings, shutdown).await;
+    }
+}
+
+impl crate::listener::Protocol for CodecServer {
+    /// HTTP/1.1 or HTTP/2 (with TLS: as ALPN chose), HTTP/1 headers within
+    /// [`HEADER_READ_TIMEOUT`].
+    async fn serve<I>(self, io: TokioIo<I>, client: crate::listener::Client)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let marker = client.first.clone();
+        let service = hyper::service::service_fn(move |request| {
+            marker.seen();
             let server = self.clone();
-            let first = crate::server::FirstRequest::default();
-            let marker = first.clone();
-            let service = hyper::service::service_fn(move |request| {
-                marker.seen();
-                let server = server.clone();
-                async move { Ok::<_, Infallible>(server.handle(request).await) }
-            });
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Some(tls) = self.inner.tls.clone() {
-                // The handshake runs in the connection's task so a slow client never holds up
-                // the accept loop; the watcher keeps shutdown waiting for it (bounded by the
-                // handshake timeout).
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let Some(stream) = tls.handshake(stream, peer).await else {
-                        return;
-                    };
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), service)
-                        .into_owned();
-                    let conn = watcher.watch(conn);
-                    if let Err(e) = first.deadline(conn, HEADER_READ_TIMEOUT).await {
-                        tracing::debug!(%peer, error = %e, "codec_server: connection ended");
-                    }
-                });
-                continue;
-            }
-            let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _permit = permit;
-                // HEADER_READ_TIMEOUT only covers HTTP/1 headers; this also covers a client
-                // stalling inside the HTTP/2 preface.
-                if let Err(e) = first.deadline(conn, HEADER_READ_TIMEOUT).await {
-                    tracing::debug!(%peer, error = %e, "codec_server: connection ended");
-                }
-            });
-        }
-        drop(listener);
-        if tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!("codec_server: requests still running after the shutdown grace");
-        }
+            async move { Ok::<_, Infallible>(server.handle(request).await) }
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT);
+        client
+            .run(builder.serve_connection(io, service).into_owned())
+            .await;
     }
 }
 

@@ -40,6 +40,13 @@ pub struct ProxyConfig {
     /// storage references). Past it an RPC is answered `RESOURCE_EXHAUSTED` instead of the
     /// process growing. `0`: unlimited. Size it below the container's memory limit.
     pub max_inflight_bytes: usize,
+    /// How long a rewritten (decoded) response may wait for its client, in milliseconds.
+    /// Such a response is buffered in the gateway and stays charged to `max_inflight_bytes`
+    /// until its bytes are handed to the connection; a client that stops reading (HTTP/2
+    /// window 0) holds that budget. After this long the unsent rest is dropped, its budget
+    /// returned, and the stream reset. The whole response must reach the client within it.
+    /// `0`: no timeout (a stalled client holds its responses' budget until it disconnects).
+    pub response_send_timeout_ms: u64,
     /// Environment variable holding an API key sent upstream as `authorization: Bearer <key>`
     /// on requests that carry no `authorization` header of their own (Temporal Cloud API keys).
     /// When set, the variable must exist and be non-empty (refused at start otherwise).
@@ -235,6 +242,7 @@ impl Default for ProxyConfig {
             worker_threads: 0,
             max_connections: 10_000,
             max_inflight_bytes: 1024 * 1024 * 1024,
+            response_send_timeout_ms: 60_000,
             api_key_env: None,
             auth: None,
             allow_unauthenticated: false,
@@ -252,6 +260,9 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Address the admin HTTP listener binds.
     pub listen: SocketAddr,
+    /// Most connections held open at once (as `proxy.max_connections`; probes and a scraper
+    /// need a handful). `0`: no cap.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
@@ -259,6 +270,7 @@ impl Default for AdminConfig {
         Self {
             enabled: true,
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            max_connections: 64,
         }
     }
 }

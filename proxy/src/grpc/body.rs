@@ -1,11 +1,14 @@
-//! The body type that flows through the gateway, and a fully buffered body for rewritten
-//! messages.
+//! The body type that flows through the gateway, a fully buffered body for rewritten
+//! messages, and the body of a rewritten response on its way to a client
+//! ([`GatewayBody::sending`]).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -39,6 +42,184 @@ impl GatewayBody {
             chunks: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
             trailers,
         })
+    }
+}
+
+impl GatewayBody {
+    /// A rewritten response on its way to a client: `chunks` then `trailers`, charged to the
+    /// process budget through `held` until the bytes are gone.
+    ///
+    /// The bytes are handed to the connection in pieces of at most [`SEND_PIECE`] bytes
+    /// (larger chunks are copied out piece by piece), so what hyper and the HTTP/2 send buffer
+    /// hold of a stream is bounded by the piece size and `max_send_buf_size`, and never pins
+    /// a whole message. `held` shrinks as whole chunks are handed over and drops with the
+    /// body. A client that does not take the response (HTTP/2 window 0) leaves hyper waiting
+    /// for send capacity without polling the body again, so a timer inside `poll_frame`
+    /// would never fire: a watchdog task empties the shared slot after
+    /// `held.process().response_send_timeout()` instead, freeing the unsent rest and its
+    /// charge; should hyper poll again, the body ends with an error and the stream is reset.
+    pub fn sending(
+        chunks: Vec<Bytes>,
+        trailers: Option<HeaderMap>,
+        held: crate::budget::Reservation,
+    ) -> Self {
+        let timeout = held.process().response_send_timeout();
+        let slot = Arc::new(Mutex::new(Slot {
+            chunks: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
+            front_sent: 0,
+            trailers,
+            held: Some(held),
+            expired: false,
+        }));
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        match tokio::runtime::Handle::try_current() {
+            // `0`: no send timeout; the response holds its budget until sent or dropped.
+            _ if timeout.is_zero() => drop(finished),
+            Ok(runtime) => {
+                let watched = slot.clone();
+                runtime.spawn(async move {
+                    tokio::select! {
+                        _ = finished => {}
+                        () = tokio::time::sleep(timeout) => expire(&watched, timeout),
+                    }
+                });
+            }
+            // Outside a runtime (tools): nothing can wait on the client anyway.
+            Err(_) => drop(finished),
+        }
+        Self::new(SendingBody {
+            slot,
+            done: Some(done),
+        })
+    }
+}
+
+/// The largest piece [`GatewayBody::sending`] hands to the connection at once. Chunks up to
+/// this size (the gRPC framing copies messages up to 16 KiB into chunks of their own) are
+/// handed over as they are; larger ones are copied out piece by piece so that a piece held
+/// by the connection never keeps a whole message alive.
+pub const SEND_PIECE: usize = 64 * 1024;
+
+/// What a [`SendingBody`] has not handed over yet, shared with its watchdog.
+struct Slot {
+    chunks: VecDeque<Bytes>,
+    /// Bytes of the front chunk already copied out (its allocation lives until it is done).
+    front_sent: usize,
+    trailers: Option<HeaderMap>,
+    held: Option<crate::budget::Reservation>,
+    /// The send timeout freed the rest.
+    expired: bool,
+}
+
+impl Slot {
+    /// Frees everything left (and its charge).
+    fn clear(&mut self) {
+        self.chunks.clear();
+        self.trailers = None;
+        self.held = None;
+    }
+}
+
+/// The send timeout ran out: the unsent rest of the response is freed.
+fn expire(slot: &Mutex<Slot>, timeout: Duration) {
+    let mut slot = lock(slot);
+    let unsent: usize = slot.chunks.iter().map(Bytes::len).sum();
+    if unsent == 0 && slot.trailers.is_none() {
+        return;
+    }
+    slot.clear();
+    slot.expired = true;
+    tracing::warn!(
+        unsent_bytes = unsent,
+        timeout_ms = timeout.as_millis() as u64,
+        "a client did not take its response within proxy.response_send_timeout_ms: the unsent \
+         rest is dropped and its memory budget returned"
+    );
+}
+
+fn lock(slot: &Mutex<Slot>) -> MutexGuard<'_, Slot> {
+    // A panic while holding the lock cannot leave the slot inconsistent in a way that
+    // matters: at worst bytes are freed early.
+    slot.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The response was not sent within `proxy.response_send_timeout_ms`.
+#[derive(Debug, thiserror::Error)]
+#[error("response not sent within proxy.response_send_timeout_ms; the rest was dropped")]
+pub struct SendTimedOut;
+
+/// See [`GatewayBody::sending`].
+struct SendingBody {
+    slot: Arc<Mutex<Slot>>,
+    /// Dropped when the body is done (or dropped), which ends the watchdog.
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for SendingBody {
+    /// The stream is gone (reset, connection closed): what was not sent is freed now, not
+    /// when the watchdog next runs.
+    fn drop(&mut self) {
+        lock(&self.slot).clear();
+    }
+}
+
+impl Body for SendingBody {
+    type Data = Bytes;
+    type Error = SendTimedOut;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let mut slot = lock(&this.slot);
+        if slot.expired {
+            return Poll::Ready(Some(Err(SendTimedOut)));
+        }
+        let slot = &mut *slot;
+        if let Some(front) = slot.chunks.front_mut() {
+            let piece = if slot.front_sent == 0 && front.len() <= SEND_PIECE {
+                let chunk = slot.chunks.pop_front().unwrap_or_default();
+                if let Some(held) = &mut slot.held {
+                    held.release(chunk.len());
+                }
+                chunk
+            } else {
+                let n = front.len().min(SEND_PIECE);
+                let piece = Bytes::copy_from_slice(&front[..n]);
+                front.advance(n);
+                slot.front_sent += n;
+                if front.is_empty() {
+                    // The chunk's allocation is freed here; its charge goes with it.
+                    slot.chunks.pop_front();
+                    let sent = std::mem::take(&mut slot.front_sent);
+                    if let Some(held) = &mut slot.held {
+                        held.release(sent);
+                    }
+                }
+                piece
+            };
+            if slot.chunks.is_empty() && slot.trailers.is_none() {
+                slot.clear();
+                this.done = None;
+            }
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
+        let trailers = slot.trailers.take();
+        slot.clear();
+        this.done = None;
+        Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let slot = lock(&self.slot);
+        !slot.expired && slot.chunks.is_empty() && slot.trailers.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let slot = lock(&self.slot);
+        let len: usize = slot.chunks.iter().map(Bytes::len).sum();
+        SizeHint::with_exact(len as u64)
     }
 }
 
@@ -142,4 +323,111 @@ where
         }
     }
     Ok(collected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::ProcessBudget;
+
+    fn trailers() -> HeaderMap {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", http::HeaderValue::from_static("0"));
+        t
+    }
+
+    #[tokio::test]
+    async fn a_sent_response_comes_out_in_pieces_and_returns_its_budget_as_it_goes() {
+        let process = ProcessBudget::new(0);
+        let big = Bytes::from((0..200_000u32).map(|i| i as u8).collect::<Vec<_>>());
+        let chunks = vec![Bytes::from_static(b"\0\0\x03\x0d\x40"), big.clone()];
+        let total = 5 + big.len();
+        let held = process.reserve_allocated(total);
+        let mut body = GatewayBody::sending(chunks, Some(trailers()), held);
+        assert_eq!(process.in_use(), total);
+        let mut out = Vec::new();
+        let mut got_trailers = false;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            match frame.into_data() {
+                Ok(piece) => {
+                    assert!(piece.len() <= SEND_PIECE);
+                    out.extend_from_slice(&piece);
+                    // What is still charged is never less than what is left unsent.
+                    assert!(process.in_use() >= (total - out.len()).saturating_sub(SEND_PIECE));
+                }
+                Err(frame) => {
+                    assert!(frame.into_trailers().is_ok());
+                    got_trailers = true;
+                }
+            }
+        }
+        assert!(got_trailers);
+        assert_eq!(out.len(), total);
+        assert_eq!(&out[5..], &big[..]);
+        assert_eq!(
+            process.in_use(),
+            0,
+            "all returned once everything is handed over"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_an_unsent_response_returns_its_budget() {
+        let process = ProcessBudget::new(0);
+        let held = process.reserve_allocated(300_000);
+        let mut body = GatewayBody::sending(vec![Bytes::from(vec![1u8; 300_000])], None, held);
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap().len(), SEND_PIECE);
+        assert_eq!(
+            process.in_use(),
+            300_000,
+            "the chunk lives until it is done"
+        );
+        drop(body);
+        assert_eq!(process.in_use(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_send_timeout_frees_a_response_nobody_polls() {
+        let process = ProcessBudget::with_response_send_timeout(0, Duration::from_millis(300));
+        let held = process.reserve_allocated(1_000_000);
+        let mut body = GatewayBody::sending(
+            vec![Bytes::from(vec![1u8; 1_000_000])],
+            Some(trailers()),
+            held,
+        );
+        // Nobody polls the body (a client with window 0): the watchdog frees it.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(process.in_use(), 1_000_000);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(process.in_use(), 0, "freed by the watchdog");
+        // Should hyper poll again, the stream ends with an error (and is reset).
+        let next = body.frame().await.unwrap();
+        assert!(next.unwrap_err().is::<SendTimedOut>());
+    }
+
+    #[tokio::test]
+    async fn a_response_sent_in_time_is_left_alone_by_the_watchdog() {
+        let process = ProcessBudget::with_response_send_timeout(0, Duration::from_millis(100));
+        let held = process.reserve_allocated(10);
+        let mut body = GatewayBody::sending(vec![Bytes::from(vec![1u8; 10])], None, held);
+        assert_eq!(
+            body.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            10
+        );
+        assert!(body.frame().await.is_none());
+        assert_eq!(process.in_use(), 0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            body.frame().await.is_none(),
+            "no error after a complete send"
+        );
+    }
 }

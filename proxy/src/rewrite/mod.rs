@@ -220,9 +220,18 @@ impl RewriteLayer {
             None => None,
         };
         parts.headers.remove(http::header::CONTENT_LENGTH);
+        let frames = encode_frames(messages)?;
+        // The framed response stays charged to the process budget until its bytes are handed
+        // to the connection, dropped with the stream, or freed by the send timeout: a client
+        // that stops reading holds budget, not unaccounted memory. Taken before the
+        // response's message budget (input and inflations) is released with `ctx`.
+        let held = ctx
+            .budget
+            .process()
+            .reserve_allocated(frames.iter().map(Bytes::len).sum());
         Ok(Response::from_parts(
             parts,
-            GatewayBody::buffered(encode_frames(messages)?, trailers),
+            GatewayBody::sending(frames, trailers, held),
         ))
     }
 
