@@ -409,6 +409,8 @@ proptest! {
 }
 
 #[test]
+// The commands' `namespace` fields are deprecated in the API: still what the server reads.
+#[allow(deprecated)]
 fn task_tokens_and_cross_namespace_commands_are_decided_with_the_request() {
     use temporalio_protos::temporal::api::command::v1::{
         Command, SignalExternalWorkflowExecutionCommandAttributes, command,
