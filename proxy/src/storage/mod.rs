@@ -633,6 +633,7 @@ mod read_scope_tests {
         )
         .unwrap();
         tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap()
             .block_on(Storage::from_config(&config))
@@ -679,7 +680,9 @@ mod read_scope_tests {
     #[test]
     fn unscoped_sdk_keys_resolve_for_any_namespace() {
         let s = storage("");
+        // The drivers bound every store call with a timer.
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         let unscoped = rt
