@@ -906,6 +906,17 @@ class RecordingUpstream:
 # --------------------------------------------------------------------------- misc helpers
 
 
+def sync(fn):
+    """Runs an async test body in its own event loop (the suite has no asyncio plugin)."""
+    import asyncio
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return asyncio.run(fn(*args, **kwargs))
+    return wrapper
+
+
 def new_tmpdir(base: Path, prefix: str) -> Path:
     base.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=prefix, dir=str(base)))

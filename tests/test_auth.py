@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import hashlib
 import hmac
 import http.server
@@ -383,12 +382,7 @@ def upstream_saw_nothing_of_b_and_only_the_api_key(setup, secrets: list[str]) ->
 # --------------------------------------------------------------------------- tests
 
 
-def sync(fn):
-    """Runs an async test body in its own event loop (the suite has no asyncio plugin)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
+sync = rig.sync
 
 
 

@@ -129,13 +129,7 @@ async def history_events(client: Client, wid: str) -> list:
     return [e async for e in client.get_workflow_handle(wid).fetch_history_events()]
 
 
-def sync(fn):
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return asyncio.run(fn(*args, **kwargs))
-    return wrapper
+sync = rig.sync
 
 
 @sync

@@ -19,13 +19,11 @@
 //! Refused requests never reach the upstream, so the upstream credential is never attached
 //! to them. Denials never contain the presented token.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request, Response};
-use tower::{Service, ServiceExt};
 
 use super::client_cert::{CertMappings, ClientIdentity};
 use super::jwks::{Jwks, JwksSettings, JwksSource, JwtVerifier};
@@ -33,7 +31,7 @@ use super::namespace_ids::NamespaceIds;
 use super::tokens::{TokenSet, bearer};
 use super::{Grant, grant_from_claim};
 use crate::config::{AuthConfig, ConfigError};
-use crate::grpc::layer::Handler;
+use crate::grpc::layer::{Handler, Inner, forward};
 use crate::grpc::{Code, GatewayBody, Status};
 use crate::ingress::{Inspected, Target};
 use crate::metrics::{method_label, metrics};
@@ -354,22 +352,17 @@ enum Step {
 }
 
 impl Handler for AuthStep {
-    async fn handle<S>(self, inner: S, request: Request<GatewayBody>) -> Response<GatewayBody>
-    where
-        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    async fn handle<S: Inner>(
+        self,
+        inner: S,
+        request: Request<GatewayBody>,
+    ) -> Response<GatewayBody> {
         let request = match self.step {
             Step::Authenticate => self.authenticate(request).await,
             Step::Authorize => self.authorize(request).await,
         };
         match request {
-            Ok(request) => inner
-                .oneshot(request)
-                .await
-                .unwrap_or_else(|never| match never {}),
+            Ok(request) => forward(inner, request).await,
             Err((denial, path)) => refuse(&path, denial),
         }
     }

@@ -257,19 +257,19 @@ pub fn encode(messages: Vec<Bytes>) -> Result<Vec<Bytes>, FrameError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::Write;
 
     use super::*;
 
-    fn frame(flag: u8, message: &[u8]) -> Vec<u8> {
+    pub(crate) fn frame(flag: u8, message: &[u8]) -> Vec<u8> {
         let mut out = vec![flag];
         out.extend_from_slice(&(message.len() as u32).to_be_bytes());
         out.extend_from_slice(message);
         out
     }
 
-    fn gzip(data: &[u8]) -> Vec<u8> {
+    pub(crate) fn gzip(data: &[u8]) -> Vec<u8> {
         let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         encoder.write_all(data).unwrap();
         encoder.finish().unwrap()

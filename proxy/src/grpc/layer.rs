@@ -8,23 +8,49 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
 use super::GatewayBody;
+
+/// The service behind a layer: every layer of the gateway's stack wraps one of these.
+pub trait Inner:
+    Service<
+        Request<GatewayBody>,
+        Response = Response<GatewayBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> Inner for S where
+    S: Service<
+            Request<GatewayBody>,
+            Response = Response<GatewayBody>,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Send
+        + 'static
+{
+}
+
+/// Sends `request` on to `inner` and returns its response.
+pub async fn forward<S: Inner>(inner: S, request: Request<GatewayBody>) -> Response<GatewayBody> {
+    inner
+        .oneshot(request)
+        .await
+        .unwrap_or_else(|never| match never {})
+}
 
 /// A request layer's logic: answers `request`, calling `inner` (at most once) to go on.
 pub trait Handler: Clone + Send + Sync + 'static {
     /// Handles one request.
-    fn handle<S>(
+    fn handle<S: Inner>(
         self,
         inner: S,
         request: Request<GatewayBody>,
-    ) -> impl Future<Output = Response<GatewayBody>> + Send
-    where
-        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
-            + Send
-            + 'static,
-        S::Future: Send + 'static;
+    ) -> impl Future<Output = Response<GatewayBody>> + Send;
 }
 
 /// A [`Handler`] as a tower layer.
@@ -52,11 +78,7 @@ pub struct HandlerService<S, H> {
 impl<S, H> Service<Request<GatewayBody>> for HandlerService<S, H>
 where
     H: Handler,
-    S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: Inner + Clone,
 {
     type Response = Response<GatewayBody>;
     type Error = Infallible;

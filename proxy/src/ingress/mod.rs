@@ -27,18 +27,16 @@
 
 pub mod target;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use payload_gateway_proto::{Method, StringFieldError, method, top_level_string_strict};
-use tower::{Service, ServiceExt};
 
 use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
 use crate::grpc::body::{self, TooLarge};
 use crate::grpc::frame::{self, Encoding, FrameError};
-use crate::grpc::layer::Handler;
+use crate::grpc::layer::{Handler, Inner, forward};
 use crate::grpc::{Code, GatewayBody, Status};
 pub use target::{OPEN_METHODS, Target};
 
@@ -294,18 +292,13 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 impl Handler for Ingress {
-    async fn handle<S>(self, inner: S, request: Request<GatewayBody>) -> Response<GatewayBody>
-    where
-        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
+    async fn handle<S: Inner>(
+        self,
+        inner: S,
+        request: Request<GatewayBody>,
+    ) -> Response<GatewayBody> {
         match self.admit(request).await {
-            Ok(request) => inner
-                .oneshot(request)
-                .await
-                .unwrap_or_else(|never| match never {}),
+            Ok(request) => forward(inner, request).await,
             Err(refusal) => {
                 tracing::warn!(reason = %refusal, "request refused by the ingress");
                 refusal.status().into_response()

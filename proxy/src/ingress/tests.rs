@@ -8,6 +8,7 @@ use temporalio_protos::temporal::api::workflowservice::v1::{
 };
 
 use super::*;
+use crate::grpc::frame::tests::{frame, gzip};
 use crate::grpc::frame::{self, Encoding};
 
 const START: &str = "/temporal.api.workflowservice.v1.WorkflowService/StartWorkflowExecution";
@@ -30,19 +31,6 @@ fn cancel_request(ns: &str) -> Vec<u8> {
         ..Default::default()
     }
     .encode_to_vec()
-}
-
-fn frame(flag: u8, message: &[u8]) -> Vec<u8> {
-    let mut out = vec![flag];
-    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    out.extend_from_slice(message);
-    out
-}
-
-fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(data).unwrap();
-    e.finish().unwrap()
 }
 
 fn decide_body(path: &str, body: Vec<u8>, encoding: Encoding) -> Result<Inspected, IngressError> {

@@ -11,19 +11,17 @@ pub mod capture;
 pub mod message;
 pub mod pipeline;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use payload_gateway_proto::{MessageType, Method};
-use tower::{Service, ServiceExt};
 
 use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
 use crate::grpc::body::{self, TooLarge};
 use crate::grpc::frame::{self, Encoding};
-use crate::grpc::layer::Handler;
+use crate::grpc::layer::{Handler, Inner, forward};
 use crate::grpc::{Code, GatewayBody, Status};
 use crate::ingress::Inspected;
 use crate::metrics::metrics;
@@ -81,19 +79,11 @@ impl RewriteLayer {
 }
 
 impl Handler for RewriteLayer {
-    async fn handle<S>(self, inner: S, request: Request<GatewayBody>) -> Response<GatewayBody>
-    where
-        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>
-            + Send
-            + 'static,
-        S::Future: Send + 'static,
-    {
-        let forward = |inner: S, request| async move {
-            inner
-                .oneshot(request)
-                .await
-                .unwrap_or_else(|never| match never {})
-        };
+    async fn handle<S: Inner>(
+        self,
+        inner: S,
+        request: Request<GatewayBody>,
+    ) -> Response<GatewayBody> {
         // The ingress in front decided method, messages and namespace; without it the layer
         // cannot know what it would forward, so it refuses.
         let Some(inspected) = Inspected::of(&request).cloned() else {
@@ -152,17 +142,14 @@ impl RewriteLayer {
     }
 
     /// Rewrites the request's inspected `messages`, forwards them, rewrites the response.
-    async fn round_trip<S>(
+    async fn round_trip<S: Inner>(
         &self,
         inner: S,
         request: Request<GatewayBody>,
         m: Method,
         messages: Vec<Bytes>,
         inspected: Inspected,
-    ) -> Result<Response<GatewayBody>, Status>
-    where
-        S: Service<Request<GatewayBody>, Response = Response<GatewayBody>, Error = Infallible>,
-    {
+    ) -> Result<Response<GatewayBody>, Status> {
         let (request_type, response_type) = (m.request, m.response);
         // The body the ingress re-framed is these same messages: it is replaced, not read.
         let (parts, _same_messages) = request.into_parts();
@@ -181,10 +168,7 @@ impl RewriteLayer {
         let request =
             Request::from_parts(parts, GatewayBody::buffered(encode_frames(messages)?, None));
 
-        let response = inner
-            .oneshot(request)
-            .await
-            .unwrap_or_else(|never| match never {});
+        let response = forward(inner, request).await;
         // The response gets a budget of its own; the request's is released with `ctx`.
         let ctx = ctx.with_budget(self.message_budget());
         self.rewrite_response(&ctx, response_type, response, !m.server_streaming)
