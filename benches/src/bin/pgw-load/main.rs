@@ -40,6 +40,7 @@ use clap::Parser;
 
 use crate::gz::ReqEnc;
 use crate::targets::Cfg;
+use crate::work::Upstream;
 
 /// The bench's AES-256 key (32 bytes, base64), given to the gateways as `PGW_LOAD_KEY`.
 const KEY_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes, bench only
@@ -70,6 +71,9 @@ pub struct Args {
     /// Output directory (CSV, markdown, SVG, logs).
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
+    /// Upstreams to measure against (`temporal` also needs `--temporal-bin`).
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Upstream::Echo, Upstream::Temporal])]
+    upstreams: Vec<Upstream>,
     /// Payload sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,1024,65536,1048576")]
     sizes: Vec<usize>,

@@ -75,9 +75,13 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     // what the TLS echo upstream negotiated with the proxies (and direct-tls)
     let mut upstream_tls = None;
     let mut resources: Vec<Resources> = Vec::new();
-    let mut upstreams = vec![Upstream::Echo];
-    if args.temporal_bin.is_some() {
-        upstreams.push(Upstream::Temporal);
+    let upstreams: Vec<Upstream> = [Upstream::Echo, Upstream::Temporal]
+        .into_iter()
+        .filter(|u| args.upstreams.contains(u))
+        .filter(|u| *u == Upstream::Echo || args.temporal_bin.is_some())
+        .collect();
+    if upstreams.is_empty() {
+        bail!("no upstream to measure: --upstreams temporal needs --temporal-bin");
     }
 
     // Raw baselines, same run.

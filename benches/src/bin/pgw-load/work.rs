@@ -84,7 +84,7 @@ pub fn payload(size: usize, seed: u64) -> Payload {
 }
 
 /// What the targets forward to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Upstream {
     /// The in-process h2 echo server.
     Echo,
