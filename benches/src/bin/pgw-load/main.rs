@@ -1,7 +1,9 @@
 //! `pgw-load`: RPC-level load against a Temporal dev server (or an in-process h2 echo upstream)
-//! directly, through nginx `grpc_pass`, and through the gateway with codecs off, with
-//! zstd + AES-256-GCM, and with offload to the filesystem driver — all in one run; against the
-//! echo upstream also with TLS on both hops, and the gateway with 1 and 2 runtime threads.
+//! directly, through nginx `grpc_pass`, and through the gateway with codecs off, with inbound
+//! authorization only, with zstd + AES-256-GCM, and with offload to the filesystem driver —
+//! all in one run; against the echo upstream also with TLS on both hops, and the gateway with
+//! 1 and 2 runtime threads. Requests go uncompressed, gzip-compressed as the SDKs send them,
+//! or both (`--request-encodings`).
 //!
 //! It starts every peer itself on free loopback ports (the Temporal dev server, nginx, the
 //! gateways), measures, stops them, and writes `load.csv`, `load-scaling.csv`, `load.md` and
@@ -9,7 +11,7 @@
 //!
 //! Every loop is bounded both in count and in time.
 //!
-//! Modules: [`procs`] (child processes, `/proc`), [`client`] (gRPC over HTTP/2, cleartext or
+//! Modules: [`gz`] (request encodings, gzip), [`procs`] (child processes, `/proc`), [`client`] (gRPC over HTTP/2, cleartext or
 //! TLS), [`echo`] (the echo upstream), [`tls`] (certificates), [`targets`] (configurations and
 //! how they start), [`work`] (payloads, workloads, timed phases), [`baseline`] (raw codec and
 //! raw file store, same run), [`run`] (the order of measurements), [`scaling`] (runtime
@@ -19,6 +21,7 @@
 mod baseline;
 mod client;
 mod echo;
+mod gz;
 mod procs;
 mod ready;
 mod report;
@@ -35,20 +38,30 @@ use std::path::PathBuf;
 use anyhow::{Result, anyhow};
 use clap::Parser;
 
+use crate::gz::ReqEnc;
 use crate::targets::Cfg;
+use crate::work::Upstream;
 
 /// The bench's AES-256 key (32 bytes, base64), given to the gateways as `PGW_LOAD_KEY`.
 const KEY_B64: &str = "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="; // 32 bytes, bench only
 /// The Temporal namespace of every request.
 const NAMESPACE: &str = "default";
+/// The bearer token every request carries; `gw-auth` grants it [`NAMESPACE`] (given to the
+/// gateways as `PGW_LOAD_TOKENS`).
+const TOKEN: &str = "pgw-load-bench-token"; // bench only
 
 /// Command line.
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Payload Gateway load benchmark (see BENCHMARKS.md, section Load)")]
 pub struct Args {
-    /// The gateway binary (`cargo build --profile ci -p payload-gateway`, or `--release`).
+    /// The gateway binary (`cargo build --profile ci -p payload-gateway`, or `--release`);
+    /// any build can be measured (the same command before and after a change).
     #[arg(long)]
     gateway_bin: PathBuf,
+    /// A name for the gateway binary in the report and the CSV's `gateway` column (for
+    /// example `before` / `after`); default: the first 12 hex digits of its SHA-256.
+    #[arg(long)]
+    gateway_label: Option<String>,
     /// The `temporal` CLI (dev server); omit to run the echo upstream only.
     #[arg(long)]
     temporal_bin: Option<PathBuf>,
@@ -58,6 +71,9 @@ pub struct Args {
     /// Output directory (CSV, markdown, SVG, logs).
     #[arg(long, default_value = "benches/results")]
     out: PathBuf,
+    /// Upstreams to measure against (`temporal` also needs `--temporal-bin`).
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [Upstream::Echo, Upstream::Temporal])]
+    upstreams: Vec<Upstream>,
     /// Payload sizes in bytes.
     #[arg(long, value_delimiter = ',', default_value = "100,1024,65536,1048576")]
     sizes: Vec<usize>,
@@ -66,6 +82,11 @@ pub struct Args {
     /// against the echo upstream only; the nginx ones need `--nginx-bin`.
     #[arg(long, value_delimiter = ',', value_enum, default_values_t = Cfg::ALL)]
     configs: Vec<Cfg>,
+    /// How requests are encoded: `identity` (uncompressed frames) and/or `gzip`
+    /// (`grpc-encoding: gzip`, every frame compressed, as the Python SDK sends requests).
+    /// Each size runs every encoding against every configuration, in this order.
+    #[arg(long, value_delimiter = ',', value_enum, default_values_t = [ReqEnc::Identity])]
+    request_encodings: Vec<ReqEnc>,
     /// Concurrent RPC streams (one HTTP/2 connection) in the throughput phase, echo upstream.
     #[arg(long, default_value_t = 8)]
     echo_concurrency: usize,

@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use crate::Args;
 use crate::client::Client;
 use crate::echo::start_echo;
+use crate::gz::ReqEnc;
 use crate::targets::{Cfg, GatewayOpts, spawn_gateway};
 use crate::work::{Upstream, Work};
 
@@ -21,7 +22,7 @@ pub async fn start_to_ready(args: &Args, dir: &Path, run_tag: &str) -> Result<Ve
         return Ok(ready_lines);
     }
     let (echo, _) = start_echo(None).await?;
-    let work = Work::new(Upstream::Echo, 1024, run_tag.to_string());
+    let work = Work::new(Upstream::Echo, 1024, run_tag.to_string(), ReqEnc::Identity);
     for cfg in [Cfg::GwOff, Cfg::GwCodec] {
         let (mut accept, mut ready) = (Vec::new(), Vec::new());
         for i in 0..args.ready_samples {

@@ -1,15 +1,18 @@
-//! The report: `load.csv` (one line per upstream, configuration and size),
-//! `load-scaling.csv`, and `load.md` with the latency/throughput tables, the codec rate per
-//! core, cores per 1,000 RPC/s, offload against the raw file write + read, runtime-thread
-//! scaling, memory and start-to-ready.
+//! The report: `load.csv` (one line per upstream, configuration, size and request
+//! encoding), `load-scaling.csv`, and `load.md` with the gateway binary measured, the
+//! latency/throughput tables, proxy CPU per RPC against nginx, the codec rate per core, cores
+//! per 1,000 RPC/s, offload against the raw file write + read, runtime-thread scaling, memory
+//! and start-to-ready.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::Args;
+use crate::gz::ReqEnc;
 use crate::tables;
 use crate::targets::Cfg;
 use crate::work::{Stats, Upstream};
@@ -22,6 +25,13 @@ pub struct Row {
     pub cfg: Cfg,
     /// Payload size, bytes.
     pub size: usize,
+    /// How the requests were encoded.
+    pub enc: ReqEnc,
+    /// Echo upstream: (gzip-compressed, all) requests it received over the row (warm-up
+    /// included): whether the proxy forwarded the client's compressed frames.
+    pub upstream_gzip: Option<(u64, u64)>,
+    /// (gzip-compressed, all) responses the client read over the row.
+    pub client_gzip: (u64, u64),
     /// The sequential phase (1 in flight).
     pub seq: Stats,
     /// The concurrent phase.
@@ -97,16 +107,76 @@ pub fn fmt_size(s: usize) -> String {
     }
 }
 
-/// The row `r`'s ratios are taken against (`direct`, or `direct-tls` for the TLS ones).
-fn base<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
-    rows.iter()
-        .find(|b| b.upstream == r.upstream && b.size == r.size && b.cfg == r.cfg.baseline())
+/// The row `r`'s ratios are taken against (`direct`, or `direct-tls` for the TLS ones, with
+/// the same request encoding).
+pub fn base<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
+    find(rows, r.upstream, r.size, r.cfg.baseline(), r.enc)
 }
 
-/// The row of `up`, `size`, `cfg`.
-pub fn find(rows: &[Row], up: Upstream, size: usize, cfg: Cfg) -> Option<&Row> {
+/// The row of `up`, `size`, `cfg`, `enc`.
+pub fn find(rows: &[Row], up: Upstream, size: usize, cfg: Cfg, enc: ReqEnc) -> Option<&Row> {
     rows.iter()
-        .find(|r| r.upstream == up && r.size == size && r.cfg == cfg)
+        .find(|r| r.upstream == up && r.size == size && r.cfg == cfg && r.enc == enc)
+}
+
+/// The nginx row `r`'s proxy CPU is compared with: same upstream, size and request
+/// encoding, nginx with TLS for the `-tls` configurations.
+pub fn nginx_of<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
+    let nginx = if r.cfg.tls() {
+        Cfg::NginxTls
+    } else {
+        Cfg::Nginx
+    };
+    find(rows, r.upstream, r.size, nginx, r.enc)
+}
+
+/// The gateway binary a run measured.
+pub struct GatewayInfo {
+    /// Its path.
+    pub path: PathBuf,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// What `--version` printed.
+    pub version: String,
+    /// `--gateway-label`, or the first 12 hex digits of the SHA-256.
+    pub label: String,
+}
+
+impl GatewayInfo {
+    /// Hashes `--gateway-bin` and asks it for its version.
+    pub fn of(args: &Args) -> Result<GatewayInfo> {
+        let bytes = std::fs::read(&args.gateway_bin)
+            .with_context(|| format!("read {}", args.gateway_bin.display()))?;
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &bytes);
+        let sha256: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let version = std::process::Command::new(&args.gateway_bin)
+            .arg("--version")
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|| "?".into());
+        Ok(GatewayInfo {
+            path: args.gateway_bin.clone(),
+            label: args
+                .gateway_label
+                .clone()
+                .unwrap_or_else(|| sha256[..12].to_string()),
+            sha256,
+            version,
+        })
+    }
+
+    /// One line for the report.
+    pub fn describe(&self) -> String {
+        format!(
+            "`{}` = {} (`{}`, sha256 {})",
+            self.label,
+            self.path.display(),
+            self.version,
+            &self.sha256[..16]
+        )
+    }
 }
 
 /// Proxy CPU per RPC over the concurrent phase, µs.
@@ -121,6 +191,8 @@ pub fn cores_per_krps(st: &Stats) -> f64 {
 
 /// Everything one run measured.
 pub struct Outputs<'a> {
+    /// The gateway binary measured.
+    pub gateway: &'a GatewayInfo,
     /// The main run.
     pub rows: &'a [Row],
     /// The runtime-thread scaling runs.
@@ -139,6 +211,7 @@ pub struct Outputs<'a> {
 /// the markdown.
 pub fn write_outputs(args: &Args, out: &Outputs<'_>) -> Result<()> {
     let Outputs {
+        gateway,
         rows,
         scaling,
         resources,
@@ -146,14 +219,38 @@ pub fn write_outputs(args: &Args, out: &Outputs<'_>) -> Result<()> {
         baselines,
         upstream_tls,
     } = *out;
-    std::fs::write(args.out.join("load.csv"), csv(rows)?)?;
+    std::fs::write(args.out.join("load.csv"), csv(rows, gateway)?)?;
     std::fs::write(args.out.join("load-scaling.csv"), scaling_csv(scaling)?)?;
 
     let mut md = String::new();
-    for up in [Upstream::Echo, Upstream::Temporal] {
+    let encs: Vec<ReqEnc> = [ReqEnc::Identity, ReqEnc::Gzip]
+        .into_iter()
+        .filter(|e| rows.iter().any(|r| r.enc == *e))
+        .collect();
+    writeln!(
+        md,
+        "\nGateway binary: {}. Request encodings: {}.",
+        gateway.describe(),
+        encs.iter()
+            .map(|e| e.label())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )?;
+    // Titles name the encoding when a run has gzip requests.
+    let enc_note = |e: ReqEnc| {
+        if encs == [ReqEnc::Identity] {
+            String::new()
+        } else {
+            format!("; {}", e.describe())
+        }
+    };
+    for (up, &enc) in [Upstream::Echo, Upstream::Temporal]
+        .into_iter()
+        .flat_map(|u| encs.iter().map(move |e| (u, e)))
+    {
         let plain: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.upstream == up && !r.cfg.tls())
+            .filter(|r| r.upstream == up && r.enc == enc && !r.cfg.tls())
             .collect();
         if plain.is_empty() {
             continue;
@@ -164,13 +261,18 @@ pub fn write_outputs(args: &Args, out: &Outputs<'_>) -> Result<()> {
                 "Temporal dev server (Start, Signal, Describe, GetHistory per workflow)"
             }
         };
-        latency_table(&mut md, rows, &plain, &format!("Upstream: {title}"))?;
+        latency_table(
+            &mut md,
+            rows,
+            &plain,
+            &format!("Upstream: {title}{}", enc_note(enc)),
+        )?;
         if up != Upstream::Echo {
             continue;
         }
         let tls: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.upstream == up && r.cfg.tls())
+            .filter(|r| r.upstream == up && r.enc == enc && r.cfg.tls())
             .collect();
         if !tls.is_empty() {
             let suites: Vec<String> = Cfg::ALL
@@ -185,16 +287,21 @@ pub fn write_outputs(args: &Args, out: &Outputs<'_>) -> Result<()> {
                 rows,
                 &tls,
                 &format!(
-                    "Upstream: in-process h2 echo over TLS — TLS on both hops (client → proxy, proxy → echo; direct-tls: client → echo), ratios against direct-tls; server certificates ECDSA P-256, no client certificates; client hop negotiated {}; the echo upstream negotiated {}",
+                    "Upstream: in-process h2 echo over TLS — TLS on both hops (client → proxy, proxy → echo; direct-tls: client → echo), ratios against direct-tls; server certificates ECDSA P-256, no client certificates; client hop negotiated {}; the echo upstream negotiated {}{}",
                     suites.join(", "),
-                    upstream_tls.join(", ")
+                    upstream_tls.join(", "),
+                    enc_note(enc)
                 ),
             )?;
         }
-        tables::codec_rate_table(&mut md, args, rows, baselines)?;
-        tables::offload_table(&mut md, args, rows, baselines)?;
+        // the codec and offload tables read the first encoding's rows
+        if enc == encs[0] {
+            tables::codec_rate_table(&mut md, args, rows, baselines, enc)?;
+            tables::offload_table(&mut md, args, rows, baselines, enc)?;
+        }
     }
-    tables::cores_table(&mut md, args, rows)?;
+    tables::vs_nginx_table(&mut md, args, rows, &encs)?;
+    tables::cores_table(&mut md, args, rows, &encs)?;
     tables::scaling_table(&mut md, scaling)?;
     if !resources.is_empty() {
         writeln!(
@@ -242,10 +349,13 @@ pub fn write_outputs(args: &Args, out: &Outputs<'_>) -> Result<()> {
     Ok(())
 }
 
-/// `load.csv`: the columns of earlier runs, then `cores_per_krps`.
-fn csv(rows: &[Row]) -> Result<String> {
+/// `load.csv`: the columns of earlier runs, then `cores_per_krps`, then the request
+/// encoding, the gateway binary's label, proxy CPU per RPC ÷ nginx's (same size and
+/// encoding), and how many requests the echo upstream and responses the client saw
+/// gzip-compressed (`gzip/all`).
+fn csv(rows: &[Row], gateway: &GatewayInfo) -> Result<String> {
     let mut csv = String::from(
-        "upstream,config,size,seq_rpcs,seq_p50_us,seq_p99_us,added_p50_us,concurrency,conc_rpcs,conc_rps,rps_ratio,conc_p50_us,conc_p99_us,p50_ratio,p99_ratio,errors,proxy_cpu_us_per_rpc,methods_seq_p50_us,cores_per_krps\n",
+        "upstream,config,size,seq_rpcs,seq_p50_us,seq_p99_us,added_p50_us,concurrency,conc_rpcs,conc_rps,rps_ratio,conc_p50_us,conc_p99_us,p50_ratio,p99_ratio,errors,proxy_cpu_us_per_rpc,methods_seq_p50_us,cores_per_krps,request_encoding,gateway,cpu_vs_nginx,upstream_gzip_requests,client_gzip_responses\n",
     );
     for r in rows {
         let b = base(rows, r).expect("baseline row");
@@ -255,9 +365,14 @@ fn csv(rows: &[Row]) -> Result<String> {
             .iter()
             .map(|(m, v)| format!("{m}={:.0}", Stats::pct(v, 0.5)))
             .collect();
+        let is_proxy = r.cfg.plain() != Cfg::Direct;
+        let vs_nginx = match nginx_of(rows, r) {
+            Some(n) if is_proxy => format!("{:.3}", cpu_us_per_rpc(r) / cpu_us_per_rpc(n)),
+            _ => String::new(),
+        };
         writeln!(
             csv,
-            "{},{},{},{},{:.0},{:.0},{:.0},{},{},{:.1},{:.3},{:.0},{:.0},{:.3},{:.3},{},{:.1},{},{}",
+            "{},{},{},{},{:.0},{:.0},{:.0},{},{},{:.1},{:.3},{:.0},{:.0},{:.3},{:.3},{},{:.1},{},{},{},{},{},{},{}/{}",
             r.upstream.label(),
             r.cfg.label(),
             r.size,
@@ -276,11 +391,19 @@ fn csv(rows: &[Row]) -> Result<String> {
             r.seq.errors + r.conc.errors,
             cpu_us_per_rpc(r),
             methods.join(";"),
-            if r.cfg.plain() == Cfg::Direct {
-                String::new()
-            } else {
+            if is_proxy {
                 format!("{:.3}", cores_per_krps(&r.conc))
-            }
+            } else {
+                String::new()
+            },
+            r.enc.label(),
+            gateway.label.replace(',', ";"),
+            vs_nginx,
+            r.upstream_gzip
+                .map(|(g, a)| format!("{g}/{a}"))
+                .unwrap_or_default(),
+            r.client_gzip.0,
+            r.client_gzip.1,
         )?;
     }
     Ok(csv)

@@ -1,6 +1,6 @@
-//! The order of measurements: baselines, then per upstream every configuration at every
-//! size (sequential phase, then concurrent phase), resources, the runtime-thread scaling runs
-//! and start-to-ready; then the report.
+//! The order of measurements: baselines, then per upstream, per size, per request encoding
+//! every configuration (sequential phase, then concurrent phase), resources, the
+//! runtime-thread scaling runs and start-to-ready; then the report.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,9 +15,10 @@ use crate::baseline::{
     encoded_like_gateway, raw_codec_secs_per_roundtrip, raw_store_cpu_per_roundtrip,
 };
 use crate::client::{Client, frame};
-use crate::echo::start_echo;
+use crate::echo::{SEEN, start_echo};
+use crate::gz::ReqEnc;
 use crate::procs::{Proc, free_port, proc_status_kb, proc_tree};
-use crate::report::{self, Baselines, Resources, Row, StoreDelta, fmt_size};
+use crate::report::{self, Baselines, GatewayInfo, Resources, Row, StoreDelta, fmt_size};
 use crate::targets::{Cfg, GatewayOpts, Target, spawn_gateway, spawn_nginx, store_root, wait_tcp};
 use crate::tls::Pki;
 use crate::work::{Upstream, Work, payload, run_phase};
@@ -62,6 +63,8 @@ fn dir_usage(root: &Path) -> (u64, u64) {
 /// Runs everything and writes the outputs.
 pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     let run_tag = format!("{}", std::process::id());
+    let gateway = GatewayInfo::of(args)?;
+    eprintln!("gateway: {}", gateway.describe());
     let configs = chosen_configs(args);
     let pki = if configs.iter().any(|c| c.tls()) {
         Some(Pki::generate(&dir.join("pki"))?)
@@ -72,9 +75,13 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
     // what the TLS echo upstream negotiated with the proxies (and direct-tls)
     let mut upstream_tls = None;
     let mut resources: Vec<Resources> = Vec::new();
-    let mut upstreams = vec![Upstream::Echo];
-    if args.temporal_bin.is_some() {
-        upstreams.push(Upstream::Temporal);
+    let upstreams: Vec<Upstream> = [Upstream::Echo, Upstream::Temporal]
+        .into_iter()
+        .filter(|u| args.upstreams.contains(u))
+        .filter(|u| *u == Upstream::Echo || args.temporal_bin.is_some())
+        .collect();
+    if upstreams.is_empty() {
+        bail!("no upstream to measure: --upstreams temporal needs --temporal-bin");
     }
 
     // Raw baselines, same run.
@@ -209,8 +216,18 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
             Upstream::Echo => args.echo_concurrency,
             Upstream::Temporal => args.temporal_concurrency,
         };
-        for &size in &args.sizes {
-            let work = Arc::new(Work::new(up, size, run_tag.clone()));
+        let mut encs: Vec<ReqEnc> = Vec::new();
+        for e in &args.request_encodings {
+            if !encs.contains(e) {
+                encs.push(*e);
+            }
+        }
+        for (&size, enc) in args
+            .sizes
+            .iter()
+            .flat_map(|s| encs.iter().map(move |e| (s, *e)))
+        {
+            let work = Arc::new(Work::new(up, size, run_tag.clone(), enc));
             for t in &targets {
                 let tls = if t.cfg.tls() {
                     pki.as_ref().map(|p| &p.client)
@@ -219,18 +236,27 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
                 };
                 let client = Client::connect(t.addr, tls).await?;
                 let before = t.store_root.as_deref().map(dir_usage);
+                let seen0 = SEEN.get();
                 // warm up (and verify payloads round-trip intact)
                 let mut lat = Vec::new();
                 for _ in 0..3 {
                     work.op(&client, &mut lat, true).await.map_err(|e| {
                         anyhow!(
-                            "{} {} {}: {}",
+                            "{} {} {} {}: {}",
                             up.label(),
                             t.cfg.label(),
                             fmt_size(size),
+                            enc.label(),
                             e.0
                         )
                     })?;
+                }
+                if t.cfg.plain() == Cfg::GwAuth {
+                    refuses_without_token(&work, t.addr, tls)
+                        .await
+                        .map_err(|e| {
+                            anyhow!("{} {} {}: {e}", up.label(), t.cfg.label(), enc.label())
+                        })?;
                 }
                 let pids = t
                     .proc
@@ -260,11 +286,15 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
                     }
                     _ => None,
                 };
+                let seen1 = SEEN.get();
+                let upstream_gzip =
+                    (up == Upstream::Echo).then(|| (seen1.0 - seen0.0, seen1.1 - seen0.1));
                 eprintln!(
-                    "{:8} {:12} {:>7}: seq p50 {:>8.0} µs p99 {:>8.0} | conc{} {:>8.0} rpc/s p50 {:>8.0} p99 {:>8.0} | errors {} {}",
+                    "{:8} {:12} {:>7} {:8}: seq p50 {:>8.0} µs p99 {:>8.0} | conc{} {:>8.0} rpc/s p50 {:>8.0} p99 {:>8.0} | errors {} {}",
                     up.label(),
                     t.cfg.label(),
                     fmt_size(size),
+                    enc.label(),
                     seq.p50(),
                     seq.p99(),
                     conc,
@@ -281,6 +311,9 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
                     upstream: up,
                     cfg: t.cfg,
                     size,
+                    enc,
+                    upstream_gzip,
+                    client_gzip: client.responses.get(),
                     seq,
                     conc: cst,
                     concurrency: conc,
@@ -321,6 +354,7 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         .map(|s| s.lock().expect("negotiated").iter().cloned().collect())
         .unwrap_or_default();
     let outputs = report::Outputs {
+        gateway: &gateway,
         rows: &rows,
         scaling: &scaling,
         resources: &resources,
@@ -329,6 +363,25 @@ pub async fn run(args: &Args, dir: &Path) -> Result<()> {
         upstream_tls: &upstream_tls,
     };
     report::write_outputs(args, &outputs)
+}
+
+/// Checks that the gateway at `addr` (`gw-auth`) refuses an operation without the bearer
+/// token with `UNAUTHENTICATED`: what is measured does check every request.
+async fn refuses_without_token(
+    work: &Work,
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<()> {
+    let anon = Client::connect(addr, tls).await?.without_token();
+    let mut lat = Vec::new();
+    match work.op(&anon, &mut lat, false).await {
+        Err(e) if e.0.contains("grpc-status \"16\"") => Ok(()),
+        Err(e) => bail!(
+            "without a token: expected UNAUTHENTICATED (16), got {}",
+            e.0
+        ),
+        Ok(()) => bail!("without a token the operation passed: [proxy.auth] is not in force"),
+    }
 }
 
 /// Waits until the dev server answers `DescribeNamespace` (120 s at most).

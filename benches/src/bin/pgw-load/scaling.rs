@@ -12,6 +12,7 @@ use anyhow::{Result, anyhow};
 use crate::Args;
 use crate::client::Client;
 use crate::echo::start_echo;
+use crate::gz::ReqEnc;
 use crate::procs::{Proc, proc_tree};
 use crate::report::{ScaleRow, fmt_size};
 use crate::targets::{Cfg, GatewayOpts, spawn_gateway, wait_tcp};
@@ -40,7 +41,12 @@ pub async fn scaling_runs(args: &Args, dir: &Path, run_tag: &str) -> Result<Vec<
     let mut out = Vec::new();
     let conns = args.scaling_connections.max(1);
     for &size in &args.scaling_sizes {
-        let work = Arc::new(Work::new(Upstream::Echo, size, run_tag.to_string()));
+        let work = Arc::new(Work::new(
+            Upstream::Echo,
+            size,
+            run_tag.to_string(),
+            ReqEnc::Identity,
+        ));
         for (cfg, threads, p, addr) in &gws {
             let mut clients = Vec::new();
             for _ in 0..conns {

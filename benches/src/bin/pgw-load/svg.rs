@@ -8,7 +8,10 @@ use crate::report::{Row, fmt_size};
 use crate::targets::Cfg;
 use crate::work::Upstream;
 
-pub fn svg(args: &Args, rows: &[Row]) -> String {
+/// The chart of the run's first request encoding (identity when it ran).
+pub fn svg(args: &Args, all: &[Row]) -> String {
+    let enc = all.iter().map(|r| r.enc).min();
+    let rows: Vec<&Row> = all.iter().filter(|r| Some(r.enc) == enc).collect();
     let (pw, ph, ml, mt, mb) = (420.0, 300.0, 60.0, 40.0, 50.0);
     let ups: Vec<Upstream> = [Upstream::Echo, Upstream::Temporal]
         .into_iter()
@@ -27,16 +30,13 @@ pub fn svg(args: &Args, rows: &[Row]) -> String {
         let x0 = 10.0 + i as f64 * (pw + ml + 20.0) + ml;
         let y0 = mt;
         let added = |r: &Row| {
-            let b = rows
-                .iter()
-                .find(|b| b.upstream == r.upstream && b.size == r.size && b.cfg == r.cfg.baseline())
-                .expect("baseline row");
+            let b = crate::report::base(all, r).expect("baseline row");
             (r.seq.p50() - b.seq.p50()).max(1.0)
         };
         let vals: Vec<f64> = rows
             .iter()
             .filter(|r| r.upstream == *up && r.cfg != r.cfg.baseline())
-            .map(added)
+            .map(|r| added(r))
             .collect();
         let lo = 0.0f64; // log10(1 µs)
         let hi = vals.iter().fold(2.0f64, |m, v| m.max(v.log10().ceil()));

@@ -1,6 +1,7 @@
-//! The tables beyond latency and throughput: codec rate per core (whole gateway and the
-//! codec's own share), offload against the raw file write + read, cores per 1,000 RPC/s with
-//! temporal-proxy's published sizing beside it, and runtime-thread scaling.
+//! The tables beyond latency and throughput: proxy CPU per RPC against nginx in the same run,
+//! codec rate per core (whole gateway and the codec's own share), offload against the raw
+//! file write + read, cores per 1,000 RPC/s with temporal-proxy's published sizing beside it,
+//! and runtime-thread scaling.
 
 use std::fmt::Write as _;
 
@@ -8,19 +9,21 @@ use anyhow::Result;
 
 use crate::Args;
 use crate::baseline::RAW_STORE_STEPS;
+use crate::gz::ReqEnc;
 use crate::report::{
-    Baselines, Row, ScaleRow, cores_per_krps, cpu_us_per_rpc, find, fmt_size, rate,
+    Baselines, Row, ScaleRow, cores_per_krps, cpu_us_per_rpc, find, fmt_size, nginx_of, rate,
 };
 use crate::targets::Cfg;
 use crate::work::Upstream;
 
-/// Codec rate per core (echo): the whole gateway's CPU, and the codec's own share
-/// (gw-codec − gw-off CPU per RPC), against the raw calls.
+/// Codec rate per core (echo, requests in `enc`): the whole gateway's CPU, and the codec's
+/// own share (gw-codec − gw-off CPU per RPC), against the raw calls.
 pub fn codec_rate_table(
     md: &mut String,
     args: &Args,
     rows: &[Row],
     baselines: &Baselines,
+    enc: ReqEnc,
 ) -> Result<()> {
     let up = Upstream::Echo;
     let Some(conc) = rows
@@ -33,8 +36,8 @@ pub fn codec_rate_table(
     let mut lines = Vec::new();
     for &size in &args.sizes {
         let (Some(on), Some(off), Some(raw)) = (
-            find(rows, up, size, Cfg::GwCodec),
-            find(rows, up, size, Cfg::GwOff),
+            find(rows, up, size, Cfg::GwCodec, enc),
+            find(rows, up, size, Cfg::GwOff, enc),
             baselines.codec.get(&size),
         ) else {
             continue;
@@ -73,13 +76,14 @@ pub fn codec_rate_table(
     Ok(())
 }
 
-/// Offload round trip (echo, gw-offload) against the raw file write + read of the same
-/// bytes; target: gw-offload CPU per RPC ≤ 2 × raw.
+/// Offload round trip (echo, gw-offload, requests in `enc`) against the raw file write +
+/// read of the same bytes; target: gw-offload CPU per RPC ≤ 2 × raw.
 pub fn offload_table(
     md: &mut String,
     args: &Args,
     rows: &[Row],
     baselines: &Baselines,
+    enc: ReqEnc,
 ) -> Result<()> {
     if baselines.store.is_empty() {
         return Ok(());
@@ -88,14 +92,14 @@ pub fn offload_table(
     let mut lines = Vec::new();
     for &size in &args.sizes {
         let (Some(off), Some(&(enc_len, raw))) = (
-            find(rows, up, size, Cfg::GwOffload),
+            find(rows, up, size, Cfg::GwOffload, enc),
             baselines.store.get(&size),
         ) else {
             continue;
         };
         let cpu = cpu_us_per_rpc(off);
         let raw_us = raw * 1e6;
-        let own = find(rows, up, size, Cfg::GwCodec).map(|c| cpu - cpu_us_per_rpc(c));
+        let own = find(rows, up, size, Cfg::GwCodec, enc).map(|c| cpu - cpu_us_per_rpc(c));
         let (objs, obj_size) = match &off.store {
             Some(d) if d.objects > 0 => (
                 format!("{:.2}", d.objects as f64 / d.rpcs.max(1) as f64),
@@ -144,14 +148,72 @@ pub fn offload_table(
     Ok(())
 }
 
-/// Cores per 1,000 RPC/s per upstream, configuration and size, with temporal-proxy's
-/// published sizing beside it.
-pub fn cores_table(md: &mut String, args: &Args, rows: &[Row]) -> Result<()> {
+/// Proxy CPU per RPC of every proxy configuration against nginx's in the same run (same
+/// upstream, size and request encoding; the `-tls` ones against nginx-tls), per upstream:
+/// one line per configuration and request encoding.
+pub fn vs_nginx_table(md: &mut String, args: &Args, rows: &[Row], encs: &[ReqEnc]) -> Result<()> {
     for up in [Upstream::Echo, Upstream::Temporal] {
+        let mut lines = Vec::new();
+        for &enc in encs {
+            for cfg in Cfg::ALL.into_iter().filter(|c| c.plain() != Cfg::Direct) {
+                let cells: Vec<String> = args
+                    .sizes
+                    .iter()
+                    .map(|&s| match find(rows, up, s, cfg, enc) {
+                        Some(r) => match nginx_of(rows, r) {
+                            Some(n) if n.cfg != cfg => format!(
+                                "{:.0} µs ({:.2}×)",
+                                cpu_us_per_rpc(r),
+                                cpu_us_per_rpc(r) / cpu_us_per_rpc(n)
+                            ),
+                            _ => format!("{:.0} µs", cpu_us_per_rpc(r)),
+                        },
+                        None => "—".into(),
+                    })
+                    .collect();
+                if cells.iter().all(|c| c == "—") {
+                    continue;
+                }
+                lines.push(format!(
+                    "| {} | {} | {} |",
+                    cfg.label(),
+                    enc.label(),
+                    cells.join(" | ")
+                ));
+            }
+        }
+        if lines.is_empty() {
+            continue;
+        }
+        let sizes: Vec<String> = args.sizes.iter().map(|s| fmt_size(*s)).collect();
+        writeln!(
+            md,
+            "\n#### Proxy CPU per RPC against nginx ({} upstream; concurrent phase; in brackets: ÷ nginx's, same size and request encoding, `-tls` ÷ nginx-tls)\n\n| config | requests | {} |\n| --- | --- |{}",
+            up.label(),
+            sizes.join(" | "),
+            " --- |".repeat(sizes.len())
+        )?;
+        for l in lines {
+            writeln!(md, "{l}")?;
+        }
+    }
+    Ok(())
+}
+
+/// Cores per 1,000 RPC/s per upstream, request encoding, configuration and size, with
+/// temporal-proxy's published sizing beside it.
+pub fn cores_table(md: &mut String, args: &Args, rows: &[Row], encs: &[ReqEnc]) -> Result<()> {
+    for (up, &enc) in [Upstream::Echo, Upstream::Temporal]
+        .into_iter()
+        .flat_map(|u| encs.iter().map(move |e| (u, e)))
+    {
         let cfgs: Vec<Cfg> = Cfg::ALL
             .into_iter()
             .filter(|c| c.plain() != Cfg::Direct)
-            .filter(|c| rows.iter().any(|r| r.upstream == up && r.cfg == *c))
+            .filter(|c| {
+                rows.iter()
+                    .any(|r| r.upstream == up && r.cfg == *c && r.enc == enc)
+            })
             .collect();
         if cfgs.is_empty() {
             continue;
@@ -161,12 +223,15 @@ pub fn cores_table(md: &mut String, args: &Args, rows: &[Row]) -> Result<()> {
             .find(|r| r.upstream == up)
             .map(|r| r.concurrency)
             .unwrap_or(0);
-        let what = match up {
+        let mut what = match up {
             Upstream::Echo => format!("echo upstream, QueryWorkflow, c={conc} on one connection"),
             Upstream::Temporal => format!(
                 "Temporal dev server, RPC mix Start/Signal/Describe/GetHistory, {conc} workflows in flight"
             ),
         };
+        if encs != [ReqEnc::Identity] {
+            what.push_str(&format!(", requests {}", enc.label()));
+        }
         let sizes: Vec<String> = args.sizes.iter().map(|s| fmt_size(*s)).collect();
         writeln!(
             md,
@@ -179,14 +244,14 @@ pub fn cores_table(md: &mut String, args: &Args, rows: &[Row]) -> Result<()> {
                 .sizes
                 .iter()
                 .map(|&s| {
-                    find(rows, up, s, cfg)
+                    find(rows, up, s, cfg, enc)
                         .map(|r| format!("{:.3}", cores_per_krps(&r.conc)))
                         .unwrap_or("—".into())
                 })
                 .collect();
             writeln!(md, "| {} | {} |", cfg.label(), cells.join(" | "))?;
         }
-        if up == Upstream::Echo {
+        if up == Upstream::Echo && enc == encs[0] {
             writeln!(
                 md,
                 "\nReference, not comparable one to one: `temporalio/temporal-proxy`'s sizing guide gives ~0.29–0.31 cores per 1,000 requests/s with small unencrypted payloads and 0.33–0.36 encrypted, on 4 vCPU Graviton (arm64) with mTLS and Temporal Cloud as the upstream. Here: 2 shared x86 cores that also run the load generator and the upstream, loopback, TLS without client certificates; the nearest rows are gw-off-tls (unencrypted) and gw-codec-tls (encrypted) at 100 B–1 KiB."

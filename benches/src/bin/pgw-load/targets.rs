@@ -1,5 +1,6 @@
-//! The configurations measured (direct, nginx, the gateway with codecs off / on / offload,
-//! each also with TLS on both hops) and how their processes are configured and started.
+//! The configurations measured (direct, nginx, the gateway with codecs off / auth only /
+//! codecs on / offload, some also with TLS on both hops) and how their processes are
+//! configured and started.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -12,7 +13,7 @@ use tokio::net::TcpStream;
 
 use crate::procs::{Proc, free_port};
 use crate::tls::Pki;
-use crate::{Args, KEY_B64};
+use crate::{Args, KEY_B64, NAMESPACE, TOKEN};
 
 /// A configuration in front of the upstream. The `-tls` ones speak TLS on both hops
 /// (client → proxy and proxy → upstream; `direct-tls`: client → upstream); the Temporal dev
@@ -25,6 +26,9 @@ pub enum Cfg {
     Nginx,
     /// The gateway with encryption, compression and storage off.
     GwOff,
+    /// `gw-off` plus `[proxy.auth]`: a static bearer token granting the bench's namespace
+    /// (every request is read and its namespace checked; no codec).
+    GwAuth,
     /// The gateway with zstd level 3 + AES-256-GCM.
     GwCodec,
     /// `gw-codec` plus offload to the filesystem driver.
@@ -41,10 +45,11 @@ pub enum Cfg {
 
 impl Cfg {
     /// Every configuration, in the order they are measured.
-    pub const ALL: [Cfg; 9] = [
+    pub const ALL: [Cfg; 10] = [
         Cfg::Direct,
         Cfg::Nginx,
         Cfg::GwOff,
+        Cfg::GwAuth,
         Cfg::GwCodec,
         Cfg::GwOffload,
         Cfg::DirectTls,
@@ -59,6 +64,7 @@ impl Cfg {
             Cfg::Direct => "direct",
             Cfg::Nginx => "nginx",
             Cfg::GwOff => "gw-off",
+            Cfg::GwAuth => "gw-auth",
             Cfg::GwCodec => "gw-codec",
             Cfg::GwOffload => "gw-offload",
             Cfg::DirectTls => "direct-tls",
@@ -74,6 +80,7 @@ impl Cfg {
             Cfg::Direct => "(a) upstream directly",
             Cfg::Nginx => "(b) nginx grpc_pass",
             Cfg::GwOff => "(c) gateway, codecs off",
+            Cfg::GwAuth => "(c') gateway, codecs off, [proxy.auth] (static token)",
             Cfg::GwCodec => "(d) gateway, zstd + AES-256-GCM",
             Cfg::GwOffload => "(e) gateway, zstd + AES-GCM + offload (filesystem)",
             Cfg::DirectTls => "(a) upstream directly, TLS",
@@ -88,6 +95,7 @@ impl Cfg {
         match self.plain() {
             Cfg::Nginx => "#2ca02c",
             Cfg::GwOff => "#1f77b4",
+            Cfg::GwAuth => "#9467bd",
             Cfg::GwCodec => "#ff7f0e",
             Cfg::GwOffload => "#d62728",
             _ => "#888888",
@@ -164,6 +172,12 @@ fn gateway_config(
         writeln!(c, "worker_threads = {n}")?;
     }
     writeln!(c)?;
+    if plain == Cfg::GwAuth {
+        writeln!(
+            c,
+            "[proxy.auth]\n\n[[proxy.auth.tokens]]\nenv = \"PGW_LOAD_TOKENS\"\nnamespaces = [\"{NAMESPACE}\"]\n"
+        )?;
+    }
     if cfg.tls() {
         let Some(pki) = opts.pki else {
             bail!("{}: no certificates", cfg.label());
@@ -232,7 +246,8 @@ pub fn spawn_gateway(
     cmd.arg("--config")
         .arg(&path)
         .current_dir(dir)
-        .env("PGW_LOAD_KEY", KEY_B64);
+        .env("PGW_LOAD_KEY", KEY_B64)
+        .env("PGW_LOAD_TOKENS", TOKEN);
     let p = Proc::spawn(tag, cmd, &dir.join(format!("{tag}.log")))?;
     Ok((p, SocketAddr::from(([127, 0, 0, 1], port))))
 }

@@ -1,5 +1,6 @@
 //! Payloads, workloads (echo: one `QueryWorkflow`; Temporal: Start, Signal, Describe,
-//! GetHistory on a new workflow) and the timed phases that run them.
+//! GetHistory on a new workflow), each with uncompressed or gzip-compressed requests, and the
+//! timed phases that run them.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,7 +24,8 @@ use temporalio_protos::protos::temporal::api::{
 };
 
 use crate::NAMESPACE;
-use crate::client::{CallError, Client, frame};
+use crate::client::{CallError, Client, frame_as};
+use crate::gz::ReqEnc;
 use crate::procs::tree_cpu_secs;
 
 /// JSON-like order records (compress ~4-5x with zstd level 3, like the codec bench data).
@@ -82,7 +84,7 @@ pub fn payload(size: usize, seed: u64) -> Payload {
 }
 
 /// What the targets forward to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
 pub enum Upstream {
     /// The in-process h2 echo server.
     Echo,
@@ -105,7 +107,10 @@ pub struct Work {
     kind: Upstream,
     /// Payload size, bytes.
     pub size: usize,
-    /// Echo: the framed QueryWorkflow request (same bytes every call).
+    /// How requests are framed.
+    pub enc: ReqEnc,
+    /// Echo: the framed QueryWorkflow request, compressed once here for gzip (same bytes
+    /// every call, outside the timed loop).
     echo_req: Bytes,
     /// The payload every operation carries.
     pub payload: Payload,
@@ -114,27 +119,33 @@ pub struct Work {
 }
 
 impl Work {
-    /// The workload of `kind` at `size`; `run_tag` keeps workflow ids unique per run.
-    pub fn new(kind: Upstream, size: usize, run_tag: String) -> Work {
+    /// The workload of `kind` at `size` with requests in `enc`; `run_tag` keeps workflow ids
+    /// unique per run. Temporal requests differ per call (workflow ids), so with gzip each is
+    /// compressed when it is sent, as an SDK does (the load generator's CPU, not the proxy's).
+    pub fn new(kind: Upstream, size: usize, run_tag: String, enc: ReqEnc) -> Work {
         let payload = payload(size, size as u64 ^ 0x9e37_79b9);
-        let echo_req = frame(&QueryWorkflowRequest {
-            namespace: NAMESPACE.into(),
-            execution: Some(WorkflowExecution {
-                workflow_id: "pgw-load-echo".into(),
-                run_id: String::new(),
-            }),
-            query: Some(WorkflowQuery {
-                query_type: "state".into(),
-                query_args: Some(Payloads {
-                    payloads: vec![payload.clone()],
+        let echo_req = frame_as(
+            &QueryWorkflowRequest {
+                namespace: NAMESPACE.into(),
+                execution: Some(WorkflowExecution {
+                    workflow_id: "pgw-load-echo".into(),
+                    run_id: String::new(),
                 }),
-                header: None,
-            }),
-            ..Default::default()
-        });
+                query: Some(WorkflowQuery {
+                    query_type: "state".into(),
+                    query_args: Some(Payloads {
+                        payloads: vec![payload.clone()],
+                    }),
+                    header: None,
+                }),
+                ..Default::default()
+            },
+            enc,
+        );
         Work {
             kind,
             size,
+            enc,
             echo_req,
             payload,
             seq: AtomicU64::new(0),
@@ -174,32 +185,38 @@ impl Work {
             }
             Upstream::Temporal => {
                 let n = self.seq.fetch_add(1, Ordering::Relaxed);
-                let wid = format!("pgw-load-{}-{}-{n}", self.run_tag, self.size);
+                let wid = format!(
+                    "pgw-load-{}-{}-{}-{n}",
+                    self.run_tag,
+                    self.size,
+                    self.enc.label()
+                );
+                let enc = self.enc;
                 let input = Some(Payloads {
                     payloads: vec![self.payload.clone()],
                 });
-                let t = Instant::now();
-                let r = c
-                    .call(
-                        "StartWorkflowExecution",
-                        frame(&StartWorkflowExecutionRequest {
-                            namespace: NAMESPACE.into(),
-                            workflow_id: wid.clone(),
-                            workflow_type: Some(WorkflowType {
-                                name: "LoadWorkflow".into(),
-                            }),
-                            task_queue: Some(TaskQueue {
-                                name: "pgw-load".into(),
-                                kind: 1,
-                                normal_name: String::new(),
-                            }),
-                            input: input.clone(),
-                            identity: "pgw-load".into(),
-                            request_id: format!("{wid}-start"),
-                            ..Default::default()
+                // Requests are framed (and compressed) before the clock starts.
+                let req = frame_as(
+                    &StartWorkflowExecutionRequest {
+                        namespace: NAMESPACE.into(),
+                        workflow_id: wid.clone(),
+                        workflow_type: Some(WorkflowType {
+                            name: "LoadWorkflow".into(),
                         }),
-                    )
-                    .await?;
+                        task_queue: Some(TaskQueue {
+                            name: "pgw-load".into(),
+                            kind: 1,
+                            normal_name: String::new(),
+                        }),
+                        input: input.clone(),
+                        identity: "pgw-load".into(),
+                        request_id: format!("{wid}-start"),
+                        ..Default::default()
+                    },
+                    enc,
+                );
+                let t = Instant::now();
+                let r = c.call("StartWorkflowExecution", req).await?;
                 lat.push(("StartWorkflowExecution", t.elapsed().as_micros() as u32));
                 let run_id = StartWorkflowExecutionResponse::decode(r)
                     .map_err(|e| CallError(e.to_string()))?
@@ -208,10 +225,8 @@ impl Work {
                     workflow_id: wid.clone(),
                     run_id,
                 });
-                let t = Instant::now();
-                c.call(
-                    "SignalWorkflowExecution",
-                    frame(&SignalWorkflowExecutionRequest {
+                let req = frame_as(
+                    &SignalWorkflowExecutionRequest {
                         namespace: NAMESPACE.into(),
                         workflow_execution: exec.clone(),
                         signal_name: "bump".into(),
@@ -219,31 +234,32 @@ impl Work {
                         identity: "pgw-load".into(),
                         request_id: format!("{wid}-signal"),
                         ..Default::default()
-                    }),
-                )
-                .await?;
-                lat.push(("SignalWorkflowExecution", t.elapsed().as_micros() as u32));
+                    },
+                    enc,
+                );
                 let t = Instant::now();
-                c.call(
-                    "DescribeWorkflowExecution",
-                    frame(&DescribeWorkflowExecutionRequest {
+                c.call("SignalWorkflowExecution", req).await?;
+                lat.push(("SignalWorkflowExecution", t.elapsed().as_micros() as u32));
+                let req = frame_as(
+                    &DescribeWorkflowExecutionRequest {
                         namespace: NAMESPACE.into(),
                         execution: exec.clone(),
-                    }),
-                )
-                .await?;
-                lat.push(("DescribeWorkflowExecution", t.elapsed().as_micros() as u32));
+                    },
+                    enc,
+                );
                 let t = Instant::now();
-                let r = c
-                    .call(
-                        "GetWorkflowExecutionHistory",
-                        frame(&GetWorkflowExecutionHistoryRequest {
-                            namespace: NAMESPACE.into(),
-                            execution: exec,
-                            ..Default::default()
-                        }),
-                    )
-                    .await?;
+                c.call("DescribeWorkflowExecution", req).await?;
+                lat.push(("DescribeWorkflowExecution", t.elapsed().as_micros() as u32));
+                let req = frame_as(
+                    &GetWorkflowExecutionHistoryRequest {
+                        namespace: NAMESPACE.into(),
+                        execution: exec,
+                        ..Default::default()
+                    },
+                    enc,
+                );
+                let t = Instant::now();
+                let r = c.call("GetWorkflowExecutionHistory", req).await?;
                 lat.push((
                     "GetWorkflowExecutionHistory",
                     t.elapsed().as_micros() as u32,
