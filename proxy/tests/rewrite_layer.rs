@@ -239,10 +239,7 @@ async fn malformed_request_is_invalid_argument_and_nothing_is_forwarded() {
     let response = call(&layer, &upstream, START, frame(&bad), &[]).await;
     assert_eq!(response.headers()["grpc-status"], "3");
     let message = response.headers()["grpc-message"].to_str().unwrap();
-    assert!(
-        message.contains("StartWorkflowExecution"),
-        "{message}"
-    );
+    assert!(message.contains("StartWorkflowExecution"), "{message}");
     assert!(
         upstream.received.lock().unwrap().is_empty(),
         "a malformed request was forwarded"
