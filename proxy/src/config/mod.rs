@@ -14,7 +14,8 @@ mod storage;
 mod tests;
 
 pub use auth::{ALL_NAMESPACES, AuthConfig, AuthJwtConfig, AuthTokenConfig, ClientCertConfig};
-pub use codec_server::{CodecServerConfig, CodecTokenConfig};
+pub(crate) use codec_server::split_authority;
+pub use codec_server::{CodecServerConfig, CodecTokenConfig, HostPattern};
 pub use encryption::{CompressionConfig, EncryptionConfig, KeySpec, NamespaceConfig};
 pub use kms::KmsServerConfig;
 pub use proxy::{
