@@ -56,6 +56,16 @@ pub struct Gateway {
     admin_settings: admin::AdminSettings,
 }
 
+/// Loads the configuration file at `path` (the embedded defaults when `None`) with its
+/// environment overrides, validated as a whole: [`Config::load`] plus the storage drivers'
+/// settings ([`crate::storage::validate_drivers`]). Every command that reads the
+/// configuration (start, `check-config`, `keys audit`, the key reload) loads it here.
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+    let config = Config::load(path)?;
+    crate::storage::validate_drivers(&config)?;
+    Ok(config)
+}
+
 /// What `check-config` found: the configuration loads as start would load it.
 #[derive(Debug, serde::Serialize)]
 pub struct CheckReport {
@@ -319,6 +329,6 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 /// Refuses sections this build parses but does not implement yet, instead of ignoring them.
 fn refuse_unsupported(_config: &Config) -> Result<(), ConfigError> {
     // Every section is implemented; unsupported storage driver kinds are refused at config
-    // load (`storage::DriverSpec::parse`).
+    // load (`load_config`, `storage::DriverSpec::parse`).
     Ok(())
 }

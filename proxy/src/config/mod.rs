@@ -221,7 +221,6 @@ impl Config {
             ));
         }
         for (i, d) in self.storage.drivers.iter().enumerate() {
-            crate::storage::DriverSpec::parse(i, d)?;
             if driver_names.iter().filter(|n| **n == d.name).count() > 1 {
                 return Err(ConfigError::invalid(
                     format!("storage.drivers[{i}].name"),

@@ -289,6 +289,17 @@ impl StorageError {
     }
 }
 
+/// Validates every `storage.drivers` entry's kind-specific settings (what [`DriverSpec::parse`]
+/// checks), whether or not offload is enabled: the storage half of loading a configuration,
+/// kept out of [`crate::config`] so that config does not depend on storage. Start,
+/// `check-config`, `keys audit` and the key reload call it through [`crate::app::load_config`].
+pub fn validate_drivers(config: &Config) -> Result<(), ConfigError> {
+    for (i, d) in config.storage.drivers.iter().enumerate() {
+        DriverSpec::parse(i, d)?;
+    }
+    Ok(())
+}
+
 /// The configured drivers and per-namespace offload policy.
 #[derive(Debug)]
 pub struct Storage {
