@@ -24,6 +24,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
+pub mod client;
+
 use crate::config::{ConfigError, ProxyConfig};
 use crate::grpc::{BoxError, Code, GatewayBody, Status};
 use crate::tls::UpstreamTls;
