@@ -17,6 +17,7 @@ pub mod codec;
 pub mod codec_server;
 pub mod config;
 pub mod drain;
+pub mod errors;
 pub mod grpc;
 pub mod ingress;
 pub mod kms;
