@@ -118,6 +118,7 @@ pub type ShutdownSender = watch::Sender<bool>;
 impl Gateway {
     /// Validates what this build supports, builds the stack and binds the listeners.
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        crate::metrics::install_telemetry();
         refuse_unsupported(config)?;
         let upstream = Upstream::new(&config.proxy)?;
         let storage = Storage::from_config(config).await?.map(Arc::new);
@@ -129,7 +130,13 @@ impl Gateway {
             Duration::from_millis(config.proxy.response_send_timeout_ms),
         );
         let rewrite = if codec.is_active_anywhere() || storage.is_some() {
-            crate::metrics::observe_codec(&codec);
+            let observed = Arc::downgrade(&codec);
+            crate::metrics::observe_codec(move || {
+                observed.upgrade().map(|codec| crate::metrics::CodecCounts {
+                    encryptions: codec.encryption_counts(),
+                    dek_ages: codec.dek_ages(),
+                })
+            });
             log_policy(&codec);
             Some(RewriteLayer::new(
                 Pipeline::new(codec).with_storage(storage),

@@ -30,5 +30,6 @@ pub mod policy;
 pub mod rewrite;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
