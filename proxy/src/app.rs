@@ -57,13 +57,11 @@ pub struct Gateway {
 }
 
 /// Loads the configuration file at `path` (the embedded defaults when `None`) with its
-/// environment overrides, validated as a whole: [`Config::load`] plus the storage drivers'
-/// settings ([`crate::storage::validate_drivers`]). Every command that reads the
-/// configuration (start, `check-config`, `keys audit`, the key reload) loads it here.
+/// environment overrides, validated as a whole: [`Config::load_checked`] with the storage
+/// drivers' settings checked by [`crate::storage::check_driver`]. Every command that reads
+/// the configuration (start, `check-config`, `keys audit`, the key reload) loads it here.
 pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
-    let config = Config::load(path)?;
-    crate::storage::validate_drivers(&config)?;
-    Ok(config)
+    Config::load_checked(path, &crate::storage::check_driver)
 }
 
 /// What `check-config` found: the configuration loads as start would load it.

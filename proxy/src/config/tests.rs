@@ -20,10 +20,8 @@ fn embedded_defaults_are_valid() {
 fn storage_driver_settings_are_validated() {
     // Driver settings are checked by storage when the configuration is loaded for use
     // (`app::load_config`), not by `Config` itself.
-    let parse = |text: &str| {
-        Config::from_toml(text, Vec::new())
-            .and_then(|c| crate::storage::validate_drivers(&c).map(|()| c))
-    };
+    let parse =
+        |text: &str| Config::from_toml_checked(text, Vec::new(), &crate::storage::check_driver);
     let err = parse("[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\n").unwrap_err();
     assert!(err.to_string().contains("bucket"), "{err}");
     let err = parse(

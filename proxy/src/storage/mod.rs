@@ -289,15 +289,12 @@ impl StorageError {
     }
 }
 
-/// Validates every `storage.drivers` entry's kind-specific settings (what [`DriverSpec::parse`]
-/// checks), whether or not offload is enabled: the storage half of loading a configuration,
-/// kept out of [`crate::config`] so that config does not depend on storage. Start,
-/// `check-config`, `keys audit` and the key reload call it through [`crate::app::load_config`].
-pub fn validate_drivers(config: &Config) -> Result<(), ConfigError> {
-    for (i, d) in config.storage.drivers.iter().enumerate() {
-        DriverSpec::parse(i, d)?;
-    }
-    Ok(())
+/// Checks `storage.drivers[index]`'s kind-specific settings (what [`DriverSpec::parse`]
+/// checks), whether or not offload is enabled: the [`crate::config::DriverCheck`] that
+/// [`crate::app::load_config`] hands to [`Config::load_checked`], so that config does not
+/// depend on storage and the errors come in the same order as before.
+pub fn check_driver(index: usize, d: &DriverConfig) -> Result<(), ConfigError> {
+    DriverSpec::parse(index, d).map(drop)
 }
 
 /// The configured drivers and per-namespace offload policy.
