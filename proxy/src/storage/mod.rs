@@ -641,6 +641,7 @@ mod read_scope_tests {
         )
         .unwrap();
         tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap()
             .block_on(Storage::from_config(&config))
@@ -688,6 +689,7 @@ mod read_scope_tests {
     fn unscoped_sdk_keys_resolve_for_any_namespace() {
         let s = storage("");
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
             .build()
             .unwrap();
         let unscoped = rt
