@@ -409,6 +409,7 @@ proptest! {
 }
 
 #[test]
+#[allow(deprecated)] // sets the deprecated `namespace` of SignalExternalWorkflowExecutionCommandAttributes on purpose
 fn task_tokens_and_cross_namespace_commands_are_decided_with_the_request() {
     use temporalio_protos::temporal::api::command::v1::{
         Command, SignalExternalWorkflowExecutionCommandAttributes, command,
