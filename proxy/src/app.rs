@@ -56,6 +56,14 @@ pub struct Gateway {
     admin_settings: admin::AdminSettings,
 }
 
+/// Loads the configuration file at `path` (the embedded defaults when `None`) with its
+/// environment overrides, validated as a whole: [`Config::load_checked`] with the storage
+/// drivers' settings checked by [`crate::storage::check_driver`]. Every command that reads
+/// the configuration (start, `check-config`, `keys audit`, the key reload) loads it here.
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, ConfigError> {
+    Config::load_checked(path, &crate::storage::check_driver)
+}
+
 /// What `check-config` found: the configuration loads as start would load it.
 #[derive(Debug, serde::Serialize)]
 pub struct CheckReport {
@@ -108,6 +116,7 @@ pub type ShutdownSender = watch::Sender<bool>;
 impl Gateway {
     /// Validates what this build supports, builds the stack and binds the listeners.
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        crate::metrics::install_telemetry();
         refuse_unsupported(config)?;
         let upstream = Upstream::new(&config.proxy)?;
         let storage = Storage::from_config(config).await?.map(Arc::new);
@@ -119,7 +128,13 @@ impl Gateway {
             Duration::from_millis(config.proxy.response_send_timeout_ms),
         );
         let rewrite = if codec.is_active_anywhere() || storage.is_some() {
-            crate::metrics::observe_codec(&codec);
+            let observed = Arc::downgrade(&codec);
+            crate::metrics::observe_codec(move || {
+                observed.upgrade().map(|codec| crate::metrics::CodecCounts {
+                    encryptions: codec.encryption_counts(),
+                    dek_ages: codec.dek_ages(),
+                })
+            });
             log_policy(&codec);
             Some(RewriteLayer::new(
                 Pipeline::new(codec).with_storage(storage),
@@ -319,6 +334,6 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, StartE
 /// Refuses sections this build parses but does not implement yet, instead of ignoring them.
 fn refuse_unsupported(_config: &Config) -> Result<(), ConfigError> {
     // Every section is implemented; unsupported storage driver kinds are refused at config
-    // load (`storage::DriverSpec::parse`).
+    // load (`load_config`, `storage::DriverSpec::parse`).
     Ok(())
 }

@@ -69,7 +69,7 @@ fn main() -> ExitCode {
 /// storage driver is loaded) and prints the effective configuration and, per namespace, the
 /// effective policy.
 fn check_config(file: &std::path::Path) -> ExitCode {
-    let config = match Config::load(Some(file)) {
+    let config = match payload_gateway::app::load_config(Some(file)) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("payload-gateway: config error: {e}");
@@ -141,7 +141,7 @@ fn keygen() -> ExitCode {
 
 /// `keys audit`: reads the upstream with the gateway's own connection settings and stores.
 fn keys_audit(config_path: Option<PathBuf>, namespaces: &[String], json: bool) -> ExitCode {
-    let config = match Config::load(config_path.as_deref()) {
+    let config = match payload_gateway::app::load_config(config_path.as_deref()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("payload-gateway: config error: {e}");
@@ -183,7 +183,7 @@ fn keys_audit(config_path: Option<PathBuf>, namespaces: &[String], json: bool) -
 }
 
 fn run(config_path: Option<PathBuf>, tuning: alloc::Tuning) -> ExitCode {
-    let config = match Config::load(config_path.as_deref()) {
+    let config = match payload_gateway::app::load_config(config_path.as_deref()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("payload-gateway: config error: {e}");
@@ -260,8 +260,8 @@ async fn reload_on_sighup(
         return;
     };
     while hangup.recv().await.is_some() {
-        let reloaded =
-            Config::load(config_path.as_deref()).and_then(|config| codec.reload(&config));
+        let reloaded = payload_gateway::app::load_config(config_path.as_deref())
+            .and_then(|config| codec.reload(&config));
         match reloaded {
             Ok(()) => tracing::info!("SIGHUP: keys reloaded"),
             Err(e) => {

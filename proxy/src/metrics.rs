@@ -5,7 +5,7 @@
 //! are bounded: methods the descriptors do not know share the label `unknown`, namespaces
 //! past the first [`MAX_NAMESPACE_LABELS`] share `other`.
 
-use std::sync::{Arc, LazyLock, RwLock, Weak};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -15,8 +15,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::codec::PayloadCodec;
 
 /// Labels of an RPC outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -565,14 +563,56 @@ impl Metrics {
     }
 }
 
-/// The codec whose per-key encryption counts are exported (the running gateway's).
-static CODEC: RwLock<Option<Weak<PayloadCodec>>> = RwLock::new(None);
+/// What the codec reports at scrape time (see [`observe_codec`]).
+#[derive(Debug, Clone, Default)]
+pub struct CodecCounts {
+    /// AES-GCM encryptions per key id.
+    pub encryptions: Vec<(String, u64)>,
+    /// Age in seconds of the oldest data key still encrypting new payloads, per
+    /// key-encryption key.
+    pub dek_ages: Vec<(String, f64)>,
+}
 
-/// Exports `codec`'s encryption counts as `pgw_encryptions_total{key_id}`.
-pub fn observe_codec(codec: &Arc<PayloadCodec>) {
+/// Reads the running codec's counts; `None` once the codec is gone.
+type CodecReader = Box<dyn Fn() -> Option<CodecCounts> + Send + Sync>;
+
+/// The reader of the codec whose counts are exported (the running gateway's).
+static CODEC: RwLock<Option<CodecReader>> = RwLock::new(None);
+
+/// Exports the counts `read` returns at each scrape as `pgw_encryptions_total{key_id}` and
+/// `pgw_dek_age_seconds{key_id}`. The application installs it with a reader of its codec
+/// (the codec itself does not depend on metrics); a later call replaces the reader.
+pub fn observe_codec(read: impl Fn() -> Option<CodecCounts> + Send + Sync + 'static) {
     if let Ok(mut slot) = CODEC.write() {
-        *slot = Some(Arc::downgrade(codec));
+        *slot = Some(Box::new(read));
     }
+}
+
+/// The Prometheus side of [`crate::telemetry`]: what the lower layers report lands in
+/// [`metrics()`].
+#[derive(Debug, Default)]
+pub struct TelemetrySink;
+
+impl crate::telemetry::Sink for TelemetrySink {
+    fn dek_lookup(&self, hit: bool) {
+        metrics().count_dek_lookup(hit);
+    }
+
+    fn kms_call(
+        &self,
+        provider: &'static str,
+        operation: &'static str,
+        result: &'static str,
+        seconds: f64,
+    ) {
+        metrics().record_kms_call(provider, operation, result, seconds);
+    }
+}
+
+/// Routes [`crate::telemetry::sink()`] into [`metrics()`] (idempotent).
+pub fn install_telemetry() {
+    static SINK: TelemetrySink = TelemetrySink;
+    crate::telemetry::install(&SINK);
 }
 
 /// Reads the codec's counters at scrape time, so the codec keeps one source of truth (it also
@@ -582,11 +622,11 @@ struct EncryptionCounts;
 
 impl Collector for EncryptionCounts {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let codec = CODEC
+        let counts = CODEC
             .read()
             .ok()
-            .and_then(|c| c.as_ref().and_then(Weak::upgrade));
-        let Some(codec) = codec else {
+            .and_then(|c| c.as_ref().and_then(|read| read()));
+        let Some(counts) = counts else {
             return Ok(());
         };
         {
@@ -596,13 +636,13 @@ impl Collector for EncryptionCounts {
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            for (key_id, count) in codec.encryption_counts() {
+            for (key_id, count) in counts.encryptions {
                 let labels = [("key_id", key_id)];
                 let metric_encoder = family.encode_family(&labels)?;
                 ConstCounter::new(count).encode(metric_encoder)?;
             }
         }
-        let ages = codec.dek_ages();
+        let ages = counts.dek_ages;
         if !ages.is_empty() {
             let mut family = encoder.encode_descriptor(
                 "dek_age_seconds",

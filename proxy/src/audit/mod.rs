@@ -26,11 +26,11 @@ use serde::Serialize;
 use crate::budget::MessageBudget;
 use crate::codec::wire::{ENCODING_ENCRYPTED, ENCODING_KEY, KEY_ID_KEY};
 use crate::config::Config;
-use crate::grpc::client::{CallError, unary};
 use crate::payload::Payload;
 use crate::storage::Storage;
 use crate::storage::reference::{self, Kind};
 use crate::upstream::Upstream;
+use crate::upstream::client::{CallError, unary};
 use messages::*;
 
 /// Row name of payloads that carry no encryption.

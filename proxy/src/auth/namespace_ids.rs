@@ -11,8 +11,8 @@
 use bytes::Bytes;
 use payload_gateway_proto::{len_fields_by_number, string_field_by_number};
 
-use crate::grpc::client::{self, CallError};
 use crate::upstream::Upstream;
+use crate::upstream::client::{self, CallError};
 
 const DESCRIBE_NAMESPACE: &str =
     "/temporal.api.workflowservice.v1.WorkflowService/DescribeNamespace";

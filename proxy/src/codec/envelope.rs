@@ -523,7 +523,7 @@ impl DekManager {
         let hit = self
             .cached(kek.key_id(), namespace, dek_id, wrapped)
             .is_some();
-        crate::metrics::metrics().count_dek_lookup(hit);
+        crate::telemetry::sink().dek_lookup(hit);
         if hit {
             return Ok(());
         }
@@ -784,7 +784,7 @@ async fn timed<T>(
         Err(KmsError::Invalid { .. }) => "invalid",
         Err(KmsError::Config { .. }) => "config",
     };
-    crate::metrics::metrics().record_kms_call(
+    crate::telemetry::sink().kms_call(
         kek.provider().label(),
         operation,
         label,

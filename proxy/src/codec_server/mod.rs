@@ -99,7 +99,6 @@ mod tests;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -115,7 +114,7 @@ use tokio::net::TcpListener;
 
 use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
 use crate::codec::CodecError;
-use crate::config::{CodecServerConfig, ConfigError};
+use crate::config::{CodecServerConfig, ConfigError, HostPattern, split_authority};
 use crate::rewrite::pipeline::{DecodeScope, Inline, KeyScope, StageCause, StageError};
 use crate::rewrite::{CallContext, Direction, Pipeline};
 use crate::storage::StorageFailure;
@@ -1032,79 +1031,4 @@ fn content_type_refusal(headers: &HeaderMap) -> Option<Answer> {
             format!("Content-Type: application/json required, got {essence:?}"),
         ))
     }
-}
-
-/// One `codec_server.allowed_hosts` entry: a host (any port) or `host:port`; `*` is any.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostPattern {
-    /// Lower-case host (IPv6 in brackets); `None`: any host.
-    host: Option<String>,
-    /// `None`: any port.
-    port: Option<u16>,
-}
-
-impl HostPattern {
-    /// Parses `*`, `name`, `name:port`, `1.2.3.4[:port]` or `[v6][:port]`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        if text.trim() == "*" {
-            return Ok(Self {
-                host: None,
-                port: None,
-            });
-        }
-        let (host, port) = split_authority(text).ok_or_else(|| {
-            format!("{text:?} is not a host name or address with an optional :port")
-        })?;
-        Ok(Self {
-            host: Some(host),
-            port,
-        })
-    }
-
-    /// The listen address, as clients connecting to it by address name it.
-    fn listen(addr: SocketAddr) -> Self {
-        let host = match addr {
-            SocketAddr::V4(a) => a.ip().to_string(),
-            SocketAddr::V6(a) => format!("[{}]", a.ip()),
-        };
-        Self {
-            host: Some(host),
-            port: Some(addr.port()),
-        }
-    }
-
-    fn matches(&self, host: &str, port: Option<u16>) -> bool {
-        self.host.as_deref().is_none_or(|h| h == host) && (self.port.is_none() || self.port == port)
-    }
-}
-
-/// Splits `host[:port]` (IPv6 in brackets) into a normalized host (lower case, no trailing
-/// dot, IPv6 in canonical form) and the port. `None`: not a valid authority (userinfo, empty
-/// host, bad port or characters).
-fn split_authority(value: &str) -> Option<(String, Option<u16>)> {
-    let value = value.trim();
-    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
-        let (v6, after) = rest.split_once(']')?;
-        let ip: std::net::Ipv6Addr = v6.parse().ok()?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':')?.parse::<u16>().ok()?),
-        };
-        (format!("[{ip}]"), port)
-    } else {
-        let (host, port) = match value.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p.parse::<u16>().ok()?)),
-            None => (value, None),
-        };
-        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-        let valid = !host.is_empty()
-            && host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
-        if !valid {
-            return None;
-        }
-        (host, port)
-    };
-    Some((host, port))
 }

@@ -163,7 +163,7 @@ impl CodecServerConfig {
             ));
         }
         for (i, host) in self.allowed_hosts.iter().enumerate() {
-            crate::codec_server::HostPattern::parse(host).map_err(|why| {
+            HostPattern::parse(host).map_err(|why| {
                 ConfigError::invalid(format!("codec_server.allowed_hosts[{i}]"), why)
             })?;
         }
@@ -225,4 +225,80 @@ impl CodecServerConfig {
         }
         Ok(())
     }
+}
+
+/// One `codec_server.allowed_hosts` entry: a host (any port) or `host:port`; `*` is any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    /// Lower-case host (IPv6 in brackets); `None`: any host.
+    pub(crate) host: Option<String>,
+    /// `None`: any port.
+    pub(crate) port: Option<u16>,
+}
+
+impl HostPattern {
+    /// Parses `*`, `name`, `name:port`, `1.2.3.4[:port]` or `[v6][:port]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim() == "*" {
+            return Ok(Self {
+                host: None,
+                port: None,
+            });
+        }
+        let (host, port) = split_authority(text).ok_or_else(|| {
+            format!("{text:?} is not a host name or address with an optional :port")
+        })?;
+        Ok(Self {
+            host: Some(host),
+            port,
+        })
+    }
+
+    /// The listen address, as clients connecting to it by address name it.
+    pub(crate) fn listen(addr: SocketAddr) -> Self {
+        let host = match addr {
+            SocketAddr::V4(a) => a.ip().to_string(),
+            SocketAddr::V6(a) => format!("[{}]", a.ip()),
+        };
+        Self {
+            host: Some(host),
+            port: Some(addr.port()),
+        }
+    }
+
+    /// Whether `host` (normalized as [`split_authority`] does) and `port` match.
+    pub(crate) fn matches(&self, host: &str, port: Option<u16>) -> bool {
+        self.host.as_deref().is_none_or(|h| h == host) && (self.port.is_none() || self.port == port)
+    }
+}
+
+/// Splits `host[:port]` (IPv6 in brackets) into a normalized host (lower case, no trailing
+/// dot, IPv6 in canonical form) and the port. `None`: not a valid authority (userinfo, empty
+/// host, bad port or characters).
+pub(crate) fn split_authority(value: &str) -> Option<(String, Option<u16>)> {
+    let value = value.trim();
+    let (host, port) = if let Some(rest) = value.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let ip: std::net::Ipv6Addr = v6.parse().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?.parse::<u16>().ok()?),
+        };
+        (format!("[{ip}]"), port)
+    } else {
+        let (host, port) = match value.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p.parse::<u16>().ok()?)),
+            None => (value, None),
+        };
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        let valid = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+        if !valid {
+            return None;
+        }
+        (host, port)
+    };
+    Some((host, port))
 }

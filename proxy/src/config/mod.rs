@@ -14,7 +14,8 @@ mod storage;
 mod tests;
 
 pub use auth::{ALL_NAMESPACES, AuthConfig, AuthJwtConfig, AuthTokenConfig, ClientCertConfig};
-pub use codec_server::{CodecServerConfig, CodecTokenConfig};
+pub(crate) use codec_server::split_authority;
+pub use codec_server::{CodecServerConfig, CodecTokenConfig, HostPattern};
 pub use encryption::{CompressionConfig, EncryptionConfig, KeySpec, NamespaceConfig};
 pub use kms::KmsServerConfig;
 pub use proxy::{
@@ -91,9 +92,23 @@ impl ConfigError {
     }
 }
 
+/// Checks one `storage.drivers` entry (its index and settings) beyond what serde checks: the
+/// kind-specific settings, which the storage layer knows (`storage::check_driver`).
+pub type DriverCheck<'a> = &'a dyn Fn(usize, &DriverConfig) -> Result<(), ConfigError>;
+
 impl Config {
     /// Loads `path` (or the embedded defaults when `None`) and applies environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_checked(path, &|_, _| Ok(()))
+    }
+
+    /// [`Config::load`], with `check_driver` run on every `storage.drivers` entry during
+    /// validation (where the entry's kind-specific settings are checked; supplied by the
+    /// storage layer, which config does not depend on: `app::load_config`).
+    pub fn load_checked(
+        path: Option<&Path>,
+        check_driver: DriverCheck<'_>,
+    ) -> Result<Self, ConfigError> {
         let text = match path {
             Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_owned(),
@@ -101,13 +116,23 @@ impl Config {
             })?,
             None => String::new(),
         };
-        Self::from_toml(&text, std::env::vars())
+        Self::from_toml_checked(&text, std::env::vars(), check_driver)
     }
 
     /// Parses TOML text, applies `PGW__...` overrides from `env`, and validates the result.
     pub fn from_toml(
         text: &str,
         env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        Self::from_toml_checked(text, env, &|_, _| Ok(()))
+    }
+
+    /// [`Config::from_toml`], with `check_driver` run on every `storage.drivers` entry during
+    /// validation (see [`Config::load_checked`]).
+    pub fn from_toml_checked(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+        check_driver: DriverCheck<'_>,
     ) -> Result<Self, ConfigError> {
         let mut table: toml::Table = text
             .parse()
@@ -116,12 +141,12 @@ impl Config {
         let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(describe_toml_error(&e)))?;
-        config.validate()?;
+        config.validate(check_driver)?;
         Ok(config)
     }
 
     /// Checks what serde cannot: cross-references and values that must be usable.
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, check_driver: DriverCheck<'_>) -> Result<(), ConfigError> {
         validate_host_port("proxy.upstream", &self.proxy.upstream)?;
         self.codec_server.validate()?;
         self.proxy.tls.validate()?;
@@ -220,7 +245,7 @@ impl Config {
             ));
         }
         for (i, d) in self.storage.drivers.iter().enumerate() {
-            crate::storage::DriverSpec::parse(i, d)?;
+            check_driver(i, d)?;
             if driver_names.iter().filter(|n| **n == d.name).count() > 1 {
                 return Err(ConfigError::invalid(
                     format!("storage.drivers[{i}].name"),

@@ -18,6 +18,10 @@ fn embedded_defaults_are_valid() {
 
 #[test]
 fn storage_driver_settings_are_validated() {
+    // Driver settings are checked by storage when the configuration is loaded for use
+    // (`app::load_config`), not by `Config` itself.
+    let parse =
+        |text: &str| Config::from_toml_checked(text, Vec::new(), &crate::storage::check_driver);
     let err = parse("[[storage.drivers]]\nname = \"g\"\nkind = \"gcs\"\n").unwrap_err();
     assert!(err.to_string().contains("bucket"), "{err}");
     let err = parse(

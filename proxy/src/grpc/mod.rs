@@ -1,7 +1,6 @@
 //! gRPC over HTTP/2 as the gateway sees it: bodies, message framing and statuses.
 
 pub mod body;
-pub mod client;
 pub mod frame;
 pub mod layer;
 pub mod status;

@@ -44,8 +44,8 @@ use zeroize::Zeroizing;
 
 use super::{DEK_LEN, Dek, KeyEncryptionKey, KmsError, Provider};
 use crate::config::{ConfigError, KmsServerConfig};
+use crate::errors::error_chain;
 use crate::grpc::BoxError;
-use crate::upstream::error_chain;
 
 /// Messages and client generated from `kms.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

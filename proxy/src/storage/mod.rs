@@ -289,6 +289,14 @@ impl StorageError {
     }
 }
 
+/// Checks `storage.drivers[index]`'s kind-specific settings (what [`DriverSpec::parse`]
+/// checks), whether or not offload is enabled: the [`crate::config::DriverCheck`] that
+/// [`crate::app::load_config`] hands to [`Config::load_checked`], so that config does not
+/// depend on storage and the errors come in the same order as before.
+pub fn check_driver(index: usize, d: &DriverConfig) -> Result<(), ConfigError> {
+    DriverSpec::parse(index, d).map(drop)
+}
+
 /// The configured drivers and per-namespace offload policy.
 #[derive(Debug)]
 pub struct Storage {

@@ -24,7 +24,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower::ServiceExt;
 
+pub mod client;
+
 use crate::config::{ConfigError, ProxyConfig};
+use crate::errors::error_chain;
 use crate::grpc::{BoxError, Code, GatewayBody, Status};
 use crate::tls::UpstreamTls;
 
@@ -320,22 +323,6 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
-}
-
-/// Renders an error and its sources on one line: `client error (Connect): tcp connect error:
-/// Connection refused (os error 111)`.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
 }
 
 /// An upstream response body whose transport failure ends the stream with an `UNAVAILABLE`

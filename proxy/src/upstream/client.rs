@@ -5,10 +5,10 @@
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request};
 
-use super::body::{GatewayBody, collect};
-use super::frame::{self, Encoding};
+use super::Upstream;
 use crate::budget::MessageBudget;
-use crate::upstream::Upstream;
+use crate::grpc::body::{GatewayBody, collect};
+use crate::grpc::frame::{self, Encoding};
 
 /// How long one of the gateway's own calls may take.
 const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
