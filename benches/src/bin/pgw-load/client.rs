@@ -17,7 +17,7 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::TOKEN;
+use crate::consts::TOKEN;
 use crate::gz::{Memo, ReqEnc, gunzip, gzip};
 
 const SVC: &str = "/temporal.api.workflowservice.v1.WorkflowService/";

@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use tokio::net::TcpStream;
 
-use crate::Args;
+use crate::cfg::Cfg;
+use crate::cli::Args;
 use crate::client::Client;
 use crate::echo::start_echo;
 use crate::gz::ReqEnc;
-use crate::targets::{Cfg, GatewayOpts, spawn_gateway};
+use crate::targets::{GatewayOpts, spawn_gateway};
 use crate::work::{Upstream, Work};
 
 /// Start to ready (echo upstream): codecs off, then codecs on; markdown table lines.

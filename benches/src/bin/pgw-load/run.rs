@@ -14,15 +14,18 @@ use temporalio_protos::protos::temporal::api::workflowservice::v1::DescribeNames
 use crate::baseline::{
     encoded_like_gateway, raw_codec_secs_per_roundtrip, raw_store_cpu_per_roundtrip,
 };
+use crate::cfg::Cfg;
+use crate::cli::Args;
 use crate::client::{Client, frame};
+use crate::consts::NAMESPACE;
 use crate::echo::{SEEN, start_echo};
 use crate::gz::ReqEnc;
+use crate::model::{Baselines, GatewayInfo, Resources, Row, StoreDelta, fmt_size};
 use crate::procs::{Proc, free_port, proc_status_kb, proc_tree};
-use crate::report::{self, Baselines, GatewayInfo, Resources, Row, StoreDelta, fmt_size};
-use crate::targets::{Cfg, GatewayOpts, Target, spawn_gateway, spawn_nginx, store_root, wait_tcp};
+use crate::report;
+use crate::targets::{GatewayOpts, Target, spawn_gateway, spawn_nginx, store_root, wait_tcp};
 use crate::tls::Pki;
 use crate::work::{Upstream, Work, payload, run_phase};
-use crate::{Args, NAMESPACE};
 
 /// The configurations to measure, in measuring order, with their baselines added.
 fn chosen_configs(args: &Args) -> Vec<Cfg> {

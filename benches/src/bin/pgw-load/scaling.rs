@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 
-use crate::Args;
+use crate::cfg::Cfg;
+use crate::cli::Args;
 use crate::client::Client;
 use crate::echo::start_echo;
 use crate::gz::ReqEnc;
+use crate::model::{ScaleRow, fmt_size};
 use crate::procs::{Proc, proc_tree};
-use crate::report::{ScaleRow, fmt_size};
-use crate::targets::{Cfg, GatewayOpts, spawn_gateway, wait_tcp};
+use crate::targets::{GatewayOpts, spawn_gateway, wait_tcp};
 use crate::work::{Upstream, Work, run_phase};
 
 /// Throughput and CPU per RPC of gw-off and gw-codec with each `--scaling-threads` as

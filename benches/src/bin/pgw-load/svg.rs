@@ -3,9 +3,9 @@
 
 use std::fmt::Write as _;
 
-use crate::Args;
-use crate::report::{Row, fmt_size};
-use crate::targets::Cfg;
+use crate::cfg::Cfg;
+use crate::cli::Args;
+use crate::model::{Row, fmt_size};
 use crate::work::Upstream;
 
 /// The chart of the run's first request encoding (identity when it ran).
@@ -30,7 +30,7 @@ pub fn svg(args: &Args, all: &[Row]) -> String {
         let x0 = 10.0 + i as f64 * (pw + ml + 20.0) + ml;
         let y0 = mt;
         let added = |r: &Row| {
-            let b = crate::report::base(all, r).expect("baseline row");
+            let b = crate::model::base(all, r).expect("baseline row");
             (r.seq.p50() - b.seq.p50()).max(1.0)
         };
         let vals: Vec<f64> = rows

@@ -7,13 +7,13 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 
-use crate::Args;
 use crate::baseline::RAW_STORE_STEPS;
+use crate::cfg::Cfg;
+use crate::cli::Args;
 use crate::gz::ReqEnc;
-use crate::report::{
+use crate::model::{
     Baselines, Row, ScaleRow, cores_per_krps, cpu_us_per_rpc, find, fmt_size, nginx_of, rate,
 };
-use crate::targets::Cfg;
 use crate::work::Upstream;
 
 /// Codec rate per core (echo, requests in `enc`): the whole gateway's CPU, and the codec's

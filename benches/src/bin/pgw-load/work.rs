@@ -23,8 +23,8 @@ use temporalio_protos::protos::temporal::api::{
     },
 };
 
-use crate::NAMESPACE;
 use crate::client::{CallError, Client, frame_as};
+use crate::consts::NAMESPACE;
 use crate::gz::ReqEnc;
 use crate::procs::tree_cpu_secs;
 
