@@ -82,18 +82,19 @@ impl Handler for RewriteLayer {
     async fn handle<S: Inner>(
         self,
         inner: S,
-        request: Request<GatewayBody>,
+        mut request: Request<GatewayBody>,
     ) -> Response<GatewayBody> {
         // The ingress in front decided method, messages and namespace; without it the layer
         // cannot know what it would forward, so it refuses.
-        let Some(inspected) = Inspected::of(&request).cloned() else {
+        // Taken out of the request: the rewrite owns the decision (and its budget) from here.
+        let Some(mut inspected) = request.extensions_mut().remove::<Inspected>() else {
             return Status::new(
                 Code::Internal,
                 "gateway misconfigured: the payload rewrite ran without the ingress",
             )
             .into_response();
         };
-        let (Some(m), Some(messages)) = (inspected.method, inspected.messages.clone()) else {
+        let (Some(m), Some(messages)) = (inspected.method, inspected.messages.take()) else {
             if let Some(refusal) = self.refuse_unknown_method(&request) {
                 return refusal.into_response();
             }
