@@ -273,7 +273,7 @@ async def run_load(address: str, sizes: list[int], concurrency: int = 8, seed: i
 
     started = time.monotonic()
     async with Worker(worker_client, task_queue=task_queue, workflows=[SoakWorkflow], activities=[echo_blob],
-                      workflow_runner=UnsandboxedWorkflowRunner(), disable_payload_error_limit=True,
+                      workflow_runner=UnsandboxedWorkflowRunner(),
                       max_concurrent_activities=concurrency * 2):
         tasks = [asyncio.create_task(one(i, s)) for i, s in enumerate(sizes)]
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=timeout_s)

@@ -63,8 +63,7 @@ def test_schedule_create_describe_update_trigger(temporal_server, gateway_factor
         await handle.update(change)
         desc2 = await handle.describe()
         raw2 = await raw_schedule(temporal_server.address, sched_id)
-        async with Worker(client, task_queue=tq, workflows=[ScheduledWorkflow], workflow_runner=UnsandboxedWorkflowRunner(),
-                          disable_payload_error_limit=True):
+        async with Worker(client, task_queue=tq, workflows=[ScheduledWorkflow], workflow_runner=UnsandboxedWorkflowRunner()):
             await handle.trigger()
             deadline = time.monotonic() + 30
             while True:

@@ -163,7 +163,7 @@ def test_large_artifacts_pipeline_50mb(temporal_server, gateway_factory, s3_serv
     async def run():
         client = await Client.connect(gw.address)
         async with Worker(client, task_queue=tq, workflows=[ArtifactPipeline], activities=[extract, transform, load],
-                          workflow_runner=UnsandboxedWorkflowRunner(), disable_payload_error_limit=True,
+                          workflow_runner=UnsandboxedWorkflowRunner(),
                           max_concurrent_activities=1):
             t0 = time.perf_counter()
             out = await client.execute_workflow(ArtifactPipeline.run, seed, id=wf_id, task_queue=tq,

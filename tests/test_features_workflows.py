@@ -88,7 +88,7 @@ class ResetWorkflow:
 
 def worker(client: Client, tq: str) -> Worker:
     return Worker(client, task_queue=tq, workflows=[CanWorkflow, MailboxWorkflow, ResetWorkflow], activities=[produce],
-                  workflow_runner=UnsandboxedWorkflowRunner(), disable_payload_error_limit=True)
+                  workflow_runner=UnsandboxedWorkflowRunner())
 
 
 def markers(*extra: bytes) -> list[bytes]:

@@ -322,9 +322,8 @@ async def run_workflow(client_addr: str, worker_addr: str, client_conv=None, wor
     client = await Client.connect(client_addr, namespace="default", **kw)
     wkw = {"data_converter": worker_conv} if worker_conv else {}
     worker_client = await Client.connect(worker_addr, namespace="default", **wkw)
-    # Behind the gateway the SDK sees payloads before offload: its own 2 MB error limit must be off.
     async with Worker(worker_client, task_queue=tq, workflows=[OffloadWorkflow], activities=[make_blob],
-                      workflow_runner=UnsandboxedWorkflowRunner(), disable_payload_error_limit=True):
+                      workflow_runner=UnsandboxedWorkflowRunner()):
         result = await client.execute_workflow(OffloadWorkflow.run, EXPECTED_INPUT, id=wf_id, task_queue=tq,
                                                execution_timeout=timedelta(seconds=240))
     return wf_id, result
@@ -376,8 +375,7 @@ def test_workflow_suite_signal_query_continue_as_new(temporal_server, gateway_fa
 
     async def go():
         client = await Client.connect(gw.address, namespace="default")
-        async with Worker(client, task_queue=tq, workflows=[SuiteWorkflow], workflow_runner=UnsandboxedWorkflowRunner(),
-                          disable_payload_error_limit=True):
+        async with Worker(client, task_queue=tq, workflows=[SuiteWorkflow], workflow_runner=UnsandboxedWorkflowRunner()):
             handle = await client.start_workflow(SuiteWorkflow.run, args=[blob(STATE_LEN, "state-0"), 0], id=wf_id,
                                                  task_queue=tq, execution_timeout=timedelta(seconds=120))
             before = len(store.names())
@@ -582,7 +580,7 @@ def test_store_unavailable_then_back(temporal_server, gateway_factory, store):
     async def finish():
         client = await Client.connect(gw.address, namespace="default")
         async with Worker(client, task_queue=tq, workflows=[OffloadWorkflow], activities=[make_blob],
-                          workflow_runner=UnsandboxedWorkflowRunner(), disable_payload_error_limit=True):
+                          workflow_runner=UnsandboxedWorkflowRunner()):
             await asyncio.sleep(3)
             store.server.start()
             return await asyncio.wait_for(client.get_workflow_handle(wf_id).result(), timeout=120)

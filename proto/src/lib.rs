@@ -107,7 +107,8 @@ pub use error::WalkError;
 pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, methods};
 pub use walk::{
     ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, FailureText, MAX_DEPTH,
-    MAX_UNKNOWN_ANYS, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath,
-    StringFieldError, TextEdit, UnknownAny, len_fields_by_number, scan, string_field_by_number,
-    top_level_bytes, top_level_string, top_level_string_strict,
+    MAX_UNKNOWN_ANYS, PayloadSite, RawField, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan,
+    SitePath, StringFieldError, TextEdit, UnknownAny, len_fields_by_number, scan,
+    string_field_by_number, top_level_bytes, top_level_fields, top_level_string,
+    top_level_string_strict,
 };

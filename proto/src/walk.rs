@@ -407,6 +407,22 @@ impl Scan {
     pub fn opaque_system_payloads(&self) -> usize {
         self.opaque_system
     }
+
+    /// An identity of the message `levels` levels above the payload of site `site` (1: the
+    /// message whose field holds the payload, such as its `Payloads`; 2: the one above that,
+    /// such as a `Memo` above its map entry), or `None` above the scanned message. Sites with
+    /// equal identities at a level are in the same message: what a caller needs to add up
+    /// the payloads a server-side size limit counts together.
+    pub fn container(&self, site: usize, levels: usize) -> Option<u32> {
+        let mut node = self.sites.get(site)?.node;
+        for _ in 0..levels {
+            node = self.nodes.get(node as usize)?.parent;
+            if node == NO_PARENT {
+                return None;
+            }
+        }
+        Some(node)
+    }
 }
 
 /// Finds every payload site in `buf`, a serialized message of type `ty`.
@@ -993,4 +1009,59 @@ pub fn len_fields_by_number(buf: &[u8], number: u32) -> Result<Vec<&[u8]>, Strin
         }
     }
     Ok(found)
+}
+
+/// One top-level field of a message as it is on the wire (see [`top_level_fields`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawField {
+    /// The field number.
+    pub number: u32,
+    /// The wire type (0 varint, 1 fixed64, 2 length-delimited, 5 fixed32).
+    pub wire_type: u8,
+    /// The whole field: tag, length prefix (if any) and value.
+    pub whole: Range<usize>,
+    /// The value of a length-delimited field, without its length prefix.
+    pub value: Option<Range<usize>>,
+    /// The value of a varint field.
+    pub varint: Option<u64>,
+}
+
+/// Every top-level field of `buf` in wire order, for a caller that rebuilds a message it
+/// edits (keeping every field it does not change byte for byte). Malformed input is an error.
+pub fn top_level_fields(buf: &[u8]) -> Result<Vec<RawField>, StringFieldError> {
+    let mut pos = 0;
+    let mut fields = Vec::new();
+    let malformed = |fault| StringFieldError::Malformed(fault_error(fault, String::new()));
+    while pos < buf.len() {
+        let tag_at = pos;
+        let (number, wire_type) = wire::read_tag(buf, &mut pos, buf.len()).map_err(malformed)?;
+        let (mut value, mut varint) = (None, None);
+        match wire_type {
+            LEN => {
+                let (a, b) = wire::read_len(buf, &mut pos, buf.len()).map_err(malformed)?;
+                value = Some(a..b);
+            }
+            wire::VARINT => {
+                varint = Some(wire::read_varint(buf, &mut pos, buf.len()).map_err(malformed)?);
+            }
+            _ => wire::skip_value(
+                buf,
+                &mut pos,
+                buf.len(),
+                number,
+                wire_type,
+                tag_at,
+                MAX_DEPTH,
+            )
+            .map_err(malformed)?,
+        }
+        fields.push(RawField {
+            number,
+            wire_type,
+            whole: tag_at..pos,
+            value,
+            varint,
+        });
+    }
+    Ok(fields)
 }

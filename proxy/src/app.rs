@@ -21,6 +21,7 @@ use crate::ingress::Ingress;
 use crate::observe::ObserveLayer;
 use crate::rewrite::{Pipeline, RewriteLayer};
 use crate::server::{self, ServerSettings};
+use crate::server_limits::ServerLimits;
 use crate::storage::Storage;
 use crate::upstream::Upstream;
 
@@ -136,11 +137,20 @@ impl Gateway {
                 })
             });
             log_policy(&codec);
-            Some(RewriteLayer::new(
+            let offloads = storage.is_some();
+            let layer = RewriteLayer::new(
                 Pipeline::new(codec).with_storage(storage),
                 config.proxy.max_message_bytes,
                 process_budget.clone(),
-            ))
+            );
+            Some(if offloads {
+                layer.with_server_limits(Arc::new(ServerLimits::new(
+                    upstream.clone(),
+                    config.storage.server_limits.clone(),
+                )))
+            } else {
+                layer
+            })
         } else {
             tracing::info!("no namespace encrypts, compresses or offloads: forwarding only");
             None

@@ -29,6 +29,7 @@ pub mod payload;
 pub mod policy;
 pub mod rewrite;
 pub mod server;
+pub mod server_limits;
 pub mod storage;
 pub mod telemetry;
 pub mod tls;

@@ -21,7 +21,7 @@ pub use kms::KmsServerConfig;
 pub use proxy::{
     AdminConfig, LogConfig, LogFormat, ProxyConfig, ServerTlsConfig, UpstreamTlsConfig,
 };
-pub use storage::{DriverConfig, DriverKind, StorageConfig};
+pub use storage::{DriverConfig, DriverKind, ServerLimitsConfig, StorageConfig};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -243,6 +243,24 @@ impl Config {
                 "storage.concurrency",
                 "must be at least 1",
             ));
+        }
+        let limits = &self.storage.server_limits;
+        // A limit smaller than a reference could not be kept by offloading.
+        for (key, value) in [
+            ("max_message_bytes", Some(limits.max_message_bytes)),
+            ("blob_size_bytes", limits.blob_size_bytes),
+            ("memo_size_bytes", limits.memo_size_bytes),
+            (
+                "workflow_task_completion_bytes",
+                limits.workflow_task_completion_bytes,
+            ),
+        ] {
+            if value.is_some_and(|v| v < 64 * 1024) {
+                return Err(ConfigError::invalid(
+                    format!("storage.server_limits.{key}"),
+                    "must be at least 65536 (64 KiB)",
+                ));
+            }
         }
         for (i, d) in self.storage.drivers.iter().enumerate() {
             check_driver(i, d)?;

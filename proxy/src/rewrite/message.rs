@@ -37,21 +37,26 @@ use payload_gateway_proto::{
     ENCODED_FAILURE_MESSAGE, FailureEdit, MessageType, Scan, TextEdit, scan, top_level_string,
 };
 
+use super::fit::FitPlan;
 use super::pipeline::{CallContext, Direction, Pipeline};
 use crate::grpc::{Code, Status};
 use crate::metrics::metrics;
 use crate::payload::Payload;
+use crate::server_limits::Limits;
 
 const JSON_PLAIN: &[u8] = b"json/plain";
 
 /// Rewrites `message` of type `ty` in `direction`. Errors are statuses ready for the client:
-/// malformed requests are `INVALID_ARGUMENT`, malformed responses `INTERNAL`.
+/// malformed requests are `INVALID_ARGUMENT`, malformed responses `INTERNAL`. On the way out,
+/// `limits` (the server's, for a namespace that offloads) make the stages offload what the
+/// message needs to fit them ([`super::fit`]).
 pub async fn rewrite(
     pipeline: &Pipeline,
     direction: Direction,
     ctx: &CallContext,
     ty: MessageType,
     message: Bytes,
+    limits: Option<&Limits>,
 ) -> Result<Bytes, Status> {
     if !ty.can_hold_payloads() {
         return Ok(message);
@@ -106,7 +111,14 @@ pub async fn rewrite(
         return Ok(message);
     }
     let sizes: Vec<usize> = payloads.iter().map(Bytes::len).collect();
-    let mut replacements = pipeline.run(direction, ctx, payloads).await.map_err(|e| {
+    let outcome = match (direction, limits) {
+        (Direction::Encode, Some(limits)) => {
+            let plan = FitPlan::new(ty, &message, &scanned, seals.len() + added.len(), limits);
+            pipeline.encode_to_fit(ctx, payloads, Some(&plan)).await
+        }
+        _ => pipeline.run(direction, ctx, payloads).await,
+    };
+    let mut replacements = outcome.map_err(|e| {
         let path = match e.index.checked_sub(sites.len()) {
             None => sites
                 .get(e.index)
@@ -679,7 +691,7 @@ mod tests {
         name: &str,
         m: Bytes,
     ) -> Result<Bytes, Status> {
-        rewrite(p, direction, &ctx(), ty(name), m).await
+        rewrite(p, direction, &ctx(), ty(name), m, None).await
     }
 
     #[tokio::test]

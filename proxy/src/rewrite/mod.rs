@@ -8,6 +8,7 @@
 //! unary, so their messages are whole: a message is either fully rewritten or not sent at all.
 
 pub mod capture;
+pub mod fit;
 pub mod message;
 pub mod pipeline;
 
@@ -25,6 +26,7 @@ use crate::grpc::layer::{Handler, Inner, forward};
 use crate::grpc::{Code, GatewayBody, Status};
 use crate::ingress::Inspected;
 use crate::metrics::metrics;
+use crate::server_limits::{self, Limits, NamespaceAnswer, Promise, ServerLimits};
 use capture::Capture;
 pub use pipeline::{CallContext, Direction, Pipeline};
 
@@ -47,6 +49,8 @@ pub struct RewriteLayer {
     max_message_bytes: usize,
     process_budget: Arc<ProcessBudget>,
     capture: Option<Arc<Capture>>,
+    /// The server's limits, for namespaces that offload (see [`crate::server_limits`]).
+    server_limits: Option<Arc<ServerLimits>>,
 }
 
 impl RewriteLayer {
@@ -62,7 +66,15 @@ impl RewriteLayer {
             max_message_bytes,
             process_budget,
             capture: Capture::from_env().map(Arc::new),
+            server_limits: None,
         }
+    }
+
+    /// Keeps the server's `limits` for namespaces that offload: advertised to SDKs in
+    /// namespace answers and made to fit by every message forwarded.
+    pub fn with_server_limits(mut self, limits: Arc<ServerLimits>) -> Self {
+        self.server_limits = Some(limits);
+        self
     }
 
     /// A fresh budget for one message.
@@ -100,6 +112,15 @@ impl Handler for RewriteLayer {
             }
             return forward(inner, request).await;
         };
+        if let (Some(answer), Some(limits)) = (
+            NamespaceAnswer::of_method(m.path),
+            self.server_limits.clone(),
+        ) {
+            return self
+                .namespace_round_trip(inner, request, answer, &limits)
+                .await
+                .unwrap_or_else(Status::into_response);
+        }
         if !(m.request.can_hold_payloads() || m.response.can_hold_payloads()) {
             return forward(inner, request).await;
         }
@@ -161,7 +182,8 @@ impl RewriteLayer {
             .with_request(request_type, messages.first())
             .with_budget(inspected.budget);
         let messages = if self.pipeline.applies(Direction::Encode, &ctx) {
-            self.rewrite_all(Direction::Encode, &ctx, request_type, messages)
+            let limits = self.limits_to_fit(ctx.namespace.as_deref()).await;
+            self.rewrite_all(Direction::Encode, &ctx, request_type, messages, limits)
                 .await?
         } else {
             messages
@@ -195,7 +217,7 @@ impl RewriteLayer {
             .read_messages(body, encoding, Code::Internal, unary, &ctx.budget)
             .await?;
         let messages = self
-            .rewrite_all(Direction::Decode, ctx, response_type, messages)
+            .rewrite_all(Direction::Decode, ctx, response_type, messages, None)
             .await?;
         let trailers = match trailers {
             Some(mut trailers) => {
@@ -226,10 +248,14 @@ impl RewriteLayer {
         ctx: &CallContext,
         ty: MessageType,
         messages: Vec<Bytes>,
+        limits: Option<Limits>,
     ) -> Result<Vec<Bytes>, Status> {
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
-            out.push(self.rewrite_one(direction, ctx, ty, m).await?);
+            out.push(
+                self.rewrite_one(direction, ctx, ty, m, limits.as_ref())
+                    .await?,
+            );
         }
         Ok(out)
     }
@@ -240,11 +266,74 @@ impl RewriteLayer {
         ctx: &CallContext,
         ty: MessageType,
         message: Bytes,
+        limits: Option<&Limits>,
     ) -> Result<Bytes, Status> {
         if let Some(capture) = &self.capture {
             capture.record(ty, &message);
         }
-        message::rewrite(&self.pipeline, direction, ctx, ty, message).await
+        message::rewrite(&self.pipeline, direction, ctx, ty, message, limits).await
+    }
+
+    /// The server's limits a request for `namespace` must be made to fit: `None` where the
+    /// namespace does not offload (nothing could be done) or fitting is off.
+    async fn limits_to_fit(&self, namespace: Option<&str>) -> Option<Limits> {
+        let limits = self.server_limits.as_ref()?;
+        if !limits.config().fit_messages {
+            return None;
+        }
+        let storage = self.pipeline.storage()?;
+        storage.threshold(namespace)?;
+        Some(limits.of(namespace?).await)
+    }
+
+    /// What the gateway promises SDKs for `namespace`: `None` where it does not offload
+    /// (the server's figures stand) or advertising is off.
+    fn promise(&self, limits: &ServerLimits, namespace: &str) -> Option<Promise> {
+        if !limits.config().advertise {
+            return None;
+        }
+        let max = self.pipeline.storage()?.max_offload_size(Some(namespace))?;
+        Some(Promise::new(max, self.max_message_bytes))
+    }
+
+    /// A namespace answer (`DescribeNamespace`, ...): forwarded as it is, the server's limits
+    /// learned from the answer, and the answer's limits replaced by what the gateway keeps for
+    /// namespaces that offload.
+    async fn namespace_round_trip<S: Inner>(
+        &self,
+        inner: S,
+        request: Request<GatewayBody>,
+        answer: NamespaceAnswer,
+        limits: &ServerLimits,
+    ) -> Result<Response<GatewayBody>, Status> {
+        let response = forward(inner, request).await;
+        let (mut parts, body) = response.into_parts();
+        if parts.headers.contains_key("grpc-status") {
+            return Ok(Response::from_parts(parts, body));
+        }
+        let encoding =
+            encoding_of(&parts.headers).map_err(|e| Status::new(Code::Internal, e.to_string()))?;
+        let budget = self.message_budget();
+        let (messages, trailers) = self
+            .read_messages(body, encoding, Code::Internal, true, &budget)
+            .await?;
+        let mut out = Vec::with_capacity(messages.len());
+        for message in messages {
+            limits.learn(answer, &message);
+            let edited =
+                server_limits::advertised_bytes(answer, &message, |ns| self.promise(limits, ns))
+                    .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
+            out.push(edited);
+        }
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        let frames = encode_frames(out)?;
+        let held = budget
+            .process()
+            .reserve_allocated(frames.iter().map(Bytes::len).sum());
+        Ok(Response::from_parts(
+            parts,
+            GatewayBody::sending(frames, trailers, held),
+        ))
     }
 
     /// Reads a whole body and splits it into inflated messages. `code` is the status for a
@@ -299,7 +388,7 @@ impl RewriteLayer {
             .decode(value.as_bytes())
             .map_err(|e| Status::new(Code::Internal, format!("malformed {STATUS_DETAILS}: {e}")))?;
         let rewritten = self
-            .rewrite_one(Direction::Decode, ctx, ty, Bytes::from(raw))
+            .rewrite_one(Direction::Decode, ctx, ty, Bytes::from(raw), None)
             .await?;
         message::restore_grpc_message(headers, &rewritten);
         let encoded = STATUS_DETAILS_BASE64.encode(&rewritten);

@@ -35,6 +35,7 @@ use bytes::Bytes;
 use payload_gateway_drivers::{StoreContext, StoreTarget};
 use payload_gateway_proto::{MessageType, top_level_string};
 
+use super::fit::{self, FitPlan};
 use crate::budget::{Exhausted, MessageBudget};
 use crate::codec::{CodecError, MAX_DATA_KEYS_PER_MESSAGE, PayloadCodec};
 use crate::storage::{Kind, Storage, StorageError, StorageFailure, reference};
@@ -302,7 +303,7 @@ impl Pipeline {
         payloads: Vec<Bytes>,
     ) -> Result<Vec<Option<Bytes>>, StageError> {
         match direction {
-            Direction::Encode => self.encode(ctx, payloads).await,
+            Direction::Encode => self.encode(ctx, payloads, None).await,
             Direction::Decode => {
                 self.decode_scoped(ctx, &DecodeScope::grpc(), payloads)
                     .await
@@ -310,10 +311,23 @@ impl Pipeline {
         }
     }
 
+    /// Encodes one message's payloads as [`run`](Self::run) does and, where the namespace
+    /// offloads, offloads what `fit` says the server's limits need on top of the threshold
+    /// ([`super::fit`]). `None` keeps a payload as it was.
+    pub async fn encode_to_fit(
+        &self,
+        ctx: &CallContext,
+        payloads: Vec<Bytes>,
+        fit: Option<&FitPlan>,
+    ) -> Result<Vec<Option<Bytes>>, StageError> {
+        self.encode(ctx, payloads, fit).await
+    }
+
     async fn encode(
         &self,
         ctx: &CallContext,
         payloads: Vec<Bytes>,
+        fit: Option<&FitPlan>,
     ) -> Result<Vec<Option<Bytes>>, StageError> {
         let ns = ctx.namespace.as_deref();
         // Exact references of configured drivers stay as they are; everything else goes
@@ -331,18 +345,33 @@ impl Pipeline {
         for (&i, e) in todo.iter().zip(encoded) {
             out[i] = e;
         }
-        let Some(storage) = self.storage.as_ref().filter(|s| s.is_active(ns)) else {
+        let Some((storage, threshold)) = self
+            .storage
+            .as_ref()
+            .and_then(|s| s.threshold(ns).map(|t| (s, t)))
+        else {
             return Ok(out);
         };
-        let current: Vec<Bytes> = todo
+        let current: Vec<Bytes> = payloads
             .iter()
-            .map(|&i| out[i].clone().unwrap_or_else(|| payloads[i].clone()))
+            .zip(&out)
+            .map(|(p, e)| e.clone().unwrap_or_else(|| p.clone()))
             .collect();
+        let mut eligible = vec![false; payloads.len()];
+        for &i in &todo {
+            eligible[i] = true;
+        }
+        let sizes: Vec<usize> = current.iter().map(Bytes::len).collect();
+        let chosen = fit::choose(&sizes, &eligible, threshold, fit);
+        let beyond_threshold = chosen.iter().filter(|&&i| sizes[i] < threshold).count();
+        if beyond_threshold > 0 {
+            crate::metrics::metrics().count_payloads(ns, "offloaded_to_fit", beyond_threshold);
+        }
         let stored = storage
-            .offload(&ctx.store_context(), &current)
+            .offload_chosen(&ctx.store_context(), &current, &chosen)
             .await
-            .map_err(|e| storage_error(&todo, e))?;
-        for (&i, r) in todo.iter().zip(stored) {
+            .map_err(|e| storage_error(&[], e))?;
+        for (i, r) in stored.into_iter().enumerate() {
             if r.is_some() {
                 out[i] = r;
             }

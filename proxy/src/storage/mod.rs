@@ -386,6 +386,20 @@ impl Storage {
         self.policy(namespace).driver.is_some()
     }
 
+    /// The size at or above which `namespace` offloads a payload, `None` where it does not
+    /// offload.
+    pub fn threshold(&self, namespace: Option<&str>) -> Option<usize> {
+        let policy = self.policy(namespace);
+        policy.driver.as_ref().map(|_| policy.threshold)
+    }
+
+    /// The largest payload `namespace` can offload (its driver's `max_payload_size`), `None`
+    /// where it does not offload.
+    pub fn max_offload_size(&self, namespace: Option<&str>) -> Option<u64> {
+        let driver = self.policy(namespace).driver.as_ref()?;
+        Some(driver.settings().max_payload_size)
+    }
+
     /// Offloads each of `payloads` (already codec-encoded) at or above the namespace's
     /// threshold; returns the reference payload for those, `None` for the rest.
     pub async fn offload(
@@ -393,14 +407,28 @@ impl Storage {
         context: &StoreContext,
         payloads: &[Bytes],
     ) -> Result<Vec<Option<Bytes>>, StorageError> {
+        let Some(threshold) = self.threshold(context.namespace.as_deref()) else {
+            return Ok(vec![None; payloads.len()]);
+        };
+        let chosen: Vec<usize> = (0..payloads.len())
+            .filter(|&i| payloads[i].len() >= threshold)
+            .collect();
+        self.offload_chosen(context, payloads, &chosen).await
+    }
+
+    /// Offloads the `chosen` ones of `payloads` (already codec-encoded), whatever their
+    /// size; returns the reference payload for those, `None` for the rest.
+    pub async fn offload_chosen(
+        &self,
+        context: &StoreContext,
+        payloads: &[Bytes],
+        chosen: &[usize],
+    ) -> Result<Vec<Option<Bytes>>, StorageError> {
         let policy = self.policy(context.namespace.as_deref());
         let mut out = vec![None; payloads.len()];
         let Some(driver) = &policy.driver else {
             return Ok(out);
         };
-        let chosen: Vec<usize> = (0..payloads.len())
-            .filter(|&i| payloads[i].len() >= policy.threshold)
-            .collect();
         if chosen.is_empty() {
             return Ok(out);
         }
