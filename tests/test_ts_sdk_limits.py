@@ -206,6 +206,9 @@ def test_ts_sdk_defaults_offload_on(request, workdir, temporal_server, gateway_f
         assert len(raw) < 1024 * 1024, f"history of {scenario} is {len(raw)} bytes"
 
     files = store_files(s3_server)
+    # Figures for the record (shown with -rP): what the SDK saw and what the server holds.
+    print(f"{scenario}: harness {res.get('seconds')}s, limits via gateway {res.get('limits')}, history {len(raw)} bytes "
+          f"in {len(events)} events, {len(refs)} references, {len(files)} files in the store")
     assert not [n for n, d in files.items() if marker.encode() in d], "plaintext in the store"
     if scenario != "fan_out":
         assert any(len(d) > 2 * 1024 * 1024 for d in files.values()), \
