@@ -71,20 +71,25 @@ function describeError(err) {
   return chain;
 }
 
-/** WorkflowTaskFailed and ActivityTaskFailed events of a history, as messages. */
+/** WorkflowTaskFailed, WorkflowTaskTimedOut and ActivityTaskFailed events of a history. */
 function failuresIn(history) {
   const out = [];
   for (const ev of (history && history.events) || []) {
+    const at = ev.eventTime ? new Date(Number(ev.eventTime.seconds) * 1000 + Math.floor((ev.eventTime.nanos || 0) / 1e6)).toISOString() : null;
     const wtf = ev.workflowTaskFailedEventAttributes;
-    if (wtf) out.push({ event: 'WorkflowTaskFailed', cause: wtf.cause, message: wtf.failure && wtf.failure.message });
+    if (wtf) out.push({ event: 'WorkflowTaskFailed', at, cause: wtf.cause, message: wtf.failure && wtf.failure.message });
+    const wto = ev.workflowTaskTimedOutEventAttributes;
+    if (wto) out.push({ event: 'WorkflowTaskTimedOut', at, cause: wto.timeoutType, message: `started event ${wto.startedEventId}` });
     const atf = ev.activityTaskFailedEventAttributes;
-    if (atf) out.push({ event: 'ActivityTaskFailed', message: atf.failure && atf.failure.message });
+    if (atf) out.push({ event: 'ActivityTaskFailed', at, message: atf.failure && atf.failure.message });
   }
   return out;
 }
 
-/** Resolves with the workflow's result; rejects when the workflow is stuck on failing workflow
- * tasks (3rd attempt), with the failures the worker reported to the server, after terminating it. */
+/** Resolves with the workflow's result; rejects when the worker keeps failing the workflow task
+ * (attempt 3 or more pending after a WorkflowTaskFailed), with the failures it reported to the
+ * server, after terminating the workflow. Timed-out attempts (a slow machine: a sticky task not
+ * picked up within 10 s) do not count: the workflow's execution timeout bounds those. */
 async function resultOrStuck(handle) {
   let stop = false;
   let stuck = null;
@@ -99,24 +104,26 @@ async function resultOrStuck(handle) {
         continue;
       }
       const pending = desc.raw.pendingWorkflowTask;
-      if (pending && pending.attempt >= 3) {
-        let failures = [];
-        try {
-          failures = failuresIn(await handle.fetchHistory());
-        } catch (e) {
-          failures = [{ event: 'fetchHistory', message: String(e) }];
-        }
-        stuck = new Error(`workflow task on attempt ${pending.attempt}: ` +
-          (failures.map((f) => `${f.event}(${f.cause || ''}): ${f.message}`).pop() || 'no failure recorded'));
-        stuck.name = 'WorkflowTaskStuck';
-        stuck.failures = failures;
-        try {
-          await handle.terminate('pgw-ts harness: workflow task keeps failing');
-        } catch (_) {
-          /* already closed */
-        }
-        throw stuck;
+      if (!pending || pending.attempt < 3) continue;
+      let failures;
+      try {
+        failures = failuresIn(await handle.fetchHistory());
+      } catch (_) {
+        continue;
       }
+      // The server records the first failure of a run of attempts only (later ones are
+      // transient): the last workflow task outcome in the history tells why attempts repeat.
+      const last = failures.filter((f) => f.event.startsWith('WorkflowTask')).pop();
+      if (!last || last.event !== 'WorkflowTaskFailed') continue;
+      stuck = new Error(`workflow task on attempt ${pending.attempt}: WorkflowTaskFailed(${last.cause}): ${last.message}`);
+      stuck.name = 'WorkflowTaskStuck';
+      stuck.failures = failures;
+      try {
+        await handle.terminate('pgw-ts harness: workflow task keeps failing');
+      } catch (_) {
+        /* already closed */
+      }
+      throw stuck;
     }
   })();
   try {
