@@ -7,7 +7,7 @@ default: the answer's limits are rewritten) and one with `advertise = false` (th
 forwarded as the server sent it: the plain path). The Python SDK's client calls
 DescribeNamespace `--calls` times on one connection through each, interleaved in `--rounds`
 rounds, plus straight to the server as the floor; reports the median latency per call and the
-gateways' CPU per 1,000 calls (from /proc), and checks what each returned (the advertised
+gateways' CPU per 1,000 calls (from /proc); each round starts with another way, and checks what each returned (the advertised
 limits differ from the server's, the plain ones are the server's).
 
     ~/.cache/payload-gateway/venv/bin/python scripts/bench-limits.py [--calls 2000 --rounds 3]
@@ -88,8 +88,11 @@ def main() -> None:
         times: dict[str, list[float]] = {w: [] for w in ways}
         cpu: dict[str, float] = {w: 0.0 for w in ways}
         limits = {}
-        for _ in range(args.rounds):
-            for way, (address, gw) in ways.items():
+        order = list(ways)
+        for r in range(args.rounds):
+            # Each round in another order, so no way always follows the same one.
+            for way in order[r % len(order):] + order[:r % len(order)]:
+                address, gw = ways[way]
                 before = cpu_secs(gw.proc.pid) if gw else 0.0
                 t, limits[way] = asyncio.run(measure(address, args.calls))
                 times[way] += t

@@ -11,11 +11,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use payload_gateway::codec::{PayloadCodec, WirePayload};
-use payload_gateway::config::{Config, KeySpec};
 use payload_gateway_benches::json_like;
 use prost::Message;
 
-const KEY: [u8; 32] = [0x42; 32];
+mod common;
+
+use common::KEY;
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
 
@@ -30,19 +31,7 @@ fn payload(len: usize) -> Vec<u8> {
 }
 
 fn codec(dir: &std::path::Path) -> PayloadCodec {
-    let key_file = dir.join("bench.key");
-    std::fs::write(&key_file, KEY).unwrap();
-    let mut config = Config::default();
-    config.encryption.enabled = true;
-    config.encryption.keys = vec![KeySpec {
-        id: "bench".into(),
-        file: Some(key_file),
-        env: None,
-        kms: None,
-    }];
-    config.encryption.active_key = Some("bench".into());
-    config.encryption.dev_key_file = dir.join("dev.key");
-    PayloadCodec::from_config(&config).unwrap()
+    common::keyring_codec(dir)
 }
 
 fn label(len: usize) -> String {

@@ -17,8 +17,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use payload_gateway::codec::PayloadCodec;
-use payload_gateway::config::{Config, KeySpec};
 use payload_gateway::rewrite::{CallContext, Direction, Pipeline, message};
 use payload_gateway::server_limits::Limits;
 use payload_gateway::storage::Storage;
@@ -32,6 +30,8 @@ use temporalio_protos::protos::temporal::api::{
     enums::v1::CommandType,
     workflowservice::v1::RespondWorkflowTaskCompletedRequest,
 };
+
+mod common;
 
 const COMPLETE: &str =
     "/temporal.api.workflowservice.v1.WorkflowService/RespondWorkflowTaskCompleted";
@@ -86,19 +86,7 @@ fn completion(activities: usize, input: usize) -> Bytes {
 }
 
 fn pipeline(dir: &std::path::Path, threshold: usize) -> Pipeline {
-    let key_file = dir.join("bench.key");
-    std::fs::write(&key_file, [0x42u8; 32]).unwrap();
-    let mut config = Config::default();
-    config.encryption.enabled = true;
-    config.encryption.keys = vec![KeySpec {
-        id: "bench".into(),
-        file: Some(key_file),
-        env: None,
-        kms: None,
-    }];
-    config.encryption.active_key = Some("bench".into());
-    config.encryption.dev_key_file = dir.join("dev.key");
-    let codec = Arc::new(PayloadCodec::from_config(&config).unwrap());
+    let codec = Arc::new(common::keyring_codec(dir));
     let driver: Arc<dyn StorageDriver> = Arc::new(ObjectStoreDriver::memory("mem", 1 << 30));
     let storage = Storage::with_drivers(vec![driver], "mem", threshold, 0);
     Pipeline::new(codec).with_storage(Some(Arc::new(storage)))
