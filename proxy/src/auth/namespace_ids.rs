@@ -2,8 +2,8 @@
 //! a task token, not on the request's `namespace` field, so authorizing a task completion
 //! means comparing that id with the id of the namespace the caller was authorized for.
 //!
-//! Ids are read with `DescribeNamespace` over the gateway's own upstream connection and
-//! cached by name. A cached id that disagrees with a token is looked up once more before the
+//! Ids are read with `DescribeNamespace` over the gateway's own connection to the upstream
+//! that serves the namespace ([`Router::for_namespace`]) and cached by name. A cached id that disagrees with a token is looked up once more before the
 //! request is refused (a namespace deleted and created again under its name gets a new id).
 //! When the server cannot be asked, the request fails with `UNAVAILABLE`: never allowed on a
 //! guess.
@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use payload_gateway_proto::{len_fields_by_number, string_field_by_number};
 
-use crate::upstream::Upstream;
+use crate::upstream::Router;
 use crate::upstream::client::{self, CallError};
 
 const DESCRIBE_NAMESPACE: &str =
@@ -43,15 +43,15 @@ pub enum LookupError {
 /// Namespace name → id, read from the server and cached.
 #[derive(Debug)]
 pub struct NamespaceIds {
-    upstream: Upstream,
+    router: Router,
     cache: quick_cache::sync::Cache<String, String>,
 }
 
 impl NamespaceIds {
-    /// Looks ids up through `upstream`.
-    pub fn new(upstream: Upstream) -> Self {
+    /// Looks ids up at the upstream `router` names for each namespace.
+    pub fn new(router: Router) -> Self {
         Self {
-            upstream,
+            router,
             cache: quick_cache::sync::Cache::new(CAPACITY),
         }
     }
@@ -71,7 +71,7 @@ impl NamespaceIds {
     async fn lookup(&self, namespace: &str) -> Result<String, LookupError> {
         let request = temporal_describe_namespace(namespace);
         let response = client::unary(
-            &self.upstream,
+            self.router.for_namespace(namespace),
             DESCRIBE_NAMESPACE,
             Some(namespace),
             request,

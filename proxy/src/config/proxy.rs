@@ -175,7 +175,13 @@ pub struct UpstreamTlsConfig {
 
 impl UpstreamTlsConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let key = |k: &str| format!("proxy.upstream_tls.{k}");
+        self.validate_section("proxy.upstream_tls")
+    }
+
+    /// Checks the settings of `section` (`proxy.upstream_tls` or `upstreams.<name>.tls`,
+    /// which share this shape); errors name `section`'s keys.
+    pub(super) fn validate_section(&self, section: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{section}.{k}");
         if !self.enabled {
             let set = [
                 ("ca_file", self.ca_file.is_some()),
@@ -186,7 +192,7 @@ impl UpstreamTlsConfig {
             if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
                 return Err(ConfigError::invalid(
                     key(name),
-                    "has no effect unless proxy.upstream_tls.enabled = true",
+                    format!("has no effect unless {section}.enabled = true"),
                 ));
             }
             return Ok(());
@@ -195,13 +201,13 @@ impl UpstreamTlsConfig {
             (Some(_), None) => {
                 return Err(ConfigError::invalid(
                     key("key_file"),
-                    "required with proxy.upstream_tls.cert_file",
+                    format!("required with {section}.cert_file"),
                 ));
             }
             (None, Some(_)) => {
                 return Err(ConfigError::invalid(
                     key("cert_file"),
-                    "required with proxy.upstream_tls.key_file",
+                    format!("required with {section}.key_file"),
                 ));
             }
             _ => {}
