@@ -207,6 +207,10 @@ impl Gateway {
                     0 => std::thread::available_parallelism().map_or(1, usize::from),
                     n => n,
                 },
+                max_connection_age: crate::listener::ConnectionAge::from_millis(
+                    config.proxy.max_connection_age_ms,
+                    config.proxy.max_connection_age_grace_ms,
+                ),
             },
             readiness: Readiness {
                 upstream: config.proxy.upstream.clone(),

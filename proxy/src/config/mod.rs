@@ -182,6 +182,13 @@ impl Config {
                 ),
             ));
         }
+        if self.proxy.max_connection_age_ms > 0 && self.proxy.max_connection_age_grace_ms == 0 {
+            return Err(ConfigError::invalid(
+                "proxy.max_connection_age_grace_ms",
+                "must be greater than 0 with proxy.max_connection_age_ms (RPCs in flight need \
+                 time to finish after the GOAWAY)",
+            ));
+        }
         if self.proxy.max_message_bytes < 4 * 1024 * 1024 {
             return Err(ConfigError::invalid(
                 "proxy.max_message_bytes",

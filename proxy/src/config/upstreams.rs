@@ -216,4 +216,20 @@ mod tests {
         )
         .unwrap();
     }
+
+    #[test]
+    fn connection_age_needs_a_grace() {
+        let c = parse("[proxy]\nmax_connection_age_ms = 30000\n").unwrap();
+        assert_eq!(c.proxy.max_connection_age_ms, 30_000);
+        assert_eq!(c.proxy.max_connection_age_grace_ms, 120_000);
+        let err =
+            parse("[proxy]\nmax_connection_age_ms = 30000\nmax_connection_age_grace_ms = 0\n")
+                .unwrap_err();
+        assert!(
+            err.starts_with("proxy.max_connection_age_grace_ms"),
+            "{err}"
+        );
+        // Off by default.
+        assert_eq!(parse("").unwrap().proxy.max_connection_age_ms, 0);
+    }
 }
