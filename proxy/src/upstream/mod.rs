@@ -5,6 +5,8 @@
 //! With `[proxy.upstream_tls]` connections are TLS (custom CA or the platform's roots, optional
 //! client certificate, optional server-name override, which is then also the `:authority`);
 //! with `proxy.api_key_env` requests without an `authorization` header get the API key.
+//! Each `[upstreams.<name>]` is an [`Upstream`] of its own with the same settings under its
+//! own keys; [`Router`] decides which one serves a request or a namespace.
 
 use std::convert::Infallible;
 use std::future::Future;
