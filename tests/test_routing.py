@@ -238,3 +238,56 @@ def test_an_unknown_upstream_name_is_refused_at_start(workdir):
                              rig.new_tmpdir(workdir, "routing-bad-"))
     assert p.returncode == 2, (p.returncode, p.stderr)
     assert 'namespaces.a.upstream: names upstream "onee", which is not in [upstreams] (configured: one)' in p.stderr, p.stderr
+
+
+@sync
+async def test_a_namespace_bound_to_an_mtls_upstream_uses_that_upstreams_tls_identity(temporal_server, gateway_factory, workdir):
+    """`[upstreams.<name>.tls]` has the keys and meaning of `[proxy.upstream_tls]`: namespace
+    `default` is bound to nginx terminating mTLS in front of the dev server (the stand-in for a
+    Temporal Cloud namespace endpoint); the default upstream is the dev server in cleartext."""
+    from tls_pki import Ca, TlsFront, nginx_bin
+
+    if nginx_bin() is None:
+        pytest.skip("nginx not installed (scripts/setup.sh)")
+    d = rig.new_tmpdir(workdir, "routing-tls-")
+    front_ca, client_ca = Ca(d, "front-ca"), Ca(d, "front-client-ca")
+    name = "ns-default.cloud.test"
+    client_leaf = client_ca.client("payload-gateway-cloud")
+    front = TlsFront(d / "nginx", temporal_server.address, front_ca.server(name), client_ca)
+
+    def config(gw: rig.Gateway, with_cert: bool) -> dict:
+        tls = {"enabled": True, "ca_file": str(front_ca.cert_file), "server_name": name}
+        if with_cert:
+            tls.update(cert_file=str(client_leaf.cert), key_file=str(client_leaf.key))
+        return {
+            **gw.listener_sections(),
+            "upstreams.cloud": {"address": front.address},
+            "upstreams.cloud.tls": tls,
+            "namespaces.default": {"upstream": "cloud"},
+            "encryption": {"enabled": False}, "compression": {"enabled": False}, "storage": {"enabled": False},
+        }
+
+    try:
+        front.start()
+        gw = gateway_factory(temporal_server.address, name="gateway-routing-tls", config=lambda gw: config(gw, True))
+        client = await Client.connect(gw.address)
+        tq = f"tq-{uuid.uuid4().hex[:8]}"
+        async with Worker(client, task_queue=tq, workflows=[RoutedWorkflow], activities=[where],
+                          workflow_runner=UnsandboxedWorkflowRunner()):
+            assert await client.execute_workflow(RoutedWorkflow.run, "default", id=f"wf-{uuid.uuid4().hex[:8]}",
+                                                 task_queue=tq) == "activity in default for default"
+        log = (front.prefix / "access.log").read_text()
+        assert "PollWorkflowTaskQueue" in log and "verify=SUCCESS" in log, log[-2000:]
+        assert 'CN=payload-gateway-cloud' in log, log[-2000:]
+        assert "GetSystemInfo" not in log, "a namespace-less call went to the bound upstream"
+        # Without the upstream's client certificate the bound namespace fails (the front wants
+        # one), while namespace-less calls (the SDK's connect: GetSystemInfo) still reach the
+        # default upstream.
+        bare = gateway_factory(temporal_server.address, name="gateway-routing-tls-nocert",
+                               config=lambda gw: config(gw, False))
+        client = await Client.connect(bare.address)
+        with pytest.raises(RPCError) as info:
+            await client.workflow_service.describe_namespace(DescribeNamespaceRequest(namespace="default"))
+        assert "No required SSL certificate was sent" in info.value.message, info.value.message
+    finally:
+        front.stop()
