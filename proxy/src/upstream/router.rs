@@ -316,14 +316,15 @@ impl tower::Service<Request<GatewayBody>> for Router {
 /// cannot route.
 #[derive(Debug, Clone)]
 pub struct RouteLayer {
-    router: Router,
+    /// Shared: the layer is cloned for every request and only reads the bindings.
+    router: Arc<Router>,
 }
 
 impl RouteLayer {
     /// Routes with `router`'s bindings.
     pub fn new(router: &Router) -> Self {
         Self {
-            router: router.clone(),
+            router: Arc::new(router.clone()),
         }
     }
 }
