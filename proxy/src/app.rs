@@ -23,7 +23,7 @@ use crate::rewrite::{Pipeline, RewriteLayer};
 use crate::server::{self, ServerSettings};
 use crate::server_limits::ServerLimits;
 use crate::storage::Storage;
-use crate::upstream::Upstream;
+use crate::upstream::{RouteLayer, Router};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +47,7 @@ pub enum StartError {
 pub struct Gateway {
     proxy_listener: TcpListener,
     admin_listener: Option<TcpListener>,
-    upstream: Upstream,
+    upstream: Router,
     rewrite: Option<RewriteLayer>,
     auth: Option<AuthLayer>,
     ingress: Option<Ingress>,
@@ -80,7 +80,7 @@ pub struct CheckReport {
 /// codec endpoint tokens and JWKS — without binding a listener or writing a development key.
 pub async fn check(config: &Config) -> Result<CheckReport, StartError> {
     refuse_unsupported(config)?;
-    Upstream::new(&config.proxy)?;
+    Router::from_config(config)?;
     crate::tls::TlsAcceptor::from_config(&config.proxy.tls)?;
     if let Some(auth) = &config.proxy.auth {
         Authorizer::from_config(auth, |var| std::env::var(var).ok())?;
@@ -119,7 +119,7 @@ impl Gateway {
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
         crate::metrics::install_telemetry();
         refuse_unsupported(config)?;
-        let upstream = Upstream::new(&config.proxy)?;
+        let upstream = Router::from_config(config)?;
         let storage = Storage::from_config(config).await?.map(Arc::new);
         // The policy is per namespace: the rewrite layer exists whenever any namespace needs
         // any stage (a namespace that alone turns encryption on must not be forwarded as is).
@@ -180,7 +180,8 @@ impl Gateway {
         };
         // One ingress decides every request's method and namespace whenever anything acts on
         // them; a gateway that only forwards has nothing to decide and streams bodies through.
-        let ingress = (auth.is_some() || rewrite.is_some())
+        // Routing by namespace needs the decision too.
+        let ingress = (auth.is_some() || rewrite.is_some() || upstream.is_routing())
             .then(|| Ingress::new(config.proxy.max_message_bytes, process_budget.clone()));
         let proxy_listener = bind("proxy.listen", config.proxy.listen).await?;
         let codec_server = if config.codec_server.enabled {
@@ -216,6 +217,10 @@ impl Gateway {
                     0 => std::thread::available_parallelism().map_or(1, usize::from),
                     n => n,
                 },
+                max_connection_age: crate::listener::ConnectionAge::from_millis(
+                    config.proxy.max_connection_age_ms,
+                    config.proxy.max_connection_age_grace_ms,
+                ),
             },
             readiness: Readiness {
                 upstream: config.proxy.upstream.clone(),
@@ -283,9 +288,18 @@ impl Gateway {
         });
         tracing::info!(
             listen = %self.proxy_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            upstream = %self.upstream.authority(),
+            upstream = %self.upstream.default_upstream().authority(),
             "gateway ready"
         );
+        if self.upstream.is_routing() {
+            for (name, address) in self.upstream.describe() {
+                tracing::info!(upstream = %name, %address, "routing by namespace: upstream");
+            }
+        }
+        let route = self
+            .upstream
+            .is_routing()
+            .then(|| HandlerLayer(RouteLayer::new(&self.upstream)));
         let (auth, ingress, rewrite, upstream) =
             (self.auth, self.ingress, self.rewrite, self.upstream);
         let drain = shutdown.clone();
@@ -299,8 +313,9 @@ impl Gateway {
                 .option_layer(auth.as_ref().map(|a| HandlerLayer(a.authenticate())))
                 .option_layer(ingress.clone().map(HandlerLayer))
                 .option_layer(auth.as_ref().map(|a| HandlerLayer(a.authorize())))
+                .option_layer(route.clone())
                 .option_layer(rewrite.clone().map(HandlerLayer))
-                .service(upstream.with_own_pool())
+                .service(upstream.with_own_pools())
         };
         server::serve(
             self.proxy_listener,

@@ -14,6 +14,10 @@
 //!   header block; HTTP/1 headers);
 //! - **graceful drain**: at shutdown the listening socket closes, idle connections close,
 //!   requests in flight finish for up to the shutdown grace period, then [`serve`] returns;
+//! - optionally a **maximum connection age** ([`ConnectionAge`], `proxy.max_connection_age_ms`
+//!   for the gRPC port): a connection past its age (jittered) is shut down gracefully (HTTP/2
+//!   GOAWAY) so its client reconnects, through a load balancer, to any replica; requests in
+//!   flight finish within the age's grace, then the connection is closed;
 //! - optionally **connection threads** (`proxy.worker_threads` for the gRPC port): each
 //!   connection is served on one of several single-threaded runtimes, round robin.
 //!
@@ -28,10 +32,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::{GracefulConnection, GracefulShutdown, Watcher};
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::metrics::metrics;
 
 use crate::auth::client_cert::ClientIdentity;
 use crate::tls::TlsAcceptor;
@@ -123,6 +130,77 @@ impl ConnectionLimit {
     }
 }
 
+/// Starts the graceful shutdown of every connection of a listener and waits for them to end
+/// (what hyper-util's `GracefulShutdown` does, with the signal also readable per connection,
+/// so a connection can be shut down gracefully for its age as well).
+struct Drain {
+    tx: watch::Sender<()>,
+}
+
+/// One connection's view of its listener's [`Drain`]; the drain waits until every one has
+/// been dropped.
+struct Watcher {
+    rx: watch::Receiver<()>,
+}
+
+impl Drain {
+    fn new() -> Self {
+        Self {
+            tx: watch::channel(()).0,
+        }
+    }
+
+    fn watcher(&self) -> Watcher {
+        Watcher {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// Signals every connection to shut down gracefully and waits until all have ended.
+    async fn shutdown(self) {
+        let _ = self.tx.send(());
+        self.tx.closed().await;
+    }
+}
+
+/// `proxy.max_connection_age_ms` and its grace: when a connection is shut down gracefully
+/// for its age, and how long its requests may still run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionAge {
+    /// The age (before jitter) after which a connection gets a graceful shutdown (GOAWAY).
+    pub max_age: Duration,
+    /// How long requests in flight may still run after it; then the connection is closed.
+    pub grace: Duration,
+}
+
+impl ConnectionAge {
+    /// From the settings in milliseconds; `None` when `max_age_ms` is 0 (off).
+    pub fn from_millis(max_age_ms: u64, grace_ms: u64) -> Option<Self> {
+        (max_age_ms > 0).then(|| Self {
+            max_age: Duration::from_millis(max_age_ms),
+            grace: Duration::from_millis(grace_ms),
+        })
+    }
+
+    /// The age of one connection: `max_age` ±10 %, uniformly, so the connections a fleet of
+    /// clients opened together do not all reconnect in the same instant.
+    pub fn jittered(&self) -> Duration {
+        let mut bytes = [0u8; 4];
+        let random = ring::rand::SystemRandom::new();
+        // Without randomness (never on a working system) the age is not jittered.
+        let unit = match ring::rand::SecureRandom::fill(&random, &mut bytes) {
+            Ok(()) => f64::from(u32::from_le_bytes(bytes)) / f64::from(u32::MAX),
+            Err(_) => 0.5,
+        };
+        jitter(self.max_age, unit)
+    }
+}
+
+/// `age` scaled by a factor in `[0.9, 1.1]` picked by `unit` in `[0, 1]`.
+fn jitter(age: Duration, unit: f64) -> Duration {
+    age.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
+}
+
 /// Marks that a connection has delivered a request.
 #[derive(Debug, Clone, Default)]
 pub struct FirstRequest(Arc<AtomicBool>);
@@ -187,24 +265,77 @@ pub struct Client {
     pub first: FirstRequest,
     first_request_timeout: Duration,
     watcher: Watcher,
+    age: Option<ConnectionAge>,
     listener: &'static str,
 }
 
 impl Client {
-    /// Serves `connection` to its end: under the listener's graceful shutdown and the
-    /// first-request deadline.
+    /// Serves `connection` to its end: under the listener's graceful shutdown, its maximum
+    /// connection age and the first-request deadline.
     pub async fn run<C>(self, connection: C)
     where
         C: GracefulConnection,
         C::Error: std::fmt::Display,
     {
-        let connection = self.watcher.watch(connection);
+        let connection = drive(connection, self.watcher, self.age, self.peer);
         if let Err(e) = self
             .first
             .deadline(connection, self.first_request_timeout)
             .await
         {
             tracing::debug!(peer = %self.peer, listener = self.listener, error = %e, "connection ended with an error");
+        }
+    }
+}
+
+/// Sleeps until `at`, forever when `None`.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Runs `connection` to its end. When the listener drains, or when the connection reaches
+/// its `age`, it is shut down gracefully (HTTP/2: GOAWAY, requests in flight finish, no new
+/// ones); past the age's grace it is dropped (closed) with whatever still runs.
+async fn drive<C>(
+    connection: C,
+    mut watcher: Watcher,
+    age: Option<ConnectionAge>,
+    peer: SocketAddr,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    tokio::pin!(connection);
+    let aged_at = age.map(|age| Instant::now() + age.jittered());
+    let mut shutting_down = false;
+    let mut grace_ends: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if grace_ends.is_some() {
+                    metrics().count_closed_by_age("drained");
+                }
+                return result;
+            }
+            // The listener drains (or is gone): hold the watcher until the connection ends.
+            _ = watcher.rx.changed(), if !shutting_down => {
+                shutting_down = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = sleep_until(aged_at), if !shutting_down => {
+                shutting_down = true;
+                tracing::debug!(%peer, "connection reached proxy.max_connection_age_ms: GOAWAY");
+                connection.as_mut().graceful_shutdown();
+                grace_ends = age.map(|age| Instant::now() + age.grace);
+            }
+            () = sleep_until(grace_ends) => {
+                tracing::debug!(%peer, "connection still busy at the end of proxy.max_connection_age_grace_ms: closed");
+                metrics().count_closed_by_age("grace_expired");
+                return Ok(());
+            }
         }
     }
 }
@@ -235,6 +366,7 @@ struct ConnectionServer<P> {
     protocol: P,
     tls: Option<TlsAcceptor>,
     first_request_timeout: Duration,
+    age: Option<ConnectionAge>,
     name: &'static str,
 }
 
@@ -255,6 +387,7 @@ impl<P: Protocol> ConnectionServer<P> {
             first: FirstRequest::default(),
             first_request_timeout: self.first_request_timeout,
             watcher,
+            age: self.age,
             listener: self.name,
         };
         match self.tls {
@@ -379,6 +512,7 @@ impl ConnectionServer<()> {
             protocol,
             tls: self.tls.clone(),
             first_request_timeout: self.first_request_timeout,
+            age: self.age,
             name: self.name,
         }
     }
@@ -397,11 +531,27 @@ pub async fn serve<F, P>(
     F: Fn() -> P,
     P: Protocol,
 {
-    let graceful = GracefulShutdown::new();
+    serve_with_age(listener, make_protocol, settings, None, shutdown).await;
+}
+
+/// [`serve`], with every connection shut down gracefully once it reaches `age` (`None`:
+/// connections live as long as their clients keep them).
+pub async fn serve_with_age<F, P>(
+    listener: TcpListener,
+    make_protocol: F,
+    settings: ListenerSettings,
+    age: Option<ConnectionAge>,
+    shutdown: impl Future<Output = ()>,
+) where
+    F: Fn() -> P,
+    P: Protocol,
+{
+    let graceful = Drain::new();
     let template = ConnectionServer {
         protocol: (),
         tls: settings.tls.clone(),
         first_request_timeout: settings.first_request_timeout,
+        age,
         name: settings.name,
     };
     let mut threads =
@@ -418,6 +568,7 @@ pub async fn serve<F, P>(
         .accept(&listener, shutdown.as_mut())
         .await
     {
+        metrics().count_connection(settings.name);
         let watcher = graceful.watcher();
         let (stream, permit, watcher) = if threads.senders.is_empty() {
             (stream, permit, watcher)
@@ -472,5 +623,34 @@ pub async fn serve<F, P>(
             grace_ms = settings.shutdown_grace.as_millis() as u64,
             "requests still running after the shutdown grace period"
         );
+    }
+}
+
+#[cfg(test)]
+mod age_tests {
+    use super::*;
+
+    #[test]
+    fn the_age_is_jittered_within_ten_percent() {
+        let age = ConnectionAge::from_millis(10_000, 1_000).unwrap();
+        assert_eq!(jitter(age.max_age, 0.0), Duration::from_millis(9_000));
+        assert_eq!(jitter(age.max_age, 1.0), Duration::from_millis(11_000));
+        assert_eq!(jitter(age.max_age, 0.5), Duration::from_millis(10_000));
+        let ages: Vec<Duration> = (0..200).map(|_| age.jittered()).collect();
+        assert!(
+            ages.iter()
+                .all(|a| *a >= Duration::from_millis(9_000) && *a <= Duration::from_millis(11_000))
+        );
+        // Spread, not one value for everyone.
+        let low = ages
+            .iter()
+            .filter(|a| **a < Duration::from_millis(9_900))
+            .count();
+        let high = ages
+            .iter()
+            .filter(|a| **a > Duration::from_millis(10_100))
+            .count();
+        assert!(low > 20 && high > 20, "{low} below, {high} above");
+        assert_eq!(ConnectionAge::from_millis(0, 1_000), None);
     }
 }

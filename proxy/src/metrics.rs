@@ -120,6 +120,21 @@ pub struct AuthLabels {
     pub credential: &'static str,
 }
 
+/// Labels naming a listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// The listener's config key: `proxy.listen`, `codec_server.listen` or `admin.listen`.
+    pub listener: &'static str,
+}
+
+/// Labels of a client connection shut down for its age (`proxy.max_connection_age_ms`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgedLabels {
+    /// `drained` (its RPCs finished within the grace) or `grace_expired` (closed at the end
+    /// of `proxy.max_connection_age_grace_ms` with RPCs still running).
+    pub ending: &'static str,
+}
+
 /// At most this many distinct namespaces get a label value of their own; the rest share
 /// `other`, so a client inventing namespaces cannot grow the registry without bound.
 pub const MAX_NAMESPACE_LABELS: usize = 256;
@@ -290,6 +305,10 @@ pub struct Metrics {
     pub kms_duration: Family<KmsLatencyLabels, Histogram>,
     /// Lookups of unwrapped data keys for decryption (`hit`: no key-service call).
     pub dek_cache_lookups: Family<CacheLabels, Counter>,
+    /// Connections accepted, by listener.
+    pub connections: Family<ListenerLabels, Counter>,
+    /// Client connections shut down for their age, by how they ended.
+    pub closed_by_age: Family<AgedLabels, Counter>,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -401,6 +420,18 @@ impl Metrics {
             "lookups of unwrapped data keys for decryption (a miss is one key-service call)",
             dek_cache_lookups.clone(),
         );
+        let connections = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "connections_accepted",
+            "connections accepted, by listener",
+            connections.clone(),
+        );
+        let closed_by_age = Family::<AgedLabels, Counter>::default();
+        registry.register(
+            "connections_closed_by_age",
+            "client connections sent a GOAWAY at proxy.max_connection_age_ms, by how they ended (drained, grace_expired)",
+            closed_by_age.clone(),
+        );
         registry.register_collector(Box::new(EncryptionCounts));
         Self {
             registry,
@@ -419,7 +450,23 @@ impl Metrics {
             kms_calls,
             kms_duration,
             dek_cache_lookups,
+            connections,
+            closed_by_age,
         }
+    }
+
+    /// Counts one connection accepted by `listener`.
+    pub fn count_connection(&self, listener: &'static str) {
+        self.connections
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
+    }
+
+    /// Counts one connection shut down for its age that ended as `ending`.
+    pub fn count_closed_by_age(&self, ending: &'static str) {
+        self.closed_by_age
+            .get_or_create(&AgedLabels { ending })
+            .inc();
     }
 
     /// Counts one codec endpoint answer of `status` on `route` that took `elapsed`.

@@ -16,7 +16,7 @@ use tower::{Service, ServiceExt};
 
 use crate::auth::client_cert::ClientIdentity;
 use crate::grpc::GatewayBody;
-use crate::listener::{Client, ListenerSettings, Protocol};
+use crate::listener::{Client, ConnectionAge, ListenerSettings, Protocol};
 use crate::tls::TlsAcceptor;
 
 pub use crate::listener::ConnectionLimit;
@@ -42,6 +42,8 @@ pub struct ServerSettings {
     /// each connection lives on one of them with everything its RPCs do, including their
     /// own upstream connection. `0`: connections are tasks of the calling runtime.
     pub connection_threads: usize,
+    /// `proxy.max_connection_age_ms` and its grace; `None`: off.
+    pub max_connection_age: Option<ConnectionAge>,
 }
 
 /// gRPC over HTTP/2 with one service stack per connection thread.
@@ -116,6 +118,7 @@ pub async fn serve<F, S>(
     S::Future: Send + 'static,
 {
     let http = http2();
+    let age = settings.max_connection_age;
     let make_protocol = move || Grpc {
         service: make_service(),
         http: http.clone(),
@@ -128,5 +131,5 @@ pub async fn serve<F, S>(
         shutdown_grace: settings.shutdown_grace,
         connection_threads: settings.connection_threads,
     };
-    crate::listener::serve(listener, make_protocol, settings, shutdown).await;
+    crate::listener::serve_with_age(listener, make_protocol, settings, age, shutdown).await;
 }

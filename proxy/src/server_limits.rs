@@ -24,11 +24,9 @@ use bytes::Bytes;
 use payload_gateway_proto::{RawField, StringFieldError, top_level_fields};
 
 use crate::config::ServerLimitsConfig;
-use crate::upstream::Upstream;
+use crate::upstream::Router;
 use crate::upstream::client;
 
-const DESCRIBE_NAMESPACE: &str =
-    "/temporal.api.workflowservice.v1.WorkflowService/DescribeNamespace";
 /// `DescribeNamespaceResponse.namespace_info`, `UpdateNamespaceResponse.namespace_info` and
 /// `ListNamespacesResponse.namespaces`: all field 1.
 const NAMESPACE_INFO_FIELD: u32 = 1;
@@ -39,8 +37,6 @@ const LIMITS_FIELD: u32 = 8;
 const BLOB_FIELD: u32 = 1;
 const MEMO_FIELD: u32 = 2;
 const COMPLETION_FIELD: u32 = 3;
-/// Larger answers are not a `DescribeNamespaceResponse` the gateway wants.
-const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Namespaces remembered at most.
 const CAPACITY: usize = 10_000;
 /// A server that could not be asked is asked again after this long.
@@ -321,16 +317,17 @@ struct Entry {
 /// The server's limits per namespace: learned, asked for, cached.
 #[derive(Debug)]
 pub struct ServerLimits {
-    upstream: Upstream,
+    router: Router,
     config: ServerLimitsConfig,
     cache: quick_cache::sync::Cache<String, Entry>,
 }
 
 impl ServerLimits {
-    /// Limits of namespaces served through `upstream`, within `config`.
-    pub fn new(upstream: Upstream, config: ServerLimitsConfig) -> Self {
+    /// Limits of namespaces served through `router` (each asked at its own upstream), within
+    /// `config`.
+    pub fn new(router: Router, config: ServerLimitsConfig) -> Self {
         Self {
-            upstream,
+            router,
             config,
             cache: quick_cache::sync::Cache::new(CAPACITY),
         }
@@ -396,17 +393,8 @@ impl ServerLimits {
     }
 
     async fn ask(&self, namespace: &str) -> Entry {
-        let mut request = Vec::with_capacity(namespace.len() + 8);
-        prost::encoding::string::encode(1, &namespace.to_owned(), &mut request);
-        let stated = match client::unary(
-            &self.upstream,
-            DESCRIBE_NAMESPACE,
-            Some(namespace),
-            request,
-            MAX_ANSWER_BYTES,
-        )
-        .await
-        {
+        let upstream = self.router.for_namespace(namespace);
+        let stated = match client::describe_namespace(upstream, namespace).await {
             Ok(answer) => stated_in(NamespaceAnswer::Describe, &answer)
                 .map_err(|e| e.to_string())
                 .and_then(|found| {

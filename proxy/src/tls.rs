@@ -175,12 +175,30 @@ impl UpstreamTls {
         config: &UpstreamTlsConfig,
         upstream_host: &str,
     ) -> Result<Option<Self>, ConfigError> {
+        Self::from_section(
+            config,
+            "proxy.upstream_tls",
+            "proxy.upstream",
+            upstream_host,
+        )
+    }
+
+    /// [`from_config`](Self::from_config) for the TLS settings at config key `section`
+    /// (`proxy.upstream_tls`, `upstreams.<name>.tls`) of the upstream whose address is at
+    /// `address_key`: errors name those keys.
+    pub fn from_section(
+        config: &UpstreamTlsConfig,
+        section: &str,
+        address_key: &str,
+        upstream_host: &str,
+    ) -> Result<Option<Self>, ConfigError> {
         if !config.enabled {
             return Ok(None);
         }
+        let key = |k: &str| format!("{section}.{k}");
         let (name_key, name) = match &config.server_name {
-            Some(name) => ("proxy.upstream_tls.server_name", name.as_str()),
-            None => ("proxy.upstream", upstream_host),
+            Some(name) => (key("server_name"), name.as_str()),
+            None => (address_key.to_owned(), upstream_host),
         };
         let name = name.trim_start_matches('[').trim_end_matches(']');
         let server_name = ServerName::try_from(name.to_owned()).map_err(|e| {
@@ -190,21 +208,21 @@ impl UpstreamTls {
             )
         })?;
         let roots = match &config.ca_file {
-            Some(ca_file) => load_roots("proxy.upstream_tls.ca_file", ca_file)?,
-            None => platform_roots("proxy.upstream_tls.ca_file")?,
+            Some(ca_file) => load_roots(&key("ca_file"), ca_file)?,
+            None => platform_roots(&key("ca_file"))?,
         };
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| ConfigError::invalid("proxy.upstream_tls", e.to_string()))?
+            .map_err(|e| ConfigError::invalid(section, e.to_string()))?
             .with_root_certificates(roots);
         let mut client = match (&config.cert_file, &config.key_file) {
             (Some(cert_file), Some(key_file)) => {
-                let certs = load_certs("proxy.upstream_tls.cert_file", cert_file)?;
-                let key = load_key("proxy.upstream_tls.key_file", key_file)?;
-                builder.with_client_auth_cert(certs, key).map_err(|e| {
+                let certs = load_certs(&key("cert_file"), cert_file)?;
+                let key_der = load_key(&key("key_file"), key_file)?;
+                builder.with_client_auth_cert(certs, key_der).map_err(|e| {
                     ConfigError::invalid(
-                        "proxy.upstream_tls.key_file",
-                        format!("does not fit proxy.upstream_tls.cert_file: {e}"),
+                        key("key_file"),
+                        format!("does not fit {}: {e}", key("cert_file")),
                     )
                 })?
             }

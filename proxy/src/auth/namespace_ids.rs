@@ -2,8 +2,8 @@
 //! a task token, not on the request's `namespace` field, so authorizing a task completion
 //! means comparing that id with the id of the namespace the caller was authorized for.
 //!
-//! Ids are read with `DescribeNamespace` over the gateway's own upstream connection and
-//! cached by name. A cached id that disagrees with a token is looked up once more before the
+//! Ids are read with `DescribeNamespace` over the gateway's own connection to the upstream
+//! that serves the namespace ([`Router::for_namespace`]) and cached by name. A cached id that disagrees with a token is looked up once more before the
 //! request is refused (a namespace deleted and created again under its name gets a new id).
 //! When the server cannot be asked, the request fails with `UNAVAILABLE`: never allowed on a
 //! guess.
@@ -11,16 +11,12 @@
 use bytes::Bytes;
 use payload_gateway_proto::{len_fields_by_number, string_field_by_number};
 
-use crate::upstream::Upstream;
+use crate::upstream::Router;
 use crate::upstream::client::{self, CallError};
 
-const DESCRIBE_NAMESPACE: &str =
-    "/temporal.api.workflowservice.v1.WorkflowService/DescribeNamespace";
 /// `DescribeNamespaceResponse.namespace_info` and `NamespaceInfo.id`.
 const NAMESPACE_INFO_FIELD: u32 = 1;
 const NAMESPACE_ID_FIELD: u32 = 6;
-/// Responses larger than this are not a `DescribeNamespaceResponse` the gateway wants.
-const MAX_RESPONSE_BYTES: usize = 1 << 20;
 /// Names remembered at most.
 const CAPACITY: usize = 10_000;
 
@@ -43,15 +39,15 @@ pub enum LookupError {
 /// Namespace name → id, read from the server and cached.
 #[derive(Debug)]
 pub struct NamespaceIds {
-    upstream: Upstream,
+    router: Router,
     cache: quick_cache::sync::Cache<String, String>,
 }
 
 impl NamespaceIds {
-    /// Looks ids up through `upstream`.
-    pub fn new(upstream: Upstream) -> Self {
+    /// Looks ids up at the upstream `router` names for each namespace.
+    pub fn new(router: Router) -> Self {
         Self {
-            upstream,
+            router,
             cache: quick_cache::sync::Cache::new(CAPACITY),
         }
     }
@@ -69,28 +65,14 @@ impl NamespaceIds {
     }
 
     async fn lookup(&self, namespace: &str) -> Result<String, LookupError> {
-        let request = temporal_describe_namespace(namespace);
-        let response = client::unary(
-            &self.upstream,
-            DESCRIBE_NAMESPACE,
-            Some(namespace),
-            request,
-            MAX_RESPONSE_BYTES,
-        )
-        .await
-        .map_err(|source| LookupError::Call {
-            namespace: namespace.to_owned(),
-            source,
-        })?;
+        let response = client::describe_namespace(self.router.for_namespace(namespace), namespace)
+            .await
+            .map_err(|source| LookupError::Call {
+                namespace: namespace.to_owned(),
+                source,
+            })?;
         id_in(&response).ok_or_else(|| LookupError::NoId(namespace.to_owned()))
     }
-}
-
-/// `DescribeNamespaceRequest { namespace }`: field 1.
-fn temporal_describe_namespace(namespace: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(namespace.len() + 8);
-    prost::encoding::string::encode(1, &namespace.to_owned(), &mut out);
-    out
 }
 
 /// The last `namespace_info.id` of a `DescribeNamespaceResponse` (merged parts included).
@@ -129,12 +111,5 @@ mod tests {
         .encode_to_vec();
         assert_eq!(id_in(&Bytes::from(response)).as_deref(), Some("1111-2222"));
         assert_eq!(id_in(&Bytes::new()), None);
-        let request = temporal_describe_namespace("ns-a");
-        let decoded =
-            temporalio_protos::temporal::api::workflowservice::v1::DescribeNamespaceRequest::decode(
-                request.as_slice(),
-            )
-            .unwrap();
-        assert_eq!(decoded.namespace, "ns-a");
     }
 }

@@ -172,4 +172,7 @@ pub struct NamespaceConfig {
     pub forward_unknown_methods: Option<Vec<String>>,
     /// This namespace's own list instead of `encryption.forward_unknown_any_types`.
     pub forward_unknown_any_types: Option<Vec<String>>,
+    /// The `[upstreams.<name>]` that serves this namespace; unset: `proxy.upstream`. Every
+    /// request naming this namespace goes there, and only there.
+    pub upstream: Option<String>,
 }

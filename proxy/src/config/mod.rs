@@ -12,6 +12,7 @@ mod proxy;
 mod storage;
 #[cfg(test)]
 mod tests;
+mod upstreams;
 
 pub use auth::{ALL_NAMESPACES, AuthConfig, AuthJwtConfig, AuthTokenConfig, ClientCertConfig};
 pub(crate) use codec_server::split_authority;
@@ -22,6 +23,7 @@ pub use proxy::{
     AdminConfig, LogConfig, LogFormat, ProxyConfig, ServerTlsConfig, UpstreamTlsConfig,
 };
 pub use storage::{DriverConfig, DriverKind, ServerLimitsConfig, StorageConfig};
+pub use upstreams::{UpstreamConfig, bindings as upstream_bindings};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -57,6 +59,9 @@ pub struct Config {
     pub log: LogConfig,
     /// External gRPC key services (`kms = "grpc://<name>"` keys), keyed by name.
     pub kms_servers: BTreeMap<String, KmsServerConfig>,
+    /// Temporal frontends beside `proxy.upstream`, keyed by name; namespaces are bound to
+    /// them with `[namespaces.<ns>] upstream`.
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
 }
 
 /// Why a configuration was refused.
@@ -158,22 +163,30 @@ impl Config {
                 "must name an environment variable",
             ));
         }
+        upstreams::validate(self)?;
         if let Some(auth) = &self.proxy.auth {
             auth.validate(self.proxy.tls.client_ca_file.is_some())?;
-        } else if self.proxy.api_key_env.is_some()
+        } else if let Some(api_key) = upstreams::api_key_keys(self).next()
             && !self.proxy.listen.ip().is_loopback()
             && !self.proxy.allow_unauthenticated
         {
             return Err(ConfigError::invalid(
                 "proxy.auth",
                 format!(
-                    "required: proxy.api_key_env is set and proxy.listen ({}) is not a loopback \
+                    "required: {api_key} is set and proxy.listen ({}) is not a loopback \
                      address, so anyone who reaches the listener would call the upstream with \
                      the API key and get payloads decrypted; configure [proxy.auth] (or set \
                      proxy.allow_unauthenticated = true when a network policy restricts who \
                      reaches the listener)",
                     self.proxy.listen
                 ),
+            ));
+        }
+        if self.proxy.max_connection_age_ms > 0 && self.proxy.max_connection_age_grace_ms == 0 {
+            return Err(ConfigError::invalid(
+                "proxy.max_connection_age_grace_ms",
+                "must be greater than 0 with proxy.max_connection_age_ms (RPCs in flight need \
+                 time to finish after the GOAWAY)",
             ));
         }
         if self.proxy.max_message_bytes < 4 * 1024 * 1024 {

@@ -63,6 +63,17 @@ pub struct ProxyConfig {
     pub tls: ServerTlsConfig,
     /// `[proxy.upstream_tls]`: TLS toward the Temporal frontend.
     pub upstream_tls: UpstreamTlsConfig,
+    /// A client connection older than this (milliseconds, ±10 % jitter per connection so a
+    /// fleet's clients do not reconnect in lockstep) is sent a graceful HTTP/2 GOAWAY: the
+    /// SDK opens a new connection (through the load balancer, to any replica) for its next
+    /// RPCs while the RPCs in flight finish on the old one. `0`: connections live as long as
+    /// the client keeps them (the default).
+    pub max_connection_age_ms: u64,
+    /// How long RPCs in flight on a connection past its age may still run after the GOAWAY,
+    /// milliseconds; then the connection is closed (clients retry what was cut with
+    /// `UNAVAILABLE`). Keep it above the longest long poll (Temporal's task polls end after
+    /// about 70 s) so none is cut.
+    pub max_connection_age_grace_ms: u64,
 }
 
 /// `[proxy.tls]`: TLS on the gRPC listener (ALPN `h2`). Enabled when `cert_file` is set.
@@ -175,7 +186,13 @@ pub struct UpstreamTlsConfig {
 
 impl UpstreamTlsConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        let key = |k: &str| format!("proxy.upstream_tls.{k}");
+        self.validate_section("proxy.upstream_tls")
+    }
+
+    /// Checks the settings of `section` (`proxy.upstream_tls` or `upstreams.<name>.tls`,
+    /// which share this shape); errors name `section`'s keys.
+    pub(super) fn validate_section(&self, section: &str) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("{section}.{k}");
         if !self.enabled {
             let set = [
                 ("ca_file", self.ca_file.is_some()),
@@ -186,7 +203,7 @@ impl UpstreamTlsConfig {
             if let Some((name, _)) = set.iter().find(|(_, set)| *set) {
                 return Err(ConfigError::invalid(
                     key(name),
-                    "has no effect unless proxy.upstream_tls.enabled = true",
+                    format!("has no effect unless {section}.enabled = true"),
                 ));
             }
             return Ok(());
@@ -195,13 +212,13 @@ impl UpstreamTlsConfig {
             (Some(_), None) => {
                 return Err(ConfigError::invalid(
                     key("key_file"),
-                    "required with proxy.upstream_tls.cert_file",
+                    format!("required with {section}.cert_file"),
                 ));
             }
             (None, Some(_)) => {
                 return Err(ConfigError::invalid(
                     key("cert_file"),
-                    "required with proxy.upstream_tls.key_file",
+                    format!("required with {section}.key_file"),
                 ));
             }
             _ => {}
@@ -248,6 +265,8 @@ impl Default for ProxyConfig {
             allow_unauthenticated: false,
             tls: ServerTlsConfig::default(),
             upstream_tls: UpstreamTlsConfig::default(),
+            max_connection_age_ms: 0,
+            max_connection_age_grace_ms: 120_000,
         }
     }
 }

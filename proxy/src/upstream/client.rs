@@ -109,6 +109,28 @@ pub async fn unary(
         .ok_or_else(|| malformed("no response message".to_owned()))
 }
 
+/// `WorkflowService/DescribeNamespace`.
+pub const DESCRIBE_NAMESPACE: &str =
+    "/temporal.api.workflowservice.v1.WorkflowService/DescribeNamespace";
+/// Larger answers are not a `DescribeNamespaceResponse` the gateway wants.
+const MAX_DESCRIBE_BYTES: usize = 1 << 20;
+
+/// `DescribeNamespace` of `namespace` through `upstream` (the gateway's own call: namespace
+/// ids for authorization, the server's limits); returns the serialized response.
+pub async fn describe_namespace(upstream: &Upstream, namespace: &str) -> Result<Bytes, CallError> {
+    // `DescribeNamespaceRequest { namespace }`: field 1.
+    let mut request = Vec::with_capacity(namespace.len() + 8);
+    prost::encoding::string::encode(1, &namespace.to_owned(), &mut request);
+    unary(
+        upstream,
+        DESCRIBE_NAMESPACE,
+        Some(namespace),
+        request,
+        MAX_DESCRIBE_BYTES,
+    )
+    .await
+}
+
 /// Decodes a `grpc-message` value (percent-encoded UTF-8).
 fn percent_decode(message: &str) -> String {
     percent_encoding::percent_decode_str(message)

@@ -5,6 +5,8 @@
 //! With `[proxy.upstream_tls]` connections are TLS (custom CA or the platform's roots, optional
 //! client certificate, optional server-name override, which is then also the `:authority`);
 //! with `proxy.api_key_env` requests without an `authorization` header get the API key.
+//! Each `[upstreams.<name>]` is an [`Upstream`] of its own with the same settings under its
+//! own keys; [`Router`] decides which one serves a request or a namespace.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,8 +27,11 @@ use tokio::net::TcpStream;
 use tower::ServiceExt;
 
 pub mod client;
+pub mod router;
 
-use crate::config::{ConfigError, ProxyConfig};
+pub use router::{Route, RouteError, RouteLayer, Router};
+
+use crate::config::{ConfigError, ProxyConfig, UpstreamConfig, UpstreamTlsConfig};
 use crate::errors::error_chain;
 use crate::grpc::{BoxError, Code, GatewayBody, Status};
 use crate::tls::UpstreamTls;
@@ -56,44 +61,100 @@ pub struct Upstream {
     api_key: Option<HeaderValue>,
 }
 
+/// Where one upstream is and how to reach it, with the config keys errors name.
+struct UpstreamSpec<'a> {
+    /// `host:port`.
+    address: &'a str,
+    /// The config key of `address` (`proxy.upstream`, `upstreams.<name>.address`).
+    address_key: &'a str,
+    tls: &'a UpstreamTlsConfig,
+    /// The config key of `tls` (`proxy.upstream_tls`, `upstreams.<name>.tls`).
+    tls_section: &'a str,
+    api_key_env: Option<&'a str>,
+    /// The config key of `api_key_env`.
+    api_key_key: &'a str,
+    connect_timeout_ms: u64,
+}
+
 impl Upstream {
     /// Builds the pool for `config.upstream`. No connection is opened until the first request.
     pub fn new(config: &ProxyConfig) -> Result<Self, ConfigError> {
-        let authority: Authority = config.upstream.parse().map_err(|e| {
-            ConfigError::invalid("proxy.upstream", format!("invalid authority: {e}"))
+        Self::build(&UpstreamSpec {
+            address: &config.upstream,
+            address_key: "proxy.upstream",
+            tls: &config.upstream_tls,
+            tls_section: "proxy.upstream_tls",
+            api_key_env: config.api_key_env.as_deref(),
+            api_key_key: "proxy.api_key_env",
+            connect_timeout_ms: config.connect_timeout_ms,
+        })
+    }
+
+    /// Builds the pool for `[upstreams.<name>]` (`upstream`); `default_connect_timeout_ms`
+    /// (`proxy.connect_timeout_ms`) applies when it sets no `connect_timeout_ms` of its own.
+    pub fn named(
+        name: &str,
+        upstream: &UpstreamConfig,
+        default_connect_timeout_ms: u64,
+    ) -> Result<Self, ConfigError> {
+        let key = |k: &str| format!("upstreams.{name}.{k}");
+        Self::build(&UpstreamSpec {
+            address: &upstream.address,
+            address_key: &key("address"),
+            tls: &upstream.tls,
+            tls_section: &key("tls"),
+            api_key_env: upstream.api_key_env.as_deref(),
+            api_key_key: &key("api_key_env"),
+            connect_timeout_ms: upstream
+                .connect_timeout_ms
+                .unwrap_or(default_connect_timeout_ms),
+        })
+    }
+
+    fn build(spec: &UpstreamSpec<'_>) -> Result<Self, ConfigError> {
+        let authority: Authority = spec.address.parse().map_err(|e| {
+            ConfigError::invalid(spec.address_key, format!("invalid authority: {e}"))
         })?;
-        let tls = UpstreamTls::from_config(&config.upstream_tls, authority.host())?;
-        let (scheme, request_authority) = match &config.upstream_tls.server_name {
+        let tls = UpstreamTls::from_section(
+            spec.tls,
+            spec.tls_section,
+            spec.address_key,
+            authority.host(),
+        )?;
+        let (scheme, request_authority) = match &spec.tls.server_name {
             Some(name) if tls.is_some() => (
                 Scheme::HTTPS,
                 name.parse::<Authority>().map_err(|e| {
-                    ConfigError::invalid("proxy.upstream_tls.server_name", e.to_string())
+                    ConfigError::invalid(format!("{}.server_name", spec.tls_section), e.to_string())
                 })?,
             ),
             _ if tls.is_some() => (Scheme::HTTPS, authority.clone()),
             _ => (Scheme::HTTP, authority.clone()),
         };
-        let api_key = match &config.api_key_env {
-            Some(var) => Some(api_key_header(var)?),
+        let api_key = match spec.api_key_env {
+            Some(var) => Some(api_key_header(spec.api_key_key, var)?),
             None => None,
         };
         if api_key.is_some() && tls.is_none() {
             tracing::warn!(
                 upstream = %authority,
-                "proxy.api_key_env is set but proxy.upstream_tls is off: the API key travels in cleartext"
+                "{} is set but {} is off: the API key travels in cleartext",
+                spec.api_key_key,
+                spec.tls_section
             );
         }
         let dial: Uri = format!("http://{authority}").parse().map_err(|e| {
-            ConfigError::invalid("proxy.upstream", format!("invalid authority: {e}"))
+            ConfigError::invalid(spec.address_key, format!("invalid authority: {e}"))
         })?;
+        let timeout = Duration::from_millis(spec.connect_timeout_ms);
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
-        http.set_connect_timeout(Some(Duration::from_millis(config.connect_timeout_ms)));
+        http.set_connect_timeout(Some(timeout));
         let connector = UpstreamConnector {
             http,
             dial,
             tls,
-            timeout: Duration::from_millis(config.connect_timeout_ms),
+            timeout,
         };
         Ok(Self {
             client: pooled_client(connector.clone()),
@@ -243,24 +304,22 @@ fn parse_grpc_timeout(value: &str) -> Option<std::time::Duration> {
     })
 }
 
-/// `Bearer <key>` from the environment variable `var`, marked sensitive (never logged).
-fn api_key_header(var: &str) -> Result<HeaderValue, ConfigError> {
+/// `Bearer <key>` from the environment variable `var` (named by config key `config_key`),
+/// marked sensitive (never logged).
+fn api_key_header(config_key: &str, var: &str) -> Result<HeaderValue, ConfigError> {
     let key = std::env::var(var).map_err(|e| {
-        ConfigError::invalid(
-            "proxy.api_key_env",
-            format!("environment variable {var}: {e}"),
-        )
+        ConfigError::invalid(config_key, format!("environment variable {var}: {e}"))
     })?;
     let key = key.trim();
     if key.is_empty() {
         return Err(ConfigError::invalid(
-            "proxy.api_key_env",
+            config_key,
             format!("environment variable {var} is empty"),
         ));
     }
     let mut value = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
         ConfigError::invalid(
-            "proxy.api_key_env",
+            config_key,
             format!("environment variable {var} holds characters not allowed in a header"),
         )
     })?;

@@ -14,6 +14,10 @@ pub enum Cfg {
     /// `gw-off` plus `[proxy.auth]`: a static bearer token granting the bench's namespace
     /// (every request is read and its namespace checked; no codec).
     GwAuth,
+    /// `gw-off` with a second upstream: `[upstreams.second]` (the same upstream's address)
+    /// and the bench's namespace bound to it, so every request is read by the ingress and
+    /// routed by its namespace (issue 25: routing cost, one upstream against two).
+    GwRouted,
     /// The gateway with zstd level 3 + AES-256-GCM.
     GwCodec,
     /// `gw-codec` plus offload to the filesystem driver.
@@ -30,11 +34,12 @@ pub enum Cfg {
 
 impl Cfg {
     /// Every configuration, in the order they are measured.
-    pub const ALL: [Cfg; 10] = [
+    pub const ALL: [Cfg; 11] = [
         Cfg::Direct,
         Cfg::Nginx,
         Cfg::GwOff,
         Cfg::GwAuth,
+        Cfg::GwRouted,
         Cfg::GwCodec,
         Cfg::GwOffload,
         Cfg::DirectTls,
@@ -50,6 +55,7 @@ impl Cfg {
             Cfg::Nginx => "nginx",
             Cfg::GwOff => "gw-off",
             Cfg::GwAuth => "gw-auth",
+            Cfg::GwRouted => "gw-routed",
             Cfg::GwCodec => "gw-codec",
             Cfg::GwOffload => "gw-offload",
             Cfg::DirectTls => "direct-tls",
@@ -66,6 +72,7 @@ impl Cfg {
             Cfg::Nginx => "(b) nginx grpc_pass",
             Cfg::GwOff => "(c) gateway, codecs off",
             Cfg::GwAuth => "(c') gateway, codecs off, [proxy.auth] (static token)",
+            Cfg::GwRouted => "(c'') gateway, codecs off, two upstreams, routed by namespace",
             Cfg::GwCodec => "(d) gateway, zstd + AES-256-GCM",
             Cfg::GwOffload => "(e) gateway, zstd + AES-GCM + offload (filesystem)",
             Cfg::DirectTls => "(a) upstream directly, TLS",
@@ -81,6 +88,7 @@ impl Cfg {
             Cfg::Nginx => "#2ca02c",
             Cfg::GwOff => "#1f77b4",
             Cfg::GwAuth => "#9467bd",
+            Cfg::GwRouted => "#8c564b",
             Cfg::GwCodec => "#ff7f0e",
             Cfg::GwOffload => "#d62728",
             _ => "#888888",

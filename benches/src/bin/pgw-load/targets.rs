@@ -66,6 +66,14 @@ fn gateway_config(
             "[proxy.auth]\n\n[[proxy.auth.tokens]]\nenv = \"PGW_LOAD_TOKENS\"\nnamespaces = [\"{NAMESPACE}\"]\n"
         )?;
     }
+    if plain == Cfg::GwRouted {
+        // The second upstream is the same server: the difference to gw-off is the routing
+        // (the ingress reading every request, the decision, the second pool), not the upstream.
+        writeln!(
+            c,
+            "[upstreams.second]\naddress = \"{upstream}\"\n\n[namespaces.{NAMESPACE}]\nupstream = \"second\"\n"
+        )?;
+    }
     if cfg.tls() {
         let Some(pki) = opts.pki else {
             bail!("{}: no certificates", cfg.label());
