@@ -94,6 +94,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod schema;
+mod search_attributes;
 mod splice;
 mod walk;
 mod wire;
@@ -104,6 +105,9 @@ mod wire;
 pub const DESCRIPTOR_SET_PATH: &str = env!("PGW_DESCRIPTOR_PATH");
 
 pub use error::WalkError;
+pub use search_attributes::{
+    SEARCH_ATTRIBUTES_TYPE_NAME, replace_top_level_string, scan_search_attributes,
+};
 pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, methods};
 pub use walk::{
     ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, FailureText, MAX_DEPTH,
