@@ -306,7 +306,11 @@ fn write_search_attribute_table(out: &mut String, msgs: &[Msg], index: &HashMap<
             break;
         }
     }
-    writeln!(out, "pub(crate) const SEARCH_ATTRIBUTES_TYPE: u16 = {target};").unwrap();
+    writeln!(
+        out,
+        "pub(crate) const SEARCH_ATTRIBUTES_TYPE: u16 = {target};"
+    )
+    .unwrap();
     let mut fields_src = String::new();
     let mut msgs_src = String::new();
     let mut nf = 0usize;

@@ -217,14 +217,17 @@ mod tests {
 
     #[test]
     fn replaces_a_top_level_string() {
-        let t = MessageType::by_name("temporal.api.workflowservice.v1.ListWorkflowExecutionsRequest")
-            .unwrap();
+        let t =
+            MessageType::by_name("temporal.api.workflowservice.v1.ListWorkflowExecutionsRequest")
+                .unwrap();
         let n = t.string_field_number("query").unwrap();
         let mut msg = Vec::new();
         put_len(&mut msg, n, b"old");
         put_len(&mut msg, 1, b"ns");
         put_len(&mut msg, n, b"older");
-        let out = replace_top_level_string(t, &msg, "query", "new").unwrap().unwrap();
+        let out = replace_top_level_string(t, &msg, "query", "new")
+            .unwrap()
+            .unwrap();
         assert_eq!(crate::top_level_string(t, &out, "query"), Some("new"));
         assert_eq!(crate::top_level_string(t, &out, "namespace"), Some("ns"));
         assert_eq!(out.len(), 4 + 5);

@@ -127,7 +127,11 @@ impl Gateway {
             config.proxy.max_inflight_bytes,
             Duration::from_millis(config.proxy.response_send_timeout_ms),
         );
-        let rewrite = if codec.is_active_anywhere() || storage.is_some() {
+        crate::search_attributes::check_at_start(config, &codec, &upstream).await?;
+        let search =
+            crate::search_attributes::SearchAttributeGuard::from_config(config, codec.clone())
+                .map(Arc::new);
+        let rewrite = if codec.is_active_anywhere() || storage.is_some() || search.is_some() {
             let observed = Arc::downgrade(&codec);
             crate::metrics::observe_codec(move || {
                 observed.upgrade().map(|codec| crate::metrics::CodecCounts {
@@ -136,11 +140,14 @@ impl Gateway {
                 })
             });
             log_policy(&codec);
-            Some(RewriteLayer::new(
-                Pipeline::new(codec).with_storage(storage),
-                config.proxy.max_message_bytes,
-                process_budget.clone(),
-            ))
+            Some(
+                RewriteLayer::new(
+                    Pipeline::new(codec).with_storage(storage),
+                    config.proxy.max_message_bytes,
+                    process_budget.clone(),
+                )
+                .with_search_attributes(search),
+            )
         } else {
             tracing::info!("no namespace encrypts, compresses or offloads: forwarding only");
             None

@@ -172,4 +172,6 @@ pub struct NamespaceConfig {
     pub forward_unknown_methods: Option<Vec<String>>,
     /// This namespace's own list instead of `encryption.forward_unknown_any_types`.
     pub forward_unknown_any_types: Option<Vec<String>>,
+    /// This namespace's own protected search attributes instead of `[search_attributes]`.
+    pub search_attributes: Option<super::SearchAttributesConfig>,
 }

@@ -9,6 +9,7 @@ mod codec_server;
 mod encryption;
 mod kms;
 mod proxy;
+mod search_attributes;
 mod storage;
 #[cfg(test)]
 mod tests;
@@ -21,6 +22,7 @@ pub use kms::KmsServerConfig;
 pub use proxy::{
     AdminConfig, LogConfig, LogFormat, ProxyConfig, ServerTlsConfig, UpstreamTlsConfig,
 };
+pub use search_attributes::SearchAttributesConfig;
 pub use storage::{DriverConfig, DriverKind, StorageConfig};
 
 use std::collections::BTreeMap;
@@ -57,6 +59,8 @@ pub struct Config {
     pub log: LogConfig,
     /// External gRPC key services (`kms = "grpc://<name>"` keys), keyed by name.
     pub kms_servers: BTreeMap<String, KmsServerConfig>,
+    /// Search attributes kept searchable but never readable at the server.
+    pub search_attributes: SearchAttributesConfig,
 }
 
 /// Why a configuration was refused.
@@ -152,6 +156,7 @@ impl Config {
         self.proxy.tls.validate()?;
         self.proxy.upstream_tls.validate()?;
         kms::validate_kms_servers(&self.kms_servers)?;
+        search_attributes::validate(self)?;
         if matches!(&self.proxy.api_key_env, Some(v) if v.is_empty()) {
             return Err(ConfigError::invalid(
                 "proxy.api_key_env",

@@ -25,6 +25,7 @@ use crate::grpc::layer::{Handler, Inner, forward};
 use crate::grpc::{Code, GatewayBody, Status};
 use crate::ingress::Inspected;
 use crate::metrics::metrics;
+use crate::search_attributes::SearchAttributeGuard;
 use capture::Capture;
 pub use pipeline::{CallContext, Direction, Pipeline};
 
@@ -47,6 +48,8 @@ pub struct RewriteLayer {
     max_message_bytes: usize,
     process_budget: Arc<ProcessBudget>,
     capture: Option<Arc<Capture>>,
+    /// Protected search attributes (`crate::search_attributes`), when configured.
+    search: Option<Arc<SearchAttributeGuard>>,
 }
 
 impl RewriteLayer {
@@ -62,7 +65,14 @@ impl RewriteLayer {
             max_message_bytes,
             process_budget,
             capture: Capture::from_env().map(Arc::new),
+            search: None,
         }
+    }
+
+    /// Also protects the search attributes `guard` names (writes, queries, reads).
+    pub fn with_search_attributes(mut self, guard: Option<Arc<SearchAttributeGuard>>) -> Self {
+        self.search = guard;
+        self
     }
 
     /// A fresh budget for one message.
@@ -100,7 +110,8 @@ impl Handler for RewriteLayer {
             }
             return forward(inner, request).await;
         };
-        if !(m.request.can_hold_payloads() || m.response.can_hold_payloads()) {
+        let search = self.search.as_ref().is_some_and(|s| s.applies(&m));
+        if !(m.request.can_hold_payloads() || m.response.can_hold_payloads() || search) {
             return forward(inner, request).await;
         }
         self.round_trip(inner, request, m, messages, inspected)
@@ -160,6 +171,10 @@ impl RewriteLayer {
         let ctx = CallContext::new(m.path, inspected.namespace)
             .with_request(request_type, messages.first())
             .with_budget(inspected.budget);
+        let messages = match &self.search {
+            Some(search) => search.on_request(&m, ctx.namespace.as_deref(), messages)?,
+            None => messages,
+        };
         let messages = if self.pipeline.applies(Direction::Encode, &ctx) {
             self.rewrite_all(Direction::Encode, &ctx, request_type, messages)
                 .await?
@@ -197,6 +212,12 @@ impl RewriteLayer {
         let messages = self
             .rewrite_all(Direction::Decode, ctx, response_type, messages)
             .await?;
+        let messages = match &self.search {
+            Some(search) => {
+                search.on_response(response_type, ctx.namespace.as_deref(), messages)?
+            }
+            None => messages,
+        };
         let trailers = match trailers {
             Some(mut trailers) => {
                 self.rewrite_status_details(ctx, &mut trailers).await?;
