@@ -25,7 +25,12 @@ import pytest
 from temporalio import workflow
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import Client
+from datetime import timedelta
+
+from temporalio.client import (Client, Schedule, ScheduleActionStartWorkflow, ScheduleIntervalSpec, ScheduleSpec,
+                               ScheduleState, WithStartWorkflowOperation)
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
@@ -60,6 +65,35 @@ class CustomerWorkflow:
     @workflow.query
     def seen(self) -> str:
         return workflow.info().typed_search_attributes.get(EMAIL) or ""
+
+    @workflow.update
+    def email(self) -> str:
+        return workflow.info().typed_search_attributes.get(EMAIL) or ""
+
+
+@workflow.defn
+class LeafWorkflow:
+    @workflow.run
+    async def run(self) -> str:
+        return workflow.info().typed_search_attributes.get(EMAIL) or ""
+
+
+@workflow.defn
+class FamilyWorkflow:
+    """Starts a child with `child_email`, then continues as new with `next_email`; the continued
+    run returns what its typed search attributes hold."""
+
+    @workflow.run
+    async def run(self, child_id: str, child_email: str, next_email: str) -> str:
+        if not child_id:
+            return workflow.info().typed_search_attributes.get(EMAIL) or ""
+        got = await workflow.execute_child_workflow(
+            LeafWorkflow.run, id=child_id,
+            search_attributes=TypedSearchAttributes([SearchAttributePair(EMAIL, child_email)]))
+        if got != child_email:
+            raise ApplicationError(f"child saw {got!r}")
+        workflow.continue_as_new(args=["", "", ""],
+                                 search_attributes=TypedSearchAttributes([SearchAttributePair(EMAIL, next_email)]))
 
 
 async def register(address: str) -> None:
@@ -272,3 +306,84 @@ def test_unparseable_query_is_refused_not_forwarded(server, gateway_factory):
     err = asyncio.run(run())
     assert err.status == RPCStatusCode.INVALID_ARGUMENT
     assert "does not parse" in err.message
+
+
+def test_every_write_path_carries_tokens(server, gateway_factory):
+    """Signal-with-start, update-with-start (ExecuteMultiOperation), a child workflow command, a
+    continue-as-new command and a schedule (its own attributes and its action's) all reach the
+    server as tokens and read back as the originals."""
+    gw = protecting_gateway(gateway_factory, server.address)
+    tag = uuid.uuid4().hex[:8]
+    emails = {name: f"{name}-{tag}@example.com" for name in ("sws", "uws", "child", "next", "sched", "schedown")}
+    ids = {"sws": f"sa-{tag}-sws", "uws": f"sa-{tag}-uws", "family": f"sa-{tag}-family",
+           "child": f"sa-{tag}-child"}
+    sched_id = f"sa-{tag}-sched"
+
+    def typed(name):
+        return TypedSearchAttributes([SearchAttributePair(EMAIL, emails[name])])
+
+    async def run():
+        client = await Client.connect(gw.address)
+        direct = await Client.connect(server.address)
+        task_queue = f"tq-sa-paths-{tag}"
+        out = {}
+        async with Worker(client, task_queue=task_queue, workflows=[CustomerWorkflow, LeafWorkflow, FamilyWorkflow],
+                          workflow_runner=UnsandboxedWorkflowRunner()):
+            sws = await client.start_workflow(CustomerWorkflow.run, "", id=ids["sws"], task_queue=task_queue,
+                                              start_signal="finish", search_attributes=typed("sws"))
+            out["sws"] = await sws.result()
+            op = WithStartWorkflowOperation(CustomerWorkflow.run, "", id=ids["uws"], task_queue=task_queue,
+                                            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+                                            search_attributes=typed("uws"))
+            out["uws"] = await client.execute_update_with_start_workflow(CustomerWorkflow.email,
+                                                                         start_workflow_operation=op)
+            await (await op.workflow_handle()).signal(CustomerWorkflow.finish)
+            family = await client.start_workflow(FamilyWorkflow.run, args=[ids["child"], emails["child"], emails["next"]],
+                                                 id=ids["family"], task_queue=task_queue)
+            out["next"] = await family.result()
+            sched = await client.create_schedule(sched_id, Schedule(
+                action=ScheduleActionStartWorkflow(LeafWorkflow.run, id=f"sa-{tag}-scheduled", task_queue=task_queue,
+                                                   typed_search_attributes=typed("sched")),
+                spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(hours=1))]),
+                state=ScheduleState(paused=True)), search_attributes=typed("schedown"))
+            desc = await sched.describe()
+            out["sched_action"] = desc.schedule.action.typed_search_attributes.get(EMAIL)
+            out["sched_own"] = desc.typed_search_attributes.get(EMAIL)
+            out["sched_server"] = (await direct.get_schedule_handle(sched_id).describe()).raw_description.SerializeToString()
+            await sched.trigger()
+            for name in ("sws", "uws", "child", "next", "sched"):
+                want = None if name == "sched" else ids.get(name, ids["family"])
+                deadline = time.monotonic() + 20
+                while True:
+                    found = {w.id async for w in client.list_workflows(f'{ATTRIBUTE} = "{emails[name]}"')}
+                    if (found and want is None) or found == {want} or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(0.3)
+                out[f"found_{name}"] = found
+            scheduled = next(iter(out["found_sched"]), None)
+            out["scheduled_result"] = await client.get_workflow_handle(scheduled).result() if scheduled else None
+            await sched.delete()
+            scope = f'WorkflowId STARTS_WITH "sa-{tag}-"'
+            out["server"] = [w.raw_info.SerializeToString() async for w in direct.list_workflows(scope)]
+            out["histories"] = [(await direct.get_workflow_handle(w.id, run_id=w.run_id).fetch_history()).to_json()
+                                async for w in direct.list_workflows(scope)]
+        return out
+
+    out = asyncio.run(run())
+    assert out["sws"] == emails["sws"]
+    assert out["uws"] == emails["uws"]
+    assert out["next"] == emails["next"]
+    assert out["sched_action"] == emails["sched"] and out["sched_own"] == emails["schedown"]
+    assert out["found_sws"] == {ids["sws"]}
+    assert out["found_uws"] == {ids["uws"]}
+    assert out["found_child"] == {ids["child"]}
+    assert out["found_next"] == {ids["family"]}
+    assert len(out["found_sched"]) == 1 and next(iter(out["found_sched"])).startswith(f"sa-{tag}-scheduled")
+    assert out["scheduled_result"] == emails["sched"]
+    secrets = list(emails.values()) + ["example.com"]
+    no_plaintext(out["sched_server"], secrets)
+    assert len(out["server"]) >= 6, len(out["server"])  # sws, uws, family (2 runs), child, scheduled
+    for blob in out["server"]:
+        no_plaintext(blob, secrets)
+    for history in out["histories"]:
+        no_plaintext(history.encode(), secrets)
