@@ -40,6 +40,8 @@ import rig
 ATTRIBUTE = "CustomerEmail"
 EMAIL = SearchAttributeKey.for_keyword(ATTRIBUTE)
 INT_ATTRIBUTE = "PgwCustomerTier"
+LIST_ATTRIBUTE = "PgwCustomerAliases"
+ALIASES = SearchAttributeKey.for_keyword_list(LIST_ATTRIBUTE)
 KEYS = {"k1": os.urandom(32), "k2": os.urandom(32)}
 
 
@@ -99,7 +101,8 @@ class FamilyWorkflow:
 async def register(address: str) -> None:
     client = await Client.connect(address)
     for name, ty in ((ATTRIBUTE, IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD),
-                     (INT_ATTRIBUTE, IndexedValueType.INDEXED_VALUE_TYPE_INT)):
+                     (INT_ATTRIBUTE, IndexedValueType.INDEXED_VALUE_TYPE_INT),
+                     (LIST_ATTRIBUTE, IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD_LIST)):
         try:
             await client.operator_service.add_search_attributes(AddSearchAttributesRequest(
                 namespace="default", search_attributes={name: ty}))
@@ -387,3 +390,46 @@ def test_every_write_path_carries_tokens(server, gateway_factory):
         no_plaintext(blob, secrets)
     for history in out["histories"]:
         no_plaintext(history.encode(), secrets)
+
+
+def test_keyword_list_values_are_tokenized_element_by_element(server, gateway_factory):
+    gw = protecting_gateway(gateway_factory, server.address, protect=(ATTRIBUTE, LIST_ATTRIBUTE))
+    tag = uuid.uuid4().hex[:8]
+    aliases = [f"erin-{tag}@example.com", f"erin.work-{tag}@example.com"]
+
+    async def run():
+        client = await Client.connect(gw.address)
+        direct = await Client.connect(server.address)
+        task_queue = f"tq-sa-list-{tag}"
+        async with Worker(client, task_queue=task_queue, workflows=[CustomerWorkflow],
+                          workflow_runner=UnsandboxedWorkflowRunner()):
+            h = await client.start_workflow(CustomerWorkflow.run, "", id=f"sa-{tag}-list", task_queue=task_queue,
+                                            search_attributes=TypedSearchAttributes([SearchAttributePair(ALIASES, aliases)]))
+            found = await wait_for(f'{LIST_ATTRIBUTE} = "{aliases[1]}"', {h.id}, client)
+            described = (await h.describe()).typed_search_attributes.get(ALIASES)
+            at_server = (await direct.get_workflow_handle(h.id).describe()).raw_description.SerializeToString()
+            direct_found = {w.id async for w in direct.list_workflows(f'{LIST_ATTRIBUTE} = "{aliases[1]}"')}
+            await h.signal(CustomerWorkflow.finish)
+            await h.result()
+            return h.id, found, described, at_server, direct_found
+
+    wf_id, found, described, at_server, direct_found = asyncio.run(run())
+    assert found == {wf_id}
+    assert described == aliases
+    assert direct_found == set()
+    no_plaintext(at_server, aliases + ["example.com"])
+    assert at_server.count(b"pgw1:k1:") == 2
+
+
+def test_protection_without_a_static_key_refuses_to_start(server, workdir):
+    gw_dir = rig.new_tmpdir(workdir, "gw-sa-nokey-")
+    config = rig.render_toml({
+        "proxy": {"listen": f"127.0.0.1:{rig.free_port()}", "upstream": server.address},
+        "admin": {"enabled": False},
+        "encryption": {"enabled": False},
+        "compression": {"enabled": True},
+        "search_attributes": {"protect": [ATTRIBUTE]},
+    })
+    done = rig.run_gateway_once(config, gw_dir, timeout=20)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "search_attributes.protect" in done.stderr and "static encryption key" in done.stderr, done.stderr
