@@ -546,11 +546,32 @@ fn indexed_value_type(n: u64) -> &'static str {
     }
 }
 
+/// How long the start-up check may hold the start when the server is slow to answer.
+const START_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Checks, at start, that every protected attribute is a `Keyword` or `KeywordList` in every
 /// namespace that protects it (types read from the server), and that each such namespace has a
-/// static key to make tokens with. A server that cannot be asked is logged and skipped (the
-/// check then happens on the next start); a wrong type is a [`ConfigError`].
+/// static key to make tokens with. A server that cannot be asked (or does not answer within
+/// 10 s) is logged and skipped (the check then happens on the next start); a wrong type is a
+/// [`ConfigError`].
 pub async fn check_at_start(
+    config: &Config,
+    codec: &PayloadCodec,
+    upstream: &crate::upstream::Upstream,
+) -> Result<(), ConfigError> {
+    match tokio::time::timeout(START_CHECK_TIMEOUT, check_types(config, codec, upstream)).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::warn!(
+                "search attributes: the server did not answer within {} s; the types of protected attributes are not checked",
+                START_CHECK_TIMEOUT.as_secs()
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn check_types(
     config: &Config,
     codec: &PayloadCodec,
     upstream: &crate::upstream::Upstream,
@@ -605,7 +626,11 @@ pub async fn check_at_start(
     for (namespace, key) in namespaces {
         let types = match list_search_attributes(upstream, &namespace).await {
             Ok(types) => types,
-            Err(e) => {
+            Err(CheckError::Unanswered(e)) => {
+                tracing::warn!(namespace, error = %e, "search attributes: the server does not answer; the types of protected attributes are not checked");
+                return Ok(());
+            }
+            Err(CheckError::Refused(e)) => {
                 tracing::warn!(namespace, error = %e, "search attributes: cannot read the namespace's search attribute types; not checked");
                 continue;
             }
@@ -664,11 +689,20 @@ async fn list_namespaces(
     Ok(names)
 }
 
+/// Why the types of one namespace could not be read.
+enum CheckError {
+    /// The server did not answer (unreachable, timed out): the rest is not asked either.
+    Unanswered(String),
+    /// The server answered with an error (an unknown namespace) or something unreadable.
+    Refused(String),
+}
+
 /// The custom search attributes of `namespace` with their `IndexedValueType` numbers.
 async fn list_search_attributes(
     upstream: &crate::upstream::Upstream,
     namespace: &str,
-) -> Result<HashMap<String, u64>, String> {
+) -> Result<HashMap<String, u64>, CheckError> {
+    use crate::upstream::client::CallError;
     let mut request = Vec::new();
     wire::put_len(&mut request, 1, namespace.as_bytes());
     let response = crate::upstream::client::unary(
@@ -679,9 +713,13 @@ async fn list_search_attributes(
         LIMIT,
     )
     .await
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| match &e {
+        // UNAVAILABLE, DEADLINE_EXCEEDED (the gateway's own timeout included).
+        CallError::Status { code: 14 | 4, .. } => CheckError::Unanswered(e.to_string()),
+        _ => CheckError::Refused(e.to_string()),
+    })?;
     let mut types = HashMap::new();
-    let malformed = |e: SearchAttributeError| e.to_string();
+    let malformed = |e: SearchAttributeError| CheckError::Refused(e.to_string());
     for field in wire::fields(&response).map_err(malformed)? {
         // custom_attributes (1) and system_attributes (2): map<string, IndexedValueType>.
         if !matches!(field.number, 1 | 2) || field.wire_type != wire::LEN {
