@@ -645,8 +645,8 @@ pub fn rewrite<E: From<QueryError>>(
     Ok(Some(out))
 }
 
-/// Parses `query` as [`rewrite`] does (for the fuzz target and tests): the spans of the
-/// protected comparisons it would replace.
+/// Parses `query` as [`rewrite`] does (for the fuzz target and tests): how many comparisons
+/// with a protected attribute it would replace, or why it refuses the query.
 pub fn check(query: &str, protected: impl Fn(&str) -> bool) -> Result<usize, QueryError> {
     let toks = lex(query)?;
     let mut p = Parser {
