@@ -18,6 +18,8 @@ use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::{DescriptorProto, FileDescriptorSet};
 
 const PAYLOAD: &str = "temporal.api.common.v1.Payload";
+/// The message the search attribute table leads to.
+const SEARCH_ATTRIBUTES: &str = "temporal.api.common.v1.SearchAttributes";
 const ANY: &str = "google.protobuf.Any";
 /// `(message, field)` pairs that are never walked: search attributes stay plaintext.
 const EXCLUDED_FIELDS: &[(&str, &str)] =
@@ -257,6 +259,7 @@ fn main() {
         "pub(crate) static STRING_FIELDS: [(&str, u32); {ns}] = [\n{strings_src}];"
     )
     .unwrap();
+    write_search_attribute_table(&mut out, &msgs, &index);
     let mut methods_src = String::new();
     for (path, (req, resp, cs, ss)) in &methods {
         let (Some(r), Some(s)) = (index.get(req.as_str()), index.get(resp.as_str())) else {
@@ -273,4 +276,72 @@ fn main() {
 
     let dest = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("schema_table.rs");
     std::fs::write(dest, out).expect("write schema table");
+}
+
+/// The second table: per message type, the message fields that can lead to a
+/// `temporal.api.common.v1.SearchAttributes` (a fixpoint like the payload table's; `Any`
+/// values are not followed). Emits `SEARCH_ATTRIBUTES_TYPE`, `SA_MESSAGES` (per type: field
+/// range, reach) and `SA_FIELDS` (number, target type, name), read by `search_attributes.rs`.
+fn write_search_attribute_table(out: &mut String, msgs: &[Msg], index: &HashMap<&str, usize>) {
+    let target = index[SEARCH_ATTRIBUTES];
+    let mut reach = vec![false; msgs.len()];
+    reach[target] = true;
+    loop {
+        let mut changed = false;
+        for (i, m) in msgs.iter().enumerate() {
+            if reach[i] {
+                continue;
+            }
+            let hit = m.fields.iter().any(|(_, _, ty, _, _)| {
+                ty.as_deref()
+                    .and_then(|t| index.get(t))
+                    .is_some_and(|&t| reach[t])
+            });
+            if hit {
+                reach[i] = true;
+                changed = true;
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    writeln!(
+        out,
+        "pub(crate) const SEARCH_ATTRIBUTES_TYPE: u16 = {target};"
+    )
+    .unwrap();
+    let mut fields_src = String::new();
+    let mut msgs_src = String::new();
+    let mut nf = 0usize;
+    for (i, m) in msgs.iter().enumerate() {
+        let f0 = nf;
+        if i != target {
+            let mut fs: Vec<_> = m
+                .fields
+                .iter()
+                .filter_map(|(fname, num, ty, _, _)| {
+                    let t = *index.get(ty.as_deref()?)?;
+                    reach[t].then_some((*num, t, fname))
+                })
+                .collect();
+            fs.sort();
+            for (num, t, fname) in fs {
+                writeln!(fields_src, "    ({num}, {t}, {fname:?}),").unwrap();
+                nf += 1;
+            }
+        }
+        writeln!(msgs_src, "    ({f0}, {nf}, {}),", reach[i]).unwrap();
+    }
+    writeln!(
+        out,
+        "pub(crate) static SA_MESSAGES: [(u32, u32, bool); {}] = [\n{msgs_src}];",
+        msgs.len()
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "pub(crate) static SA_FIELDS: [(u32, u16, &str); {nf}] = [\n{fields_src}];"
+    )
+    .unwrap();
 }

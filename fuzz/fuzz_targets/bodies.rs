@@ -210,3 +210,47 @@ pub fn storage_reference(data: &[u8]) {
     let again = strict_reference(&rebuilt).expect("a built reference is strictly recognised");
     assert_eq!(again.claim, r.claim);
 }
+
+/// `visibility_query` input: byte 0 picks which names are protected (bit 0: `Email`, bit 1:
+/// `Tags`), the rest is a visibility query (lossily UTF-8).
+///
+/// Properties: parsing never panics and nests no deeper than its limit; protecting names only
+/// ever refuses more, never accepts what the unprotected parse refuses; a rewritten query
+/// parses again, with as many protected comparisons (now of tokens) as the original, and
+/// contains none of the replaced literals' text unless a token repeats it.
+pub fn visibility_query(data: &[u8]) {
+    use payload_gateway::search_attributes::query::{QueryError, check, rewrite};
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
+    let query = String::from_utf8_lossy(rest);
+    let protected =
+        |name: &str| (pick & 1 != 0 && name == "Email") || (pick & 2 != 0 && name == "Tags");
+    let open = check(&query, |_| false);
+    let guarded = check(&query, protected);
+    if guarded.is_ok() {
+        assert!(
+            open.is_ok(),
+            "protection accepted what the grammar refuses: {query:?}"
+        );
+    }
+    let rewritten = rewrite(&query, protected, |attribute, value| {
+        Ok::<_, QueryError>(vec![
+            format!("pgw1:a:{}", value.len()),
+            format!("pgw1:b:{attribute}"),
+        ])
+    });
+    match (&guarded, rewritten) {
+        (Ok(0), Ok(out)) => assert_eq!(out, None, "nothing protected, yet rewritten"),
+        (Ok(n), Ok(Some(out))) => {
+            let again = check(&out, protected).expect("a rewritten query parses again");
+            assert_eq!(
+                again, *n,
+                "rewriting changed the number of protected comparisons"
+            );
+        }
+        (Ok(_), other) => panic!("parsed with uses but rewrite gave {other:?}"),
+        (Err(e), Err(r)) => assert_eq!(e, &r, "check and rewrite disagree"),
+        (Err(e), Ok(out)) => panic!("check refused ({e}) but rewrite gave {out:?}"),
+    }
+}

@@ -94,6 +94,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 mod schema;
+mod search_attributes;
 mod splice;
 mod walk;
 mod wire;
@@ -105,6 +106,9 @@ pub const DESCRIPTOR_SET_PATH: &str = env!("PGW_DESCRIPTOR_PATH");
 
 pub use error::WalkError;
 pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, methods};
+pub use search_attributes::{
+    SEARCH_ATTRIBUTES_TYPE_NAME, replace_top_level_string, scan_search_attributes,
+};
 pub use walk::{
     ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, FailureText, MAX_DEPTH,
     MAX_UNKNOWN_ANYS, PayloadSite, RawField, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan,

@@ -141,6 +141,15 @@ pub struct PayloadSite {
 }
 
 impl PayloadSite {
+    /// A site with no path (the search attribute walk's sites).
+    pub(crate) fn new(range: Range<usize>, node: u32) -> Self {
+        Self {
+            range,
+            path: Box::new([]),
+            node,
+        }
+    }
+
     /// Byte range of the serialized Payload message (the value of its length-delimited
     /// field) in the scanned buffer.
     pub fn range(&self) -> Range<usize> {
@@ -369,6 +378,20 @@ pub struct Scan {
 }
 
 impl Scan {
+    /// A scan of `sites` under `nodes` only (no failures, texts or unknown `Any`s).
+    pub(crate) fn from_sites(sites: Vec<PayloadSite>, nodes: Vec<Node>, input_len: usize) -> Self {
+        Self {
+            sites,
+            nodes,
+            failures: Vec::new(),
+            texts: Vec::new(),
+            input_len,
+            unknown_any: 0,
+            unknown_anys: Vec::new(),
+            opaque_system: 0,
+        }
+    }
+
     /// The payload sites, in byte order.
     pub fn sites(&self) -> &[PayloadSite] {
         &self.sites
@@ -471,7 +494,7 @@ pub fn scan(ty: MessageType, buf: &[u8]) -> Result<Scan, WalkError> {
 }
 
 /// The walker error for a wire-level `fault` found in the message at field path `path`.
-fn fault_error(fault: Fault, path: String) -> WalkError {
+pub(crate) fn fault_error(fault: Fault, path: String) -> WalkError {
     let offset = fault.offset;
     match fault.kind {
         FaultKind::Truncated => WalkError::Truncated { offset, path },

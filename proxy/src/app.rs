@@ -128,7 +128,11 @@ impl Gateway {
             config.proxy.max_inflight_bytes,
             Duration::from_millis(config.proxy.response_send_timeout_ms),
         );
-        let rewrite = if codec.is_active_anywhere() || storage.is_some() {
+        crate::search_attributes::check_at_start(config, &codec, &upstream).await?;
+        let search =
+            crate::search_attributes::SearchAttributeGuard::from_config(config, codec.clone())
+                .map(Arc::new);
+        let rewrite = if codec.is_active_anywhere() || storage.is_some() || search.is_some() {
             let observed = Arc::downgrade(&codec);
             crate::metrics::observe_codec(move || {
                 observed.upgrade().map(|codec| crate::metrics::CodecCounts {
@@ -142,7 +146,8 @@ impl Gateway {
                 Pipeline::new(codec).with_storage(storage),
                 config.proxy.max_message_bytes,
                 process_budget.clone(),
-            );
+            )
+            .with_search_attributes(search);
             Some(if offloads {
                 layer.with_server_limits(Arc::new(ServerLimits::new(
                     upstream.clone(),

@@ -28,6 +28,7 @@ pub mod observe;
 pub mod payload;
 pub mod policy;
 pub mod rewrite;
+pub mod search_attributes;
 pub mod server;
 pub mod server_limits;
 pub mod storage;

@@ -48,3 +48,8 @@ fn replay_codec_json_corpus() {
 fn replay_storage_reference_corpus() {
     replay("storage_reference", bodies::storage_reference, 8);
 }
+
+#[test]
+fn replay_visibility_query_corpus() {
+    replay("visibility_query", bodies::visibility_query, 20);
+}

@@ -83,7 +83,14 @@ pub(crate) struct KeyEntry {
     /// AES-GCM associated data: empty for static keys (the SDK sample codecs' layout); for a
     /// data key the binding of [`envelope_aad`].
     aad: Box<[u8]>,
+    /// The root protected search attribute tokens derive from (static keys only; see
+    /// `crate::search_attributes`): HMAC-SHA-256 of [`SEARCH_ROOT_LABEL`] under the key.
+    pub(crate) search_root: Option<aws_lc_rs::hmac::Key>,
 }
+
+/// What a key's search attribute root is derived from: never the key itself, so a token key
+/// is never an AES-GCM payload key.
+const SEARCH_ROOT_LABEL: &[u8] = b"payload-gateway/search-attributes/v1";
 
 impl fmt::Debug for KeyEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -109,6 +116,7 @@ impl KeyEntry {
                 (KEY_ID_KEY, id.as_bytes()),
             ]),
             aad: Box::default(),
+            search_root: Some(search_root(material)),
         }
     }
 
@@ -135,6 +143,7 @@ impl KeyEntry {
                 (wire::DEK_ID_KEY, dek_id.as_bytes()),
             ]),
             aad: envelope_aad(kek_id, dek_id, namespace).into_boxed_slice(),
+            search_root: None,
         }
     }
 
@@ -182,6 +191,16 @@ impl KeyEntry {
                 key_id: self.id.clone(),
             })
     }
+}
+
+/// The search attribute root of a static key's `material`.
+fn search_root(material: &[u8; 32]) -> aws_lc_rs::hmac::Key {
+    use aws_lc_rs::hmac;
+    let tag = hmac::sign(
+        &hmac::Key::new(hmac::HMAC_SHA256, material),
+        SEARCH_ROOT_LABEL,
+    );
+    hmac::Key::new(hmac::HMAC_SHA256, tag.as_ref())
 }
 
 /// Associated data of an envelope-encrypted payload: a version label, then the KEK id, the

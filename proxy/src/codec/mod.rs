@@ -218,6 +218,29 @@ struct Policy {
     seal_failures: bool,
 }
 
+/// The search attribute roots of one namespace ([`PayloadCodec::search_attribute_roots`]).
+/// Key material: never logged (`Debug` shows the key ids only).
+#[derive(Clone)]
+pub struct SearchRoots {
+    /// The active key's id and root: new tokens are made with it (`None`: the namespace's
+    /// active key is an envelope key, or encryption is off for it).
+    pub active: Option<(String, aws_lc_rs::hmac::Key)>,
+    /// Every static key the namespace may decrypt with (the active one included), by id.
+    pub usable: Vec<(String, aws_lc_rs::hmac::Key)>,
+}
+
+impl fmt::Debug for SearchRoots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SearchRoots")
+            .field("active", &self.active.as_ref().map(|(id, _)| id))
+            .field(
+                "usable",
+                &self.usable.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
 /// What the codec does for one namespace (or, with `namespace: None`, for every namespace
 /// without a section of its own and for requests that name none).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -568,6 +591,32 @@ impl PayloadCodec {
             wire::scan(payload).map(|s| s.encoding),
             Ok(Some(ENCODING_ENCRYPTED | ENCODING_ZSTD))
         )
+    }
+
+    /// The roots protected search attributes of `namespace` derive their token keys from
+    /// (`crate::search_attributes`): the namespace's active key when it is a static key, and
+    /// every static key it may decrypt with (rotation: old tokens stay findable and readable).
+    /// Envelope (`kms`) keys have no local material and give no root.
+    pub fn search_attribute_roots(&self, namespace: Option<&str>) -> SearchRoots {
+        let state = self.inner.state.load();
+        let root = |key: &KeyEntry| key.search_root.clone().map(|root| (key.id.clone(), root));
+        let active = match &state.policy(namespace).encrypt {
+            Some(ActiveKey::Static(key)) => root(key),
+            _ => None,
+        };
+        let mut usable: Vec<(String, aws_lc_rs::hmac::Key)> = state
+            .decrypt
+            .get(namespace)
+            .iter()
+            .filter_map(|id| state.keys.get(id))
+            .filter_map(|key| root(key))
+            .collect();
+        if let Some((id, key)) = &active
+            && !usable.iter().any(|(u, _)| u == id)
+        {
+            usable.push((id.clone(), key.clone()));
+        }
+        SearchRoots { active, usable }
     }
 
     /// The key ids `namespace` may decrypt with (`None`: requests without a namespace), sorted.

@@ -175,4 +175,6 @@ pub struct NamespaceConfig {
     /// The `[upstreams.<name>]` that serves this namespace; unset: `proxy.upstream`. Every
     /// request naming this namespace goes there, and only there.
     pub upstream: Option<String>,
+    /// This namespace's own protected search attributes instead of `[search_attributes]`.
+    pub search_attributes: Option<super::SearchAttributesConfig>,
 }

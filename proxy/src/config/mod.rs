@@ -9,6 +9,7 @@ mod codec_server;
 mod encryption;
 mod kms;
 mod proxy;
+mod search_attributes;
 mod storage;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ pub use kms::KmsServerConfig;
 pub use proxy::{
     AdminConfig, LogConfig, LogFormat, ProxyConfig, ServerTlsConfig, UpstreamTlsConfig,
 };
+pub use search_attributes::SearchAttributesConfig;
 pub use storage::{DriverConfig, DriverKind, ServerLimitsConfig, StorageConfig};
 pub use upstreams::{UpstreamConfig, bindings as upstream_bindings};
 
@@ -62,6 +64,8 @@ pub struct Config {
     /// Temporal frontends beside `proxy.upstream`, keyed by name; namespaces are bound to
     /// them with `[namespaces.<ns>] upstream`.
     pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Search attributes kept searchable but never readable at the server.
+    pub search_attributes: SearchAttributesConfig,
 }
 
 /// Why a configuration was refused.
@@ -157,6 +161,7 @@ impl Config {
         self.proxy.tls.validate()?;
         self.proxy.upstream_tls.validate()?;
         kms::validate_kms_servers(&self.kms_servers)?;
+        search_attributes::validate(self)?;
         if matches!(&self.proxy.api_key_env, Some(v) if v.is_empty()) {
             return Err(ConfigError::invalid(
                 "proxy.api_key_env",

@@ -26,6 +26,7 @@ use crate::grpc::layer::{Handler, Inner, forward};
 use crate::grpc::{Code, GatewayBody, Status};
 use crate::ingress::Inspected;
 use crate::metrics::metrics;
+use crate::search_attributes::SearchAttributeGuard;
 use crate::server_limits::{self, Limits, NamespaceAnswer, Promise, ServerLimits};
 use capture::Capture;
 pub use pipeline::{CallContext, Direction, Pipeline};
@@ -51,6 +52,8 @@ pub struct RewriteLayer {
     capture: Option<Arc<Capture>>,
     /// The server's limits, for namespaces that offload (see [`crate::server_limits`]).
     server_limits: Option<Arc<ServerLimits>>,
+    /// Protected search attributes (`crate::search_attributes`), when configured.
+    search: Option<Arc<SearchAttributeGuard>>,
 }
 
 impl RewriteLayer {
@@ -67,6 +70,7 @@ impl RewriteLayer {
             process_budget,
             capture: Capture::from_env().map(Arc::new),
             server_limits: None,
+            search: None,
         }
     }
 
@@ -74,6 +78,12 @@ impl RewriteLayer {
     /// namespace answers and made to fit by every message forwarded.
     pub fn with_server_limits(mut self, limits: Arc<ServerLimits>) -> Self {
         self.server_limits = Some(limits);
+        self
+    }
+
+    /// Also protects the search attributes `guard` names (writes, queries, reads).
+    pub fn with_search_attributes(mut self, guard: Option<Arc<SearchAttributeGuard>>) -> Self {
+        self.search = guard;
         self
     }
 
@@ -121,7 +131,8 @@ impl Handler for RewriteLayer {
                 .await
                 .unwrap_or_else(Status::into_response);
         }
-        if !(m.request.can_hold_payloads() || m.response.can_hold_payloads()) {
+        let search = self.search.as_ref().is_some_and(|s| s.applies(&m));
+        if !(m.request.can_hold_payloads() || m.response.can_hold_payloads() || search) {
             return forward(inner, request).await;
         }
         self.round_trip(inner, request, m, messages, inspected)
@@ -181,6 +192,10 @@ impl RewriteLayer {
         let ctx = CallContext::new(m.path, inspected.namespace)
             .with_request(request_type, messages.first())
             .with_budget(inspected.budget);
+        let messages = match &self.search {
+            Some(search) => search.on_request(&m, ctx.namespace.as_deref(), messages)?,
+            None => messages,
+        };
         let messages = if self.pipeline.applies(Direction::Encode, &ctx) {
             let limits = self.limits_to_fit(ctx.namespace.as_deref()).await;
             self.rewrite_all(Direction::Encode, &ctx, request_type, messages, limits)
@@ -219,6 +234,12 @@ impl RewriteLayer {
         let messages = self
             .rewrite_all(Direction::Decode, ctx, response_type, messages, None)
             .await?;
+        let messages = match &self.search {
+            Some(search) => {
+                search.on_response(response_type, ctx.namespace.as_deref(), messages)?
+            }
+            None => messages,
+        };
         let trailers = match trailers {
             Some(mut trailers) => {
                 self.rewrite_status_details(ctx, &mut trailers).await?;
