@@ -19,12 +19,12 @@ import urllib.error
 import urllib.request
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
 from temporalio import activity, workflow
 from temporalio.api.common.v1 import Payload, Payloads, WorkflowExecution, WorkflowType
-from temporalio.api.enums.v1 import EventType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import (DescribeNamespaceRequest, GetWorkflowExecutionHistoryRequest,
                                                ListWorkflowExecutionsRequest, RegisterNamespaceRequest,
@@ -182,3 +182,65 @@ def test_start_with_the_kms_down_then_recover(temporal_server, gateway_factory, 
         assert gw.proc.alive() and "panicked" not in gw.output()
 
     asyncio.run(scenario())
+
+
+HSM_MODULE = Path(os.environ.get("PGW_SOFTHSM_MODULE", "/usr/lib/softhsm/libsofthsm2.so"))
+
+
+def test_start_with_the_hsm_token_absent(temporal_server, gateway_factory, workdir):
+    """A PKCS#11 KEK whose token is not there at start (SoftHSM2 with an empty token directory,
+    as a network HSM not connected yet): the gateway starts (before: it refused the
+    configuration, "no initialized token matches"), `/ready` names the key service unavailable,
+    its namespace fails UNAVAILABLE naming the key, the keyring namespace works."""
+    if not HSM_MODULE.is_file():
+        if os.environ.get("CI", "").strip().lower() in ("true", "1", "yes"):
+            pytest.fail(f"{HSM_MODULE} is absent: required under CI=true", pytrace=False)
+        pytest.skip(f"{HSM_MODULE} is absent (apt-get install softhsm2, or run scripts/setup.sh)")
+    hsm_dir = rig.new_tmpdir(workdir, "hsm-absent-")
+    (hsm_dir / "tokens").mkdir()
+    conf = hsm_dir / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {hsm_dir / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    pin = hsm_dir / "pin"
+    pin.write_text("pgw-secret-pin-7f3e\n")
+    pin.chmod(0o600)
+    uri = f"pkcs11:token=pgw-absent;object=kek?module-path={HSM_MODULE}&pin-source=file:{pin}"
+    ns_hsm, ns_ring = f"deg-hsm-{uuid.uuid4().hex[:6]}", f"deg-ring-{uuid.uuid4().hex[:6]}"
+    gw = gateway_factory(temporal_server.address, name="degraded-hsm-gw",
+                         extra_env={"SOFTHSM2_CONF": str(conf), "PGW_TEST_DEGRADED_K1": rig.b64(os.urandom(32))},
+                         config=lambda g: {
+                             **g.listener_sections(),
+                             "encryption": {"enabled": True, "active_key": "k1",
+                                            "keys": [{"id": "k1", "env": "PGW_TEST_DEGRADED_K1"},
+                                                     {"id": "hsm-kek", "kms": uri}]},
+                             "compression": {"enabled": False},
+                             "storage": {"enabled": False},
+                             "namespaces": {ns_hsm: {"active_key": "hsm-kek"}, ns_ring: {"active_key": "k1"}},
+                         })
+    assert gw.proc is not None and gw.proc.alive(), gw.describe()
+
+    async def scenario() -> None:
+        direct = await Client.connect(temporal_server.address)
+        await register(direct, ns_hsm)
+        await register(direct, ns_ring)
+        _, result = await run_workflow(gw, ns_ring, f"{MARKER}-ring")
+        assert result == f"{MARKER}-ring-echoed"
+        through = await Client.connect(gw.address, namespace=ns_hsm)
+        start = StartWorkflowExecutionRequest(
+            namespace=ns_hsm, workflow_id=f"degraded-hsm-{uuid.uuid4().hex[:8]}",
+            workflow_type=WorkflowType(name="DegradedW"), task_queue=TaskQueue(name="degraded-nobody"),
+            request_id=str(uuid.uuid4()),
+            input=Payloads(payloads=[Payload(metadata={"encoding": b"json/plain"}, data=f'"{MARKER}-hsm"'.encode())]))
+        with pytest.raises(RPCError) as err:
+            await through.workflow_service.start_workflow_execution(start, retry=False)
+        assert err.value.status == RPCStatusCode.UNAVAILABLE, err.value
+        assert "hsm-kek" in err.value.message and "pgw-secret-pin" not in err.value.message, err.value.message
+        listed = await (await Client.connect(temporal_server.address, namespace=ns_hsm)).workflow_service \
+            .list_workflow_executions(ListWorkflowExecutionsRequest(namespace=ns_hsm))
+        assert not listed.executions, "nothing of the HSM namespace reached the server"
+
+    asyncio.run(scenario())
+    status, body = ready(gw)
+    assert status == 200 and body.startswith("ready (degraded:"), body
+    line = [line for line in body.splitlines() if line.startswith("kms hsm-kek (pkcs11): ")]
+    assert line and "unavailable (" in line[0] and "no initialized token matches" in line[0], body
+    assert "pgw-secret-pin" not in body

@@ -737,13 +737,15 @@ impl DekManager {
             Err(_) => None,
         };
         if let Some(state) = learnt {
-            self.record(kek, state);
+            self.record(kek, state, operation == "probe");
         }
         result.map_err(|e| DekError::from_kms(&e, kek.key_id()))
     }
 
-    /// Records what `kek`'s service answered; logs a change between reachable and not.
-    fn record(&self, kek: &Arc<dyn KeyEncryptionKey>, state: KeyServiceState) {
+    /// Records what `kek`'s service answered; logs a change between reachable and not. Only
+    /// failed probes lengthen the backoff: failures of real calls while it is down would
+    /// otherwise push the next probe out for as long as traffic keeps failing.
+    fn record(&self, kek: &Arc<dyn KeyEncryptionKey>, state: KeyServiceState, probe: bool) {
         let now = Instant::now();
         let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
         let entry = health
@@ -775,10 +777,11 @@ impl DekManager {
                 ) {
                     tracing::warn!(key_id, provider, error = %reason, "key service unavailable: payloads that need this key fail with UNAVAILABLE until it is back; probing it in the background");
                     entry.backoff = PROBE_BACKOFF;
-                } else {
+                    entry.next_probe = now + entry.backoff;
+                } else if probe {
                     entry.backoff = (entry.backoff * 2).min(PROBE_MAX_BACKOFF);
+                    entry.next_probe = now + entry.backoff;
                 }
-                entry.next_probe = now + entry.backoff;
             }
             KeyServiceState::Unknown => {}
         }
