@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::layout::{BucketPolicy, ReadLimit, Scheme, ValidClaim};
-use crate::{DriverError, DriverSettings, StorageDriver};
+use crate::{DriverError, DriverSettings, ListedObject, StorageDriver};
 
 /// Objects as files under a root directory.
 #[derive(Debug)]
@@ -184,6 +184,83 @@ impl StorageDriver for FilesystemDriver {
         let key = claim.key.clone();
         blocking(move || read_object(&path, &key, limit)).await?
     }
+
+    /// Walks the directory the prefix lies in; staging files (`<key>#<n>`) are not objects.
+    async fn list(
+        &self,
+        _bucket: Option<&str>,
+        prefix: &str,
+    ) -> Result<Vec<ListedObject>, DriverError> {
+        let dir = match prefix.rsplit_once('/') {
+            Some((dir, _)) => self.root.join(dir),
+            None => self.root.to_path_buf(),
+        };
+        let root = self.root.clone();
+        let prefix = prefix.to_owned();
+        blocking(move || {
+            let mut out = Vec::new();
+            walk(&root, &dir, &prefix, &mut out)
+                .map_err(|e| DriverError::Unavailable(format!("list {prefix}: {e}")))?;
+            Ok(out)
+        })
+        .await?
+    }
+
+    async fn delete(&self, _bucket: Option<&str>, key: &str) -> Result<(), DriverError> {
+        let path = self.file(key)?;
+        let key = key.to_owned();
+        blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DriverError::Unavailable(format!("delete {key}: {e}"))),
+        })
+        .await?
+    }
+}
+
+/// Adds every object file under `dir` whose key (its path relative to `root`) starts with
+/// `prefix` to `out`; a missing directory holds nothing.
+fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ListedObject>) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let path = entry.path();
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            walk(root, &path, prefix, out)?;
+            continue;
+        }
+        if !kind.is_file() {
+            continue;
+        }
+        let Some(key) = path
+            .strip_prefix(root)
+            .ok()
+            .and_then(|p| p.to_str())
+            .map(|p| p.replace(std::path::MAIN_SEPARATOR, "/"))
+        else {
+            continue;
+        };
+        let name = key.rsplit('/').next().unwrap_or(&key);
+        let staging = name.split_once('#').is_some_and(|(_, suffix)| {
+            !suffix.is_empty() && suffix.bytes().all(|b| b.is_ascii_digit())
+        });
+        if staging || !key.starts_with(prefix) {
+            continue;
+        }
+        let meta = entry.metadata()?;
+        out.push(ListedObject {
+            bucket: None,
+            key,
+            size: meta.len(),
+            last_modified: meta.modified()?,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

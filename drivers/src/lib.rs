@@ -8,7 +8,8 @@
 //!
 //! One trait, one module per backend: [`StorageDriver`] has two per-object operations each
 //! backend implements ([`put_absent`](StorageDriver::put_absent) and
-//! [`get`](StorageDriver::get)) and default methods that do the rest the same way for all of
+//! [`get`](StorageDriver::get)), two for garbage collection ([`list`](StorageDriver::list)
+//! and [`delete`](StorageDriver::delete)) and default methods that do the rest the same way for all of
 //! them: size limits, content hashing, key layout, claim validation, batches with bounded
 //! concurrency and hash verification. Backends: [`s3`] (`aws.s3driver`-compatible, on
 //! `aws-sdk-s3`), [`filesystem`] (files under a directory, `object_store`'s on-disk layout)
@@ -101,6 +102,19 @@ impl From<ClaimData> for Fetch {
     }
 }
 
+/// One stored object, as [`StorageDriver::list`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// Its bucket (`None` for bucketless backends).
+    pub bucket: Option<String>,
+    /// Its key (the claim's key, as [`layout`] lays it out).
+    pub key: String,
+    /// Stored size in bytes.
+    pub size: u64,
+    /// When it was last written.
+    pub last_modified: std::time::SystemTime,
+}
+
 /// An object storage backend for payloads.
 ///
 /// Drivers are content-addressed: storing the same bytes twice yields the same claim and
@@ -126,6 +140,27 @@ pub trait StorageDriver: Send + Sync + std::fmt::Debug {
     /// its body is read; the body is read up to the limit and no further. The hash is the
     /// caller's check.
     async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Bytes, DriverError>;
+
+    /// Every object of `bucket` (`None` for bucketless backends) whose key starts with
+    /// `prefix`, all pages, in no particular order. Garbage collection
+    /// (`payload-gateway storage gc`) and readiness probes use it; payload traffic never does.
+    async fn list(
+        &self,
+        bucket: Option<&str>,
+        prefix: &str,
+    ) -> Result<Vec<ListedObject>, DriverError>;
+
+    /// Deletes the object `key` of `bucket`; an object already gone is success. Only garbage
+    /// collection deletes.
+    async fn delete(&self, bucket: Option<&str>, key: &str) -> Result<(), DriverError>;
+
+    /// Checks the store answers: lists a prefix nothing is stored under, in the bucket new
+    /// objects are written to (readiness).
+    async fn probe(&self) -> Result<(), DriverError> {
+        self.list(self.settings().write_bucket(), "v0/readiness-probe/")
+            .await
+            .map(drop)
+    }
 
     /// The name written into references (`driver_name`), e.g. `aws.s3driver`.
     fn name(&self) -> &str {

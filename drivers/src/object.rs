@@ -15,7 +15,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use crate::layout::{BoundedBody, BucketPolicy, ReadLimit, Scheme, ValidClaim};
-use crate::{DriverError, DriverSettings, StorageDriver};
+use crate::{DriverError, DriverSettings, ListedObject, StorageDriver};
 
 /// HTTP client settings for a cloud backend: per-request and connect timeouts, plain HTTP
 /// only toward an `http://` endpoint (emulators).
@@ -246,6 +246,59 @@ impl<U: Upload> StorageDriver for ObjectStoreDriver<U> {
                 body.push(chunk.map_err(|e| unavailable("get", &url, e))?)?;
             }
             Ok(body.finish())
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        bucket: Option<&str>,
+        prefix: &str,
+    ) -> Result<Vec<ListedObject>, DriverError> {
+        let bucket = bucket.unwrap_or_default();
+        let store = self.client(bucket)?;
+        let url = self.url(bucket, prefix);
+        // `object_store` lists by whole path segments: list the directory the prefix lies
+        // in, keep the keys that start with it.
+        let dir = match prefix.rsplit_once('/') {
+            Some((dir, _)) if !dir.is_empty() => Some(object_path(dir)?),
+            _ => None,
+        };
+        self.bounded("list", &url, async {
+            let mut out = Vec::new();
+            let mut listing = store.list(dir.as_ref());
+            while let Some(meta) = listing.next().await {
+                let meta = meta.map_err(|e| unavailable("list", &url, e))?;
+                let key = meta.location.as_ref();
+                if !key.starts_with(prefix) {
+                    continue;
+                }
+                let millis = u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0);
+                out.push(ListedObject {
+                    bucket: match self.settings.buckets {
+                        BucketPolicy::None => None,
+                        BucketPolicy::OneOf(_) => Some(bucket.to_owned()),
+                    },
+                    key: key.to_owned(),
+                    size: meta.size,
+                    last_modified: std::time::UNIX_EPOCH + Duration::from_millis(millis),
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete(&self, bucket: Option<&str>, key: &str) -> Result<(), DriverError> {
+        let bucket = bucket.unwrap_or_default();
+        let store = self.client(bucket)?;
+        let path = object_path(key)?;
+        let url = self.url(bucket, key);
+        self.bounded("delete", &url, async {
+            match store.delete(&path).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(unavailable("delete", &url, e)),
+            }
         })
         .await
     }

@@ -23,7 +23,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
 use crate::layout::{self, BoundedBody, BucketPolicy, ReadLimit, Scheme, ValidClaim};
-use crate::{DriverError, DriverSettings, StorageDriver};
+use crate::{DriverError, DriverSettings, ListedObject, StorageDriver};
 
 /// The driver name and type of Temporal's S3 driver.
 pub const S3_DRIVER_TYPE: &str = "aws.s3driver";
@@ -200,5 +200,56 @@ impl StorageDriver for S3Driver {
             body.push(chunk)?;
         }
         Ok(body.finish())
+    }
+
+    /// ListObjectsV2, page by page.
+    async fn list(
+        &self,
+        bucket: Option<&str>,
+        prefix: &str,
+    ) -> Result<Vec<ListedObject>, DriverError> {
+        let bucket = bucket.unwrap_or_default();
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("ListObjectsV2", bucket, prefix, e))?;
+            for object in page.contents() {
+                let Some(key) = object.key() else { continue };
+                let last_modified = object
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                    .ok_or_else(|| {
+                        DriverError::Unavailable(format!(
+                            "ListObjectsV2 s3://{bucket}/{key}: no LastModified"
+                        ))
+                    })?;
+                out.push(ListedObject {
+                    bucket: Some(bucket.to_owned()),
+                    key: key.to_owned(),
+                    size: object.size().map_or(0, |s| s.max(0) as u64),
+                    last_modified,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// DeleteObject (S3 answers success for a key that is not there).
+    async fn delete(&self, bucket: Option<&str>, key: &str) -> Result<(), DriverError> {
+        let bucket = bucket.unwrap_or_default();
+        self.client
+            .delete_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify("DeleteObject", bucket, key, e))?;
+        Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! The admin HTTP listener: `/metrics` (Prometheus), `/healthz` (the process is alive) and
-//! `/readyz` (the upstream accepts connections). Served on the gateway's one
+//! `/readyz` (also `/ready`: the upstream accepts connections; every dependency listed with its
+//! state, see [`Readiness`]). Served on the gateway's one
 //! [`listener`](crate::listener): its own connection cap (`admin.max_connections`), accept
 //! backoff, a first-request deadline and graceful drain at shutdown. Cleartext (bind it to a
 //! private address).
@@ -17,8 +18,12 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 
+use std::sync::Arc;
+
+use crate::codec::{KeyServiceState, PayloadCodec};
 use crate::config::{AdminConfig, ProxyConfig};
 use crate::listener::{Client, ConnectionLimit, ListenerSettings, Protocol};
+use crate::storage::Storage;
 
 /// How long a readiness probe waits for the upstream.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -48,14 +53,113 @@ impl AdminSettings {
     }
 }
 
-/// What `/readyz` checks.
+/// What `/readyz` (and `/ready`) checks and reports.
+///
+/// The body lists every dependency on a line of its own, `<kind> <name>: <state>`:
+/// `upstream <host:port>: ok`, `kms <key id> (<provider>): unavailable (<reason>) for 12s`
+/// (what its service last answered, from real calls and the background prober; see
+/// [`PayloadCodec::watch_key_services`]), `storage <driver>: ok`.
+///
+/// Only the upstream decides the status: `503` when it does not accept connections, else
+/// `200`, with `ready (degraded: ...)` as the first line when a key service or a store is
+/// down. Key services and stores are shared by every replica of a fleet, so taking a replica
+/// out of a load balancer for them helps no one, and a key of one namespace must not take
+/// the others down (RELIABILITY.md, "Start degraded").
 #[derive(Debug, Clone)]
 pub struct Readiness {
     /// The upstream's `host:port`.
     pub upstream: String,
+    codec: Option<PayloadCodec>,
+    storage: Option<Arc<Storage>>,
 }
 
 impl Readiness {
+    /// Readiness of the upstream at `upstream` (`host:port`) alone.
+    pub fn new(upstream: String) -> Self {
+        Self {
+            upstream,
+            codec: None,
+            storage: None,
+        }
+    }
+
+    /// Reports the key services of `codec`'s key-encryption keys too.
+    pub fn with_codec(mut self, codec: Option<PayloadCodec>) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Reports (and probes) `storage`'s drivers too.
+    pub fn with_storage(mut self, storage: Option<Arc<Storage>>) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// The status and body of `/readyz`: every dependency with its state.
+    pub async fn report(&self) -> (StatusCode, String) {
+        let upstream = self.check();
+        let stores = async {
+            match &self.storage {
+                Some(storage) => storage.check_drivers(PROBE_TIMEOUT).await,
+                None => Vec::new(),
+            }
+        };
+        let (upstream, stores) = tokio::join!(upstream, stores);
+        let mut lines = Vec::new();
+        let mut down = Vec::new();
+        lines.push(match &upstream {
+            Ok(()) => format!("upstream {}: ok", self.upstream),
+            Err(problem) => format!("upstream {}: unavailable ({problem})", self.upstream),
+        });
+        for key in self.codec.iter().flat_map(PayloadCodec::key_services) {
+            let name = format!("kms {} ({})", key.key_id, key.provider);
+            let since = key
+                .since
+                .map(|d| format!(" for {}s", d.as_secs()))
+                .unwrap_or_default();
+            lines.push(match &key.state {
+                KeyServiceState::Ok => format!("{name}: ok"),
+                KeyServiceState::Unknown => format!("{name}: unknown (not asked yet)"),
+                KeyServiceState::Unavailable(reason) => {
+                    down.push(name.clone());
+                    format!("{name}: unavailable ({reason}){since}")
+                }
+                KeyServiceState::Refused(reason) => {
+                    down.push(name.clone());
+                    format!("{name}: refused ({reason}){since}")
+                }
+            });
+        }
+        for (driver, state) in stores {
+            let name = format!("storage {driver}");
+            lines.push(match state {
+                Ok(()) => format!("{name}: ok"),
+                Err(reason) => {
+                    down.push(name.clone());
+                    format!("{name}: unavailable ({reason})")
+                }
+            });
+        }
+        let (status, head) = match upstream {
+            Err(problem) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {problem}"),
+            ),
+            Ok(()) if down.is_empty() => (StatusCode::OK, "ready".to_owned()),
+            Ok(()) => (
+                StatusCode::OK,
+                format!("ready (degraded: {} unavailable)", down.join(", ")),
+            ),
+        };
+        let mut body = head;
+        body.push('\n');
+        for line in lines {
+            body.push_str(&line);
+            body.push('\n');
+        }
+        (status, body)
+    }
+
     /// `Ok` when a TCP connection to the upstream opens within [`PROBE_TIMEOUT`].
     pub async fn check(&self) -> Result<(), String> {
         match tokio::time::timeout(
@@ -143,13 +247,10 @@ async fn route(request: &Request<Incoming>, readiness: &Readiness) -> Response<F
             );
             response
         }
-        "/readyz" => match readiness.check().await {
-            Ok(()) => text(StatusCode::OK, "ready\n".to_owned()),
-            Err(problem) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {problem}\n"),
-            ),
-        },
+        "/readyz" | "/ready" => {
+            let (status, body) = readiness.report().await;
+            text(status, body)
+        }
         _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
     }
 }

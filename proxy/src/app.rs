@@ -132,6 +132,11 @@ impl Gateway {
         let search =
             crate::search_attributes::SearchAttributeGuard::from_config(config, codec.clone())
                 .map(Arc::new);
+        // Start degraded: key services are probed in the background and reported by
+        // `/readyz`; one that is down fails only the payloads that need its key.
+        let probe_interval = config.encryption.kms_probe_interval_s;
+        codec.watch_key_services((probe_interval > 0).then(|| Duration::from_secs(probe_interval)));
+        let (readiness_codec, readiness_storage) = ((*codec).clone(), storage.clone());
         let rewrite = if codec.is_active_anywhere() || storage.is_some() || search.is_some() {
             let observed = Arc::downgrade(&codec);
             crate::metrics::observe_codec(move || {
@@ -227,9 +232,9 @@ impl Gateway {
                     config.proxy.max_connection_age_grace_ms,
                 ),
             },
-            readiness: Readiness {
-                upstream: config.proxy.upstream.clone(),
-            },
+            readiness: Readiness::new(config.proxy.upstream.clone())
+                .with_codec(Some(readiness_codec))
+                .with_storage(readiness_storage),
             admin_settings: admin::AdminSettings::from_config(&config.admin, &config.proxy),
         })
     }

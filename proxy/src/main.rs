@@ -34,6 +34,44 @@ enum Command {
         #[command(subcommand)]
         action: KeysCommand,
     },
+    /// Offloaded objects.
+    Storage {
+        #[command(subcommand)]
+        action: StorageCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StorageCommand {
+    /// Mark and sweep: delete (with --delete) the objects of the drivers' write buckets that
+    /// no history visibility lists (open executions, closed ones within retention) references
+    /// and that are older than the grace period. Any history that cannot be read stops it
+    /// before anything is deleted (exit 1).
+    Gc {
+        /// Namespace whose objects are collected (repeatable).
+        #[arg(
+            long = "namespace",
+            short = 'n',
+            required_unless_present = "all_namespaces"
+        )]
+        namespaces: Vec<String>,
+        /// Every namespace the upstream lists, and every object under v0/.
+        #[arg(long, conflicts_with = "namespaces")]
+        all_namespaces: bool,
+        /// Only report what would be deleted (the default).
+        #[arg(long, conflicts_with = "delete")]
+        dry_run: bool,
+        /// Delete unreferenced objects past the grace period.
+        #[arg(long)]
+        delete: bool,
+        /// Grace period for unreferenced objects, e.g. 36h or 10s (default: the namespace's
+        /// retention plus one day).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -61,6 +99,26 @@ fn main() -> ExitCode {
         Some(Command::Keys {
             action: KeysCommand::Audit { namespaces, json },
         }) => keys_audit(cli.config, &namespaces, json),
+        Some(Command::Storage {
+            action:
+                StorageCommand::Gc {
+                    namespaces,
+                    all_namespaces,
+                    dry_run: _,
+                    delete,
+                    grace,
+                    json,
+                },
+        }) => storage_gc(
+            cli.config,
+            payload_gateway::audit::gc::GcOptions {
+                namespaces,
+                all_namespaces,
+                delete,
+                grace,
+            },
+            json,
+        ),
         None => run(cli.config, tuning),
     }
 }
@@ -177,6 +235,53 @@ fn keys_audit(config_path: Option<PathBuf>, namespaces: &[String], json: bool) -
         }
         Err(e) => {
             eprintln!("payload-gateway: keys audit failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `storage gc`: mark and sweep with the gateway's own upstream settings and drivers.
+fn storage_gc(
+    config_path: Option<PathBuf>,
+    options: payload_gateway::audit::gc::GcOptions,
+    json: bool,
+) -> ExitCode {
+    let config = match payload_gateway::app::load_config(config_path.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("payload-gateway: config error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("payload-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(payload_gateway::audit::gc::run(&config, &options)) {
+        Ok(report) if json => match serde_json::to_string_pretty(&report) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("payload-gateway: cannot render the report: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(report) => {
+            print!("{}", report.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("payload-gateway: storage gc failed: {e}");
             ExitCode::FAILURE
         }
     }

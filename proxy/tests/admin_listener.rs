@@ -30,7 +30,7 @@ async fn start(max_connections: usize, first_request: Duration, upstream: String
     };
     let task = tokio::spawn(admin::serve(
         listener,
-        Readiness { upstream },
+        Readiness::new(upstream),
         settings,
         async move {
             let mut stopped = stopped;

@@ -12,6 +12,7 @@
 //!
 //! The audit needs no key material: key ids are metadata. It reads, never writes.
 
+pub mod gc;
 mod messages;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -308,6 +309,32 @@ impl Auditor {
         execution: WorkflowExecution,
     ) -> Result<Vec<(Protection, Option<Timestamp>)>, AuditError> {
         let mut found = Vec::new();
+        for event in self.history_events(ns, &execution).await? {
+            let time = HistoryEventHead::decode(event.clone())
+                .ok()
+                .and_then(|h| h.event_time);
+            let walked = scan(self.event_type, &event).map_err(|e| {
+                AuditError::Malformed(format!(
+                    "history of {}/{}: {e}",
+                    execution.workflow_id, execution.run_id
+                ))
+            })?;
+            for site in walked.sites() {
+                let payload = event.slice(site.range());
+                found.push((self.protection(ns, payload).await, time));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Every event of one execution's history, page by page, left serialized; none when the
+    /// execution was deleted meanwhile (`NOT_FOUND`).
+    async fn history_events(
+        &self,
+        ns: &str,
+        execution: &WorkflowExecution,
+    ) -> Result<Vec<Bytes>, AuditError> {
+        let mut events = Vec::new();
         let mut token = Vec::new();
         loop {
             let page: GetWorkflowExecutionHistoryResponse = match self
@@ -330,28 +357,14 @@ impl Auditor {
                 Err(AuditError::Call(CallError::Status {
                     code: NOT_FOUND, ..
                 })) => {
-                    tracing::debug!(workflow_id = %execution.workflow_id, run_id = %execution.run_id, "execution deleted while auditing: skipped");
+                    tracing::debug!(workflow_id = %execution.workflow_id, run_id = %execution.run_id, "execution deleted while reading its history: skipped");
                     return Ok(Vec::new());
                 }
                 Err(e) => return Err(e),
             };
-            for event in page.history.map(|h| h.events).unwrap_or_default() {
-                let time = HistoryEventHead::decode(event.clone())
-                    .ok()
-                    .and_then(|h| h.event_time);
-                let walked = scan(self.event_type, &event).map_err(|e| {
-                    AuditError::Malformed(format!(
-                        "history of {}/{}: {e}",
-                        execution.workflow_id, execution.run_id
-                    ))
-                })?;
-                for site in walked.sites() {
-                    let payload = event.slice(site.range());
-                    found.push((self.protection(ns, payload).await, time));
-                }
-            }
+            events.extend(page.history.map(|h| h.events).unwrap_or_default());
             if page.next_page_token.is_empty() {
-                return Ok(found);
+                return Ok(events);
             }
             token = page.next_page_token;
         }

@@ -93,6 +93,39 @@ const MAX_BUDGETS: usize = 4096;
 /// Key-service calls running at once per KEK.
 pub(crate) const CALLS_PER_KEK: usize = 8;
 
+/// First wait before a key service found unavailable is probed again; it doubles per failed
+/// probe up to [`PROBE_MAX_BACKOFF`].
+pub const PROBE_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Longest wait between probes of an unavailable key service.
+pub const PROBE_MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// What the gateway last learnt about a KEK's key service, from real calls and probes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyServiceState {
+    /// Not asked yet.
+    Unknown,
+    /// The last call (or probe) worked.
+    Ok,
+    /// The last call (or probe) could not reach the service (no key material in the reason).
+    Unavailable(String),
+    /// The service refused to wrap with the key (permissions, disabled or deleted key).
+    Refused(String),
+}
+
+/// One KEK's [`KeyServiceState`] and when to probe it next.
+#[derive(Debug, Clone)]
+struct Health {
+    state: KeyServiceState,
+    /// When the state last changed.
+    since: Instant,
+    /// When the service last answered.
+    last_ok: Option<Instant>,
+    /// The next probe is due then.
+    next_probe: Instant,
+    backoff: Duration,
+}
+
 /// What a reload may change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DekSettings {
@@ -275,6 +308,8 @@ pub(crate) struct DekManager {
     budgets: Mutex<HashMap<(String, String), FailureBudget>>,
     /// KEK id → the permits of its concurrent key-service calls.
     permits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// KEK id → what its key service last answered.
+    health: Mutex<HashMap<String, Health>>,
     refresher: OnceLock<()>,
     rng: SystemRandom,
 }
@@ -303,6 +338,7 @@ impl DekManager {
             refused: NegativeCache::new(NEGATIVE_CACHE_SIZE),
             budgets: Mutex::default(),
             permits: Mutex::default(),
+            health: Mutex::default(),
             refresher: OnceLock::new(),
             rng: SystemRandom::new(),
         })
@@ -463,7 +499,8 @@ impl DekManager {
         let dek_id: String = random(16)?.iter().map(|b| format!("{b:02x}")).collect();
         let wrapped = {
             let _permit = self.permit(key_id).await;
-            timed(kek, "wrap", kek.wrap(&dek, &slot.namespace)).await?
+            self.timed(kek, "wrap", kek.wrap(&dek, &slot.namespace))
+                .await?
         };
         let entry = Arc::new(KeyEntry::envelope(
             key_id,
@@ -599,7 +636,9 @@ impl DekManager {
                 ),
             });
         }
-        let result = timed(kek, "unwrap", kek.unwrap(&key.wrapped, &key.namespace)).await;
+        let result = self
+            .timed(kek, "unwrap", kek.unwrap(&key.wrapped, &key.namespace))
+            .await;
         match &result {
             Err(e) if e.kind == DekErrorKind::Refused => {
                 self.refused.insert(
@@ -673,6 +712,122 @@ impl DekManager {
             .clone();
         // Never closed: `None` cannot happen.
         semaphore.acquire_owned().await.ok()
+    }
+
+    /// Runs one key-service call: metrics, and the KEK's [`KeyServiceState`] learnt from the
+    /// answer. A wrapped key that does not unwrap says nothing about the service (callers
+    /// choose what they send), so only answers that do are recorded.
+    async fn timed<T>(
+        &self,
+        kek: &Arc<dyn KeyEncryptionKey>,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, KmsError>>,
+    ) -> Result<T, DekError> {
+        let result = timed(kek, operation, call).await;
+        let learnt = match &result {
+            Ok(_) => Some(KeyServiceState::Ok),
+            Err(e @ KmsError::Unavailable { .. }) => {
+                Some(KeyServiceState::Unavailable(e.to_string()))
+            }
+            Err(e @ (KmsError::Refused { .. } | KmsError::Config { .. }))
+                if operation != "unwrap" =>
+            {
+                Some(KeyServiceState::Refused(e.to_string()))
+            }
+            Err(_) => None,
+        };
+        if let Some(state) = learnt {
+            self.record(kek, state, operation == "probe");
+        }
+        result.map_err(|e| DekError::from_kms(&e, kek.key_id()))
+    }
+
+    /// Records what `kek`'s service answered; logs a change between reachable and not. Only
+    /// failed probes lengthen the backoff: failures of real calls while it is down would
+    /// otherwise push the next probe out for as long as traffic keeps failing.
+    fn record(&self, kek: &Arc<dyn KeyEncryptionKey>, state: KeyServiceState, probe: bool) {
+        let now = Instant::now();
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = health
+            .entry(kek.key_id().to_owned())
+            .or_insert_with(|| Health {
+                state: KeyServiceState::Unknown,
+                since: now,
+                last_ok: None,
+                next_probe: now,
+                backoff: PROBE_BACKOFF,
+            });
+        let key_id = kek.key_id();
+        let provider = kek.provider().label();
+        match &state {
+            KeyServiceState::Ok => {
+                if matches!(
+                    entry.state,
+                    KeyServiceState::Unavailable(_) | KeyServiceState::Refused(_)
+                ) {
+                    tracing::info!(key_id, provider, down_for = ?now - entry.since, "key service reachable again");
+                }
+                entry.last_ok = Some(now);
+                entry.backoff = PROBE_BACKOFF;
+            }
+            KeyServiceState::Unavailable(reason) | KeyServiceState::Refused(reason) => {
+                if !matches!(
+                    entry.state,
+                    KeyServiceState::Unavailable(_) | KeyServiceState::Refused(_)
+                ) {
+                    tracing::warn!(key_id, provider, error = %reason, "key service unavailable: payloads that need this key fail with UNAVAILABLE until it is back; probing it in the background");
+                    entry.backoff = PROBE_BACKOFF;
+                    entry.next_probe = now + entry.backoff;
+                } else if probe {
+                    entry.backoff = (entry.backoff * 2).min(PROBE_MAX_BACKOFF);
+                    entry.next_probe = now + entry.backoff;
+                }
+            }
+            KeyServiceState::Unknown => {}
+        }
+        if std::mem::discriminant(&entry.state) != std::mem::discriminant(&state) {
+            entry.since = now;
+        }
+        entry.state = state;
+    }
+
+    /// What `key_id`'s service last answered, and for how long it has been so.
+    pub(crate) fn key_service_state(&self, key_id: &str) -> (KeyServiceState, Option<Duration>) {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        match health.get(key_id) {
+            Some(h) => (h.state.clone(), Some(h.since.elapsed())),
+            None => (KeyServiceState::Unknown, None),
+        }
+    }
+
+    /// Whether `key_id`'s service is due a probe: never asked; unavailable and its backoff
+    /// is over; or reachable but silent for `interval` (`None`: healthy keys are not probed).
+    pub(crate) fn probe_due(&self, key_id: &str, interval: Option<Duration>) -> bool {
+        let health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(h) = health.get(key_id) else {
+            return true;
+        };
+        match h.state {
+            KeyServiceState::Unknown => true,
+            KeyServiceState::Ok => {
+                interval.is_some_and(|i| h.last_ok.is_none_or(|at| at.elapsed() >= i))
+            }
+            KeyServiceState::Unavailable(_) | KeyServiceState::Refused(_) => {
+                Instant::now() >= h.next_probe
+            }
+        }
+    }
+
+    /// Asks `kek`'s service whether it answers: wraps a throwaway random data key for
+    /// `namespace` (nothing is kept; the result is recorded like any call's).
+    pub(crate) async fn probe(&self, kek: &Arc<dyn KeyEncryptionKey>, namespace: &str) {
+        let mut bytes = zeroize::Zeroizing::new([0u8; DEK_LEN]);
+        if self.rng.fill(&mut bytes[..]).is_err() {
+            return;
+        }
+        let dek = Dek::from_slice(&bytes[..]).expect("DEK_LEN bytes");
+        let _permit = self.permit(kek.key_id()).await;
+        let _ = self.timed(kek, "probe", kek.wrap(&dek, namespace)).await;
     }
 
     /// Per KEK id, the age of its oldest data key that may still encrypt (metrics).
@@ -774,7 +929,7 @@ async fn timed<T>(
     kek: &Arc<dyn KeyEncryptionKey>,
     operation: &'static str,
     call: impl Future<Output = Result<T, KmsError>>,
-) -> Result<T, DekError> {
+) -> Result<T, KmsError> {
     let start = Instant::now();
     let result = call.await;
     let label = match &result {
@@ -790,7 +945,7 @@ async fn timed<T>(
         label,
         start.elapsed().as_secs_f64(),
     );
-    result.map_err(|e| DekError::from_kms(&e, kek.key_id()))
+    result
 }
 
 #[cfg(test)]

@@ -641,3 +641,56 @@ async fn concurrent_unwraps_of_one_kek_are_bounded() {
     assert!(most <= CALLS_PER_KEK, "{most} calls at once");
     assert!(most > 1, "calls ran one at a time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_services_are_probed_with_backoff_while_down_and_reported_when_back() {
+    use super::{KeyServiceState, PROBE_BACKOFF};
+    let kek = TestKek::new("payments-kek", Duration::ZERO);
+    kek.down.store(true, Ordering::SeqCst);
+    let codec = envelope_codec(std::slice::from_ref(&kek), tuning(600_000, 1 << 31), 100);
+    let state = |codec: &PayloadCodec| codec.key_services()[0].state.clone();
+    assert_eq!(
+        state(&codec),
+        KeyServiceState::Unknown,
+        "not asked before the prober runs"
+    );
+    codec.watch_key_services(None);
+    codec.watch_key_services(None); // once only
+    let start = std::time::Instant::now();
+    while !matches!(state(&codec), KeyServiceState::Unavailable(_)) {
+        assert!(start.elapsed() < Duration::from_secs(2), "probed at start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = &codec.key_services()[0];
+    assert_eq!(
+        (status.key_id.as_str(), status.provider),
+        ("payments-kek", "grpc")
+    );
+    // Down for 3.5 s: probes at 0, +1 s, +2 s after that (backoff doubling): 3, never one
+    // per prober tick (every 250 ms).
+    tokio::time::sleep(PROBE_BACKOFF * 3 + Duration::from_millis(500)).await;
+    let probes = kek.wraps.load(Ordering::SeqCst);
+    assert!((2..=4).contains(&probes), "{probes} probes in 3.5 s");
+    // RPCs meanwhile fail closed, naming the key.
+    let err = encode(&codec, "ns", 0).await.unwrap_err();
+    assert!(
+        matches!(&err, CodecError::KeyUnavailable { key_id, .. } if key_id == "payments-kek"),
+        "{err}"
+    );
+    // Back: the next probe (within the current backoff, at most 4 s here) sees it, no call
+    // needed from traffic.
+    kek.down.store(false, Ordering::SeqCst);
+    let back = std::time::Instant::now();
+    while state(&codec) != KeyServiceState::Ok {
+        assert!(
+            back.elapsed() < Duration::from_secs(6),
+            "recovered by the prober"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    encode(&codec, "ns", 1).await.expect("encrypts again");
+    // Healthy and no interval: no more probes.
+    let wraps = kek.wraps.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(kek.wraps.load(Ordering::SeqCst), wraps);
+}

@@ -94,6 +94,7 @@ use crate::config::{Config, ConfigError};
 use crate::kms::KeyEncryptionKey;
 use crate::policy::ByNamespace;
 use envelope::{DekManager, DekSettings};
+pub use envelope::{KeyServiceState, PROBE_BACKOFF, PROBE_MAX_BACKOFF};
 pub use error::{BatchError, CodecError};
 pub use keys::generate_key_base64;
 use keys::{CounterRegistry, KeyEntry, NONCE_LIMIT, TAG_LEN};
@@ -130,6 +131,21 @@ struct Inner {
     connector: Connector,
     /// Data-key limits that are not configuration (tests shorten them).
     tuning: DekTuning,
+    /// Whether the key-service prober runs ([`PayloadCodec::watch_key_services`]).
+    watching: std::sync::OnceLock<()>,
+}
+
+/// A key-encryption key's service as readiness reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyServiceStatus {
+    /// The configured key id (never key material).
+    pub key_id: String,
+    /// `awskms`, `pkcs11` or `grpc`.
+    pub provider: &'static str,
+    /// What its service last answered.
+    pub state: KeyServiceState,
+    /// How long it has been in that state (`None`: never asked).
+    pub since: Option<Duration>,
 }
 
 /// Builds a key-encryption key from `(key id, URI, settings)`.
@@ -317,8 +333,69 @@ impl PayloadCodec {
                 deks: DekManager::new(dek_settings(config, &tuning)),
                 connector,
                 tuning,
+                watching: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// The state of every key-encryption key's service, by key id (readiness).
+    pub fn key_services(&self) -> Vec<KeyServiceStatus> {
+        let state = self.inner.state.load();
+        let mut out: Vec<KeyServiceStatus> = state
+            .keks
+            .iter()
+            .map(|(id, k)| {
+                let (state, since) = self.inner.deks.key_service_state(id);
+                KeyServiceStatus {
+                    key_id: id.clone(),
+                    provider: k.kek.provider().label(),
+                    state,
+                    since,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.key_id.cmp(&b.key_id));
+        out
+    }
+
+    /// Starts the key-service prober (once; needs a tokio runtime). It asks every
+    /// key-encryption key's service once at start, then each one found unavailable again
+    /// after a backoff ([`PROBE_BACKOFF`] doubling to [`PROBE_MAX_BACKOFF`]) until it answers,
+    /// and, with `interval`, a reachable one that no call used for that long. A probe wraps a
+    /// throwaway data key for a namespace the key encrypts (so key policies that require the
+    /// namespace context allow it). Recovery needs no probe: a failed data key is asked for
+    /// again on demand after `RETRY_AFTER`; probes keep readiness true when no traffic does.
+    pub fn watch_key_services(&self, interval: Option<Duration>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.inner.watching.set(()).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        runtime.spawn(async move {
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                let due: Vec<(Arc<dyn KeyEncryptionKey>, String)> = {
+                    let state = inner.state.load();
+                    state
+                        .keks
+                        .values()
+                        .filter(|k| inner.deks.probe_due(k.kek.key_id(), interval))
+                        .map(|k| (k.kek.clone(), state.probe_namespace(k.kek.key_id())))
+                        .collect()
+                };
+                let deks = inner.deks.clone();
+                drop(inner);
+                futures::future::join_all(
+                    due.iter()
+                        .map(|(kek, namespace)| deks.probe(kek, namespace)),
+                )
+                .await;
+                drop(deks);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
     }
 
     /// Re-reads keys and policy from `config` and swaps them in atomically. Work already
@@ -1113,6 +1190,24 @@ impl State {
 
     fn policy(&self, namespace: Option<&str>) -> &Policy {
         self.policies.get(namespace)
+    }
+
+    /// A namespace whose new payloads `kek_id` encrypts (the default policy's is `""`), to
+    /// probe its service with; `""` when none does (a key kept to decrypt only).
+    fn probe_namespace(&self, kek_id: &str) -> String {
+        let encrypts =
+            |p: &Policy| matches!(&p.encrypt, Some(ActiveKey::Envelope(k)) if k.key_id() == kek_id);
+        let mut named: Vec<&String> = self
+            .policies
+            .configured()
+            .filter(|(_, p)| encrypts(p))
+            .map(|(n, _)| n)
+            .collect();
+        named.sort();
+        match named.first() {
+            Some(name) if !encrypts(self.policies.default_value()) => (*name).clone(),
+            _ => String::new(),
+        }
     }
 
     /// Writes the compression layer of `payload` into `buf` after `reserve` bytes of room;

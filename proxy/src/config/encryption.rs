@@ -43,6 +43,10 @@ pub struct EncryptionConfig {
     /// Envelope keys: upper bound of one call to a key service, retries included; past it
     /// the call counts as unavailable.
     pub kms_timeout_ms: u64,
+    /// Envelope keys: a key service no call used for this many seconds is probed once (a
+    /// wrap of a throwaway data key) so readiness stays true; `0`: only unreachable ones are
+    /// probed (with backoff, until they answer). See "Start degraded" in RELIABILITY.md.
+    pub kms_probe_interval_s: u64,
 }
 
 impl Default for EncryptionConfig {
@@ -59,6 +63,7 @@ impl Default for EncryptionConfig {
             dek_rotation_s: 3600,
             dek_cache_size: 1000,
             kms_timeout_ms: 5000,
+            kms_probe_interval_s: 300,
         }
     }
 }

@@ -17,6 +17,7 @@
 //!   names the problem: an unreachable service is retryable (`UNAVAILABLE`), a refusal is not.
 
 pub mod aws;
+pub mod deferred;
 pub mod grpc;
 pub mod pkcs11;
 
@@ -171,7 +172,8 @@ pub struct ConnectSettings {
 /// Connecting is synchronous. AWS and gRPC clients do not reach the service until first use,
 /// so a configuration load or `SIGHUP` reload never waits for the network. A PKCS#11 key is
 /// opened here (module load, login, key checks: local calls to the token), so a wrong PIN or
-/// an unsuitable key stops the load. A malformed URI or an unknown scheme is refused here.
+/// an unsuitable key stops the load; a token that is absent or does not answer does not: the
+/// key is then a [`deferred::DeferredKek`] that opens on first use (start degraded). A malformed URI or an unknown scheme is refused here.
 /// gRPC keys must be built within a Tokio runtime.
 pub fn connect(
     key_id: &str,
@@ -185,7 +187,25 @@ pub fn connect(
             uri,
             settings.timeout,
         )?)),
-        pkcs11::SCHEME => Ok(Arc::new(pkcs11::Pkcs11Kek::open(key_id, uri)?)),
+        pkcs11::SCHEME => match pkcs11::Pkcs11Kek::open(key_id, uri) {
+            Ok(kek) => Ok(Arc::new(kek)),
+            // The token is absent or does not answer: start without it, open it on use.
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(key_id, error = %e, "key service unreachable at load: starting without it; payloads that need this key fail with UNAVAILABLE until it opens");
+                let (id, uri) = (key_id.to_owned(), uri.to_owned());
+                let open: deferred::Opener = Arc::new(move || {
+                    pkcs11::Pkcs11Kek::open(&id, &uri)
+                        .map(|k| Arc::new(k) as Arc<dyn KeyEncryptionKey>)
+                });
+                Ok(Arc::new(deferred::DeferredKek::new(
+                    key_id,
+                    Provider::Pkcs11,
+                    open,
+                    e,
+                )))
+            }
+            Err(e) => Err(e),
+        },
         _ if uri.starts_with(grpc::SCHEME) => Ok(Arc::new(grpc::GrpcKek::from_uri(
             key_id,
             uri,

@@ -124,8 +124,10 @@ impl Pkcs11Kek {
     ///
     /// Blocks (module loading, login): call it from a blocking context
     /// (`tokio::task::spawn_blocking`) when on an async runtime. Errors: a bad URI, missing
-    /// module, no matching token or an unsuitable key are [`KmsError::Config`]; a PIN the token
-    /// rejects is [`KmsError::Refused`]. No error quotes the PIN.
+    /// module, a URI matching several tokens or an unsuitable key are [`KmsError::Config`]; a
+    /// PIN the token rejects is [`KmsError::Refused`]; no matching token (absent, or the HSM
+    /// not reachable) and a token that fails at login are [`KmsError::Unavailable`]. No error
+    /// quotes the PIN.
     pub fn open(key_id: &str, uri: &str) -> Result<Self, KmsError> {
         let config = |reason: String| KmsError::Config {
             key_id: key_id.to_owned(),
@@ -133,7 +135,15 @@ impl Pkcs11Kek {
         };
         let uri = Pkcs11Uri::parse(uri).map_err(|e| config(format!("PKCS#11 URI: {e}")))?;
         let ctx = load_module(&uri.module_path).map_err(config)?;
-        let slot = find_slot(&ctx, &uri).map_err(config)?;
+        let slot = find_slot(&ctx, &uri).map_err(|e| match e {
+            // No token there (yet): the HSM is not reachable, retrying later may work.
+            SlotError::Absent(reason) => KmsError::Unavailable {
+                key_id: key_id.to_owned(),
+                provider: PROVIDER,
+                reason,
+            },
+            SlotError::Config(reason) => config(reason),
+        })?;
         let token = ctx
             .get_token_info(slot)
             .map_err(|e| config(format!("cannot read token info: {}", describe(&e))))?;
@@ -627,11 +637,19 @@ fn load_module(path: &Path) -> Result<Pkcs11, String> {
     Ok(ctx)
 }
 
+/// Why no slot was found.
+enum SlotError {
+    /// No token matches: absent or not answering (retrying later may work).
+    Absent(String),
+    /// The URI selects more than one token.
+    Config(String),
+}
+
 /// The one slot whose token matches the URI's token attributes.
-fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, String> {
+fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, SlotError> {
     let slots = ctx
         .get_slots_with_token()
-        .map_err(|e| format!("cannot list PKCS#11 slots: {}", describe(&e)))?;
+        .map_err(|e| SlotError::Absent(format!("cannot list PKCS#11 slots: {}", describe(&e))))?;
     let mut present = Vec::new();
     let mut matching = Vec::new();
     for slot in slots {
@@ -654,7 +672,7 @@ fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, String> {
     }
     match matching.as_slice() {
         [slot] => Ok(*slot),
-        [] => Err(format!(
+        [] => Err(SlotError::Absent(format!(
             "no initialized token matches {} (tokens present: {})",
             uri.token_description(),
             if present.is_empty() {
@@ -662,12 +680,12 @@ fn find_slot(ctx: &Pkcs11, uri: &Pkcs11Uri) -> Result<Slot, String> {
             } else {
                 present.join(", ")
             }
-        )),
-        _ => Err(format!(
+        ))),
+        _ => Err(SlotError::Config(format!(
             "{} tokens match {}; add token=, serial= or slot-id= to the URI",
             matching.len(),
             uri.token_description()
-        )),
+        ))),
     }
 }
 

@@ -381,6 +381,28 @@ impl Storage {
         self.policies.get(namespace)
     }
 
+    /// Probes every driver (a listing of a prefix nothing is under, bounded by `timeout`),
+    /// by driver name: `Err` says why a store does not answer (readiness).
+    pub async fn check_drivers(&self, timeout: Duration) -> Vec<(String, Result<(), String>)> {
+        let mut names: Vec<&String> = self.drivers.keys().collect();
+        names.sort();
+        let checks = names.into_iter().map(|name| async move {
+            let driver = &self.drivers[name];
+            let state = match tokio::time::timeout(timeout, driver.probe()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+            };
+            (name.clone(), state)
+        });
+        futures::future::join_all(checks).await
+    }
+
+    /// The configured drivers, by name (garbage collection).
+    pub fn drivers(&self) -> &HashMap<String, Arc<dyn StorageDriver>> {
+        &self.drivers
+    }
+
     /// Whether `namespace` offloads new payloads.
     pub fn is_active(&self, namespace: Option<&str>) -> bool {
         self.policy(namespace).driver.is_some()
