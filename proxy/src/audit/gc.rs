@@ -52,7 +52,7 @@ use crate::codec::PayloadCodec;
 use crate::config::Config;
 use crate::storage::Storage;
 use crate::storage::reference::{self, Kind};
-use crate::upstream::Upstream;
+use crate::upstream::Router;
 
 /// Added to a namespace's retention to make the default grace period.
 pub const DEFAULT_GRACE_MARGIN: Duration = Duration::from_secs(24 * 3600);
@@ -210,7 +210,7 @@ pub async fn run(config: &Config, options: &GcOptions) -> Result<GcReport, GcErr
         return Err(GcError::NoStorage);
     }
     let auditor = Auditor {
-        upstream: Upstream::new(&config.proxy).map_err(AuditError::from)?,
+        router: Router::from_config(config).map_err(AuditError::from)?,
         storage: None,
         event_type: MessageType::by_name("temporal.api.history.v1.HistoryEvent")
             .ok_or_else(|| AuditError::Malformed("HistoryEvent missing from the schema".into()))?,

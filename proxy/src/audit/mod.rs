@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::payload::Payload;
 use crate::storage::Storage;
 use crate::storage::reference::{self, Kind};
-use crate::upstream::Upstream;
+use crate::upstream::Router;
 use crate::upstream::client::{CallError, unary};
 use messages::*;
 
@@ -157,10 +157,10 @@ fn format_time(t: Timestamp) -> String {
 
 /// Runs the audit over `namespaces` (every namespace the upstream lists when empty).
 pub async fn run(config: &Config, namespaces: &[String]) -> Result<AuditReport, AuditError> {
-    let upstream = Upstream::new(&config.proxy)?;
+    let router = Router::from_config(config)?;
     let storage = Storage::from_config(config).await?;
     let auditor = Auditor {
-        upstream,
+        router,
         storage,
         event_type: MessageType::by_name("temporal.api.history.v1.HistoryEvent")
             .ok_or_else(|| AuditError::Malformed("HistoryEvent missing from the schema".into()))?,
@@ -179,7 +179,9 @@ pub async fn run(config: &Config, namespaces: &[String]) -> Result<AuditReport, 
 }
 
 struct Auditor {
-    upstream: Upstream,
+    /// Each namespace is read at the upstream that serves it; `ListNamespaces` at the default
+    /// (and the namespaces bound elsewhere are added to its list).
+    router: Router,
     storage: Option<Storage>,
     event_type: MessageType,
 }
@@ -203,8 +205,11 @@ impl Auditor {
         request: &Req,
     ) -> Result<Resp, AuditError> {
         let path = format!("{WORKFLOW_SERVICE}/{method}");
+        let upstream = namespace.map_or(self.router.default_upstream(), |ns| {
+            self.router.for_namespace(ns)
+        });
         let bytes = unary(
-            &self.upstream,
+            upstream,
             &path,
             namespace,
             request.encode_to_vec(),
@@ -235,6 +240,11 @@ impl Auditor {
                     .filter(|n| n != "temporal-system"),
             );
             if page.next_page_token.is_empty() {
+                for bound in self.router.bound_namespaces() {
+                    if !names.contains(&bound) {
+                        names.push(bound);
+                    }
+                }
                 return Ok(names);
             }
             token = page.next_page_token;

@@ -183,6 +183,14 @@ impl Router {
         }
     }
 
+    /// The namespaces bound to a named upstream, sorted (the default's `ListNamespaces` does
+    /// not list them).
+    pub fn bound_namespaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.bindings.by_namespace.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// The default upstream (`[proxy] upstream`).
     pub fn default_upstream(&self) -> &Upstream {
         &self.default
