@@ -105,6 +105,7 @@ pub const DESCRIPTOR_SET_PATH: &str = env!("PGW_DESCRIPTOR_PATH");
 
 pub use error::WalkError;
 pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, methods};
+pub use splice::SHARE_MIN as SPLICE_SHARE_MIN;
 pub use walk::{
     ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, FailureText, MAX_DEPTH,
     MAX_UNKNOWN_ANYS, PayloadSite, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan, SitePath,

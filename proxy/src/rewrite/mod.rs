@@ -164,7 +164,7 @@ impl RewriteLayer {
             self.rewrite_all(Direction::Encode, &ctx, request_type, messages)
                 .await?
         } else {
-            messages
+            messages.into_iter().map(|m| vec![m]).collect()
         };
         let request =
             Request::from_parts(parts, GatewayBody::buffered(encode_frames(messages)?, None));
@@ -226,10 +226,13 @@ impl RewriteLayer {
         ctx: &CallContext,
         ty: MessageType,
         messages: Vec<Bytes>,
-    ) -> Result<Vec<Bytes>, Status> {
+    ) -> Result<Vec<Vec<Bytes>>, Status> {
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
-            out.push(self.rewrite_one(direction, ctx, ty, m).await?);
+            if let Some(capture) = &self.capture {
+                capture.record(ty, &m);
+            }
+            out.push(message::rewrite_pieces(&self.pipeline, direction, ctx, ty, m).await?);
         }
         Ok(out)
     }
@@ -314,8 +317,8 @@ impl RewriteLayer {
 
 /// Frames rewritten messages; a message that no longer fits a length prefix is an error,
 /// never a wrapped length.
-fn encode_frames(messages: Vec<Bytes>) -> Result<Vec<Bytes>, Status> {
-    frame::encode(messages).map_err(|e| Status::new(Code::ResourceExhausted, e.to_string()))
+fn encode_frames(messages: Vec<Vec<Bytes>>) -> Result<Vec<Bytes>, Status> {
+    frame::encode_pieces(messages).map_err(|e| Status::new(Code::ResourceExhausted, e.to_string()))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
