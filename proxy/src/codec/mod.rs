@@ -592,6 +592,10 @@ impl PayloadCodec {
     /// [`decode_with`](Self::decode_with) of a payload the caller hands over: when nothing
     /// else holds its buffer (a fetched storage object), the ciphertext is decrypted in place
     /// in that buffer instead of being copied first. A shared buffer is never written to.
+    ///
+    /// Budget: a buffer handed over whole and unshared must already be charged by its
+    /// producer (storage charges every fetched object, see `Storage::resolve`); its in-place
+    /// plaintext is not charged again. Decompression and copies are charged as always.
     fn decode_owned(
         &self,
         payload: Bytes,
@@ -660,12 +664,18 @@ impl PayloadCodec {
                 let sealed = at..at + outer.data.len();
                 // One mutable buffer: the handed-over payload's own when nobody shares it,
                 // else a copy of the sealed bytes alone.
-                let (mut buf, sealed) = match source {
+                let (mut buf, sealed, in_place) = match source {
                     Source::Owned(p) => match p.try_into_mut() {
-                        Ok(own) => (own, sealed),
-                        Err(shared) => (BytesMut::from(&shared[sealed.clone()]), 0..sealed.len()),
+                        Ok(own) => (own, sealed, true),
+                        Err(shared) => (
+                            BytesMut::from(&shared[sealed.clone()]),
+                            0..sealed.len(),
+                            false,
+                        ),
                     },
-                    Source::Borrowed(p) => (BytesMut::from(&p[sealed.clone()]), 0..sealed.len()),
+                    Source::Borrowed(p) => {
+                        (BytesMut::from(&p[sealed.clone()]), 0..sealed.len(), false)
+                    }
                 };
                 let len = key.open(&mut buf[sealed.clone()])?;
                 let plain = sealed.start + NONCE_LEN;
@@ -675,7 +685,12 @@ impl PayloadCodec {
                 match wire::scan(&inner) {
                     Ok(scan) if scan.encoding == Some(ENCODING_ZSTD) => inflate(scan.data),
                     _ => {
-                        budget.charge(inner.len())?;
+                        // Decrypted in place, the plaintext is the handed-over buffer, charged
+                        // by whoever produced it (storage charges a fetched object): nothing
+                        // new was allocated, so nothing more is charged. A copy is charged.
+                        if !in_place {
+                            budget.charge(inner.len())?;
+                        }
                         Ok(Some(inner))
                     }
                 }
@@ -879,6 +894,10 @@ impl PayloadCodec {
     /// [`prepare_decode`](Self::prepare_decode): with `bound`, only the namespace's decrypt
     /// keys ([`decode_for`](Self::decode_for)), else any key of the keyring
     /// ([`decode_in`](Self::decode_in)); all drawing on one `budget`, concurrently when large.
+    ///
+    /// The payloads are handed over: one whose buffer nothing else shares is decrypted in
+    /// that buffer and its plaintext is not charged again (its producer charged it: storage
+    /// charges every object it fetches); shared buffers are copied and charged.
     pub async fn decode_batch_scoped(
         &self,
         namespace: Option<&str>,

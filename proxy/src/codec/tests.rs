@@ -1020,3 +1020,23 @@ async fn a_handed_over_payload_is_decrypted_in_its_own_buffer_and_a_shared_one_i
         .unwrap();
     assert_eq!(batch[0].as_deref(), Some(&plain[..]));
 }
+
+/// In place, nothing new is allocated and nothing is charged (the fetched object was); a
+/// copy is charged as before.
+#[test]
+fn a_payload_decrypted_in_place_is_not_charged_twice() {
+    let f = Fixture::new();
+    let codec = f.codec(true, true);
+    let plain = user_payload(&random_bytes(200_000));
+    let encoded = codec.encode(None, &plain).unwrap().unwrap();
+    let budget = crate::budget::MessageBudget::unlimited();
+    codec
+        .decode_owned(Bytes::from(encoded.to_vec()), None, Some(""), &budget)
+        .unwrap();
+    assert_eq!(budget.used(), 0, "in place: the object's own bytes");
+    let keep = Bytes::from(encoded.to_vec());
+    codec
+        .decode_owned(keep.clone(), None, Some(""), &budget)
+        .unwrap();
+    assert_eq!(budget.used(), plain.len(), "a copy is charged");
+}
