@@ -140,10 +140,17 @@ async def run_pipeline(address: str, converter: DataConverter, compression: Grpc
     del src
     async with Worker(client, task_queue=tq, workflows=[ArtifactPipeline], activities=[extract, transform, load],
                       workflow_runner=UnsandboxedWorkflowRunner(), disable_payload_error_limit=True,
-                      max_concurrent_activities=1):
+                      max_concurrent_activities=1,
+                      # no deadlock detector: on a busy machine decoding 2 x 48 MiB in the
+                      # workflow activation can exceed its 2 s and fail the task over and over
+                      debug_mode=True):
         t0 = time.perf_counter()
         out = await client.execute_workflow(ArtifactPipeline.run, seed, id=f"p-{uuid.uuid4().hex[:8]}",
-                                            task_queue=tq, execution_timeout=timedelta(seconds=600))
+                                            task_queue=tq, execution_timeout=timedelta(seconds=600),
+                                            # a busy machine takes > 10 s (the default) for a
+                                            # task that fetches 2 x 48 MiB: its retry would get
+                                            # the full history
+                                            task_timeout=timedelta(seconds=60))
         elapsed = time.perf_counter() - t0
     assert out == {"len": SIZE, "sha": want}, out
     return elapsed
