@@ -383,6 +383,45 @@ mod tests {
         t
     }
 
+    /// A body in several chunks is collected into one buffer (sized from the gRPC prefix),
+    /// byte for byte; one chunk is kept as it is; the limit and the budget still hold.
+    #[tokio::test]
+    async fn a_body_is_collected_into_one_buffer_within_its_limits() {
+        let message: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&message);
+        let framed = Bytes::from(framed);
+        // Split inside the prefix, then twice more.
+        let chunks = vec![
+            framed.slice(..3),
+            framed.slice(3..100_000),
+            framed.slice(100_000..200_000),
+            framed.slice(200_000..),
+        ];
+        let process = ProcessBudget::new(0);
+        let budget = crate::budget::MessageBudget::new(process.clone(), usize::MAX);
+        let body = GatewayBody::buffered(chunks, Some(trailers()));
+        let collected = collect(body, framed.len(), &budget).await.unwrap();
+        assert_eq!(collected.chunks.len(), 1);
+        assert_eq!(collected.chunks[0], framed);
+        assert_eq!(collected.len, framed.len());
+        assert!(collected.trailers.is_some());
+        assert_eq!(process.in_use(), framed.len(), "held as received");
+
+        let one = GatewayBody::buffered(vec![framed.clone()], None);
+        let collected = collect(one, framed.len(), &budget).await.unwrap();
+        assert_eq!(
+            collected.chunks[0].as_ptr(),
+            framed.as_ptr(),
+            "one chunk: not copied"
+        );
+
+        let over = GatewayBody::buffered(vec![framed.slice(..10), framed.slice(10..)], None);
+        let err = collect(over, framed.len() - 1, &budget).await.unwrap_err();
+        assert!(err.is::<TooLarge>());
+    }
+
     #[tokio::test]
     async fn a_sent_response_comes_out_in_pieces_and_returns_its_budget_as_it_goes() {
         let process = ProcessBudget::new(0);
