@@ -109,6 +109,7 @@ pub use schema::{ANY_TYPE_NAME, MessageType, Method, PAYLOAD_TYPE_NAME, method, 
 pub use search_attributes::{
     SEARCH_ATTRIBUTES_TYPE_NAME, replace_top_level_string, scan_search_attributes,
 };
+pub use splice::SHARE_MIN as SPLICE_SHARE_MIN;
 pub use walk::{
     ENCODED_FAILURE_MESSAGE, FAILURE_TYPE_NAME, FailureEdit, FailureSite, FailureText, MAX_DEPTH,
     MAX_UNKNOWN_ANYS, PayloadSite, RawField, SYSTEM_NEXUS_ENDPOINT, SYSTEM_PAYLOAD_KEY, Scan,

@@ -26,6 +26,15 @@ impl Scan {
         input: &Bytes,
         replacements: &[Option<Bytes>],
     ) -> Result<Bytes, WalkError> {
+        self.splice_into::<Flat>(input, replacements)
+            .map(Flat::finish)
+    }
+
+    fn splice_into<O: Sink>(
+        &self,
+        input: &Bytes,
+        replacements: &[Option<Bytes>],
+    ) -> Result<O, WalkError> {
         if replacements.len() != self.sites.len() {
             return Err(WalkError::ReplacementCount {
                 expected: self.sites.len(),
@@ -39,14 +48,16 @@ impl Scan {
             });
         }
         if replacements.iter().all(Option::is_none) {
-            return Ok(input.clone());
+            return Ok(O::whole(input.clone()));
         }
         // Whole-buffer payload (scan of `Payload` itself): no length prefix to fix.
         if self.nodes.is_empty()
             && self.sites.len() == 1
             && self.sites[0].range() == (0..input.len())
         {
-            return Ok(replacements[0].clone().unwrap_or_else(|| input.clone()));
+            return Ok(O::whole(
+                replacements[0].clone().unwrap_or_else(|| input.clone()),
+            ));
         }
 
         // Length change of every node: seed at the payload fields, then push to parents.
@@ -62,26 +73,131 @@ impl Scan {
         }
         self.propagate_deltas(&mut delta);
         let capacity = (input.len() as i64 + grow.max(0)) as usize + 10 * self.nodes.len().min(64);
-        let mut out = Vec::with_capacity(capacity);
+        let mut out = O::with_capacity(capacity);
         let mut cursor = 0usize;
         let mut sites = self.sites.iter().zip(replacements).peekable();
         for (n, node) in self.nodes.iter().enumerate() {
             if delta[n] != 0 {
-                out.extend_from_slice(&input[cursor..node.prefix.0]);
-                put_varint(&mut out, (node.len as i64 + delta[n]) as u64);
+                out.input(input, cursor..node.prefix.0);
+                out.varint((node.len as i64 + delta[n]) as u64);
                 cursor = node.prefix.1;
             }
             while let Some((site, rep)) = sites.next_if(|(s, _)| s.node as usize == n) {
                 if let Some(r) = rep {
                     let range = site.range();
-                    out.extend_from_slice(&input[cursor..range.start]);
-                    out.extend_from_slice(r);
+                    out.input(input, cursor..range.start);
+                    out.bytes(r);
                     cursor = range.end;
                 }
             }
         }
-        out.extend_from_slice(&input[cursor..]);
-        Ok(Bytes::from(out))
+        out.input(input, cursor..input.len());
+        Ok(out)
+    }
+}
+
+/// Where a splice writes the rebuilt message.
+trait Sink: Sized {
+    /// An empty output for a message of about `capacity` bytes.
+    fn with_capacity(capacity: usize) -> Self;
+    /// The output is this buffer as it is.
+    fn whole(bytes: Bytes) -> Self;
+    /// `input[range]`, unchanged.
+    fn input(&mut self, input: &Bytes, range: Range<usize>);
+    /// New bytes (a replacement payload, rebuilt fields).
+    fn bytes(&mut self, bytes: &Bytes);
+    /// A rewritten length prefix.
+    fn varint(&mut self, value: u64);
+}
+
+/// One contiguous buffer, or (`whole`) a buffer taken as it is, with nothing written after.
+struct Flat {
+    buf: Vec<u8>,
+    whole: Option<Bytes>,
+}
+
+impl Flat {
+    fn finish(self) -> Bytes {
+        self.whole.unwrap_or_else(|| Bytes::from(self.buf))
+    }
+}
+
+impl Sink for Flat {
+    fn with_capacity(capacity: usize) -> Self {
+        Self {
+            buf: Vec::with_capacity(capacity),
+            whole: None,
+        }
+    }
+    fn whole(bytes: Bytes) -> Self {
+        Self {
+            buf: Vec::new(),
+            whole: Some(bytes),
+        }
+    }
+    fn input(&mut self, input: &Bytes, range: Range<usize>) {
+        self.buf.extend_from_slice(&input[range]);
+    }
+    fn bytes(&mut self, bytes: &Bytes) {
+        self.buf.extend_from_slice(bytes);
+    }
+    fn varint(&mut self, value: u64) {
+        put_varint(&mut self.buf, value);
+    }
+}
+
+/// Replacements of at least this size are shared (a `Bytes` reference), not copied, by
+/// [`Scan::splice_edits_chunks`].
+pub const SHARE_MIN: usize = 64 * 1024;
+
+/// The rebuilt message as chunks: large replacements are shared, everything between them
+/// (unchanged input, small replacements, length prefixes) is copied into buffers of its own.
+struct Chunked {
+    chunks: Vec<Bytes>,
+    small: Vec<u8>,
+}
+
+impl Chunked {
+    fn flush(&mut self) {
+        if !self.small.is_empty() {
+            self.chunks
+                .push(Bytes::from(std::mem::take(&mut self.small)));
+        }
+    }
+
+    fn finish(mut self) -> Vec<Bytes> {
+        self.flush();
+        self.chunks
+    }
+}
+
+impl Sink for Chunked {
+    fn with_capacity(_capacity: usize) -> Self {
+        Self {
+            chunks: Vec::new(),
+            small: Vec::new(),
+        }
+    }
+    fn whole(bytes: Bytes) -> Self {
+        Self {
+            chunks: vec![bytes],
+            small: Vec::new(),
+        }
+    }
+    fn input(&mut self, input: &Bytes, range: Range<usize>) {
+        // Copied: a shared stretch would keep the whole input alive for a part of it.
+        self.small.extend_from_slice(&input[range]);
+    }
+    fn bytes(&mut self, bytes: &Bytes) {
+        if bytes.len() >= SHARE_MIN {
+            self.flush();
+            self.chunks.push(bytes.clone());
+        } else {
+            self.small.extend_from_slice(bytes);
+        }
+    }
+    fn varint(&mut self, value: u64) {
+        put_varint(&mut self.small, value);
     }
 }
 
@@ -140,6 +256,37 @@ impl Scan {
         edits: &[Option<FailureEdit>],
         texts: &[Option<TextEdit>],
     ) -> Result<Bytes, WalkError> {
+        self.splice_edits_into::<Flat>(input, replacements, edits, texts)
+            .map(Flat::finish)
+    }
+
+    /// [`Scan::splice_edits`] without building one buffer: the message as chunks, in order,
+    /// whose concatenation is exactly what `splice_edits` returns. Replacements of at least
+    /// [`SHARE_MIN`] bytes are chunks of their own, shared rather than copied (a large decoded
+    /// payload is not copied into the message); the bytes between them are copied, so no
+    /// chunk keeps the input alive (except the input itself when nothing changes). No chunk
+    /// is empty.
+    pub fn splice_edits_chunks(
+        &self,
+        input: &Bytes,
+        replacements: &[Option<Bytes>],
+        edits: &[Option<FailureEdit>],
+        texts: &[Option<TextEdit>],
+    ) -> Result<Vec<Bytes>, WalkError> {
+        let mut chunks = self
+            .splice_edits_into::<Chunked>(input, replacements, edits, texts)?
+            .finish();
+        chunks.retain(|c| !c.is_empty());
+        Ok(chunks)
+    }
+
+    fn splice_edits_into<O: Sink>(
+        &self,
+        input: &Bytes,
+        replacements: &[Option<Bytes>],
+        edits: &[Option<FailureEdit>],
+        texts: &[Option<TextEdit>],
+    ) -> Result<O, WalkError> {
         if edits.len() != self.failures.len() {
             return Err(WalkError::EditCount {
                 expected: self.failures.len(),
@@ -153,7 +300,7 @@ impl Scan {
             });
         }
         if edits.iter().all(Option::is_none) && texts.iter().all(Option::is_none) {
-            return self.splice(input, replacements);
+            return self.splice_into(input, replacements);
         }
         if replacements.len() != self.sites.len() {
             return Err(WalkError::ReplacementCount {
@@ -265,7 +412,7 @@ impl Scan {
             .collect();
         pieces.sort_by_key(|(r, _)| r.start);
         let grow: usize = kept.iter().map(|op| op.bytes.len()).sum();
-        let mut out = Vec::with_capacity(input.len() + grow + 10 * pieces.len().min(64));
+        let mut out = O::with_capacity(input.len() + grow + 10 * pieces.len().min(64));
         let mut cursor = 0usize;
         for (range, piece) in pieces {
             if range.start < cursor {
@@ -273,15 +420,15 @@ impl Scan {
                     offset: range.start,
                 });
             }
-            out.extend_from_slice(&input[cursor..range.start]);
+            out.input(input, cursor..range.start);
             match piece {
-                Piece::Prefix(len) => put_varint(&mut out, len),
-                Piece::Bytes(b) => out.extend_from_slice(b),
+                Piece::Prefix(len) => out.varint(len),
+                Piece::Bytes(b) => out.bytes(b),
             }
             cursor = range.end;
         }
-        out.extend_from_slice(&input[cursor..]);
-        Ok(Bytes::from(out))
+        out.input(input, cursor..input.len());
+        Ok(out)
     }
 }
 

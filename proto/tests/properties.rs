@@ -66,6 +66,17 @@ fn check(name: &str, bytes: &Bytes, unknown: &[Vec<u8>]) -> usize {
         })
         .collect();
     let spliced = s.splice(bytes, &reps).unwrap();
+    // The same splice as chunks: their concatenation is the spliced message, none empty.
+    let chunks = s
+        .splice_edits_chunks(
+            bytes,
+            &reps,
+            &vec![None; s.failures().len()],
+            &vec![None; s.failure_texts().len()],
+        )
+        .unwrap();
+    assert!(chunks.iter().all(|c| !c.is_empty()), "{name}: empty chunk");
+    assert_eq!(chunks.concat(), spliced.to_vec(), "{name}: chunks differ");
     let got = DynamicMessage::decode(d, spliced.clone()).expect("spliced message decodes");
     let mut want = original.clone();
     reflect_visit(&mut want, &mut |p| {
@@ -258,4 +269,61 @@ fn write_fuzz_corpus() {
         }
     }
     assert!(written > 20);
+}
+
+/// A large replacement is a chunk of its own, shared (not copied), between copied pieces
+/// holding the rewritten length prefixes; the concatenation is the flat splice.
+#[test]
+fn a_large_replacement_is_shared_not_copied() {
+    let request = ws::RespondActivityTaskCompletedRequest {
+        task_token: b"token".to_vec(),
+        namespace: "default".to_owned(),
+        identity: "worker".to_owned(),
+        result: Some(
+            temporalio_protos::protos::temporal::api::common::v1::Payloads {
+                payloads: vec![Payload {
+                    metadata: Default::default(),
+                    data: b"ref".to_vec(),
+                    ..Default::default()
+                }],
+            },
+        ),
+        ..Default::default()
+    };
+    let bytes = Bytes::from(request.encode_to_vec());
+    let ty =
+        MessageType::by_name("temporal.api.workflowservice.v1.RespondActivityTaskCompletedRequest")
+            .unwrap();
+    let s = scan(ty, &bytes).unwrap();
+    assert_eq!(s.sites().len(), 1);
+    let big = Bytes::from(
+        Payload {
+            metadata: Default::default(),
+            data: vec![7u8; 3 * payload_gateway_proto::SPLICE_SHARE_MIN],
+            ..Default::default()
+        }
+        .encode_to_vec(),
+    );
+    let reps = vec![Some(big.clone())];
+    let flat = s.splice(&bytes, &reps).unwrap();
+    let chunks = s
+        .splice_edits_chunks(
+            &bytes,
+            &reps,
+            &vec![None; s.failures().len()],
+            &vec![None; s.failure_texts().len()],
+        )
+        .unwrap();
+    assert_eq!(chunks.concat(), flat.to_vec());
+    let shared = chunks
+        .iter()
+        .find(|c| c.len() == big.len())
+        .expect("the replacement is a chunk of its own");
+    assert_eq!(shared.as_ptr(), big.as_ptr(), "shared, not copied");
+    assert!(chunks.iter().all(|c| !c.is_empty()));
+    let decoded = ws::RespondActivityTaskCompletedRequest::decode(flat).unwrap();
+    assert_eq!(
+        decoded.result.unwrap().payloads[0].data.len(),
+        3 * payload_gateway_proto::SPLICE_SHARE_MIN
+    );
 }

@@ -87,7 +87,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use aws_lc_rs::aead::NONCE_LEN;
 use aws_lc_rs::rand::SystemRandom;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::budget::MessageBudget;
 use crate::config::{Config, ConfigError};
@@ -712,10 +712,41 @@ impl PayloadCodec {
         envelope_ns: Option<&str>,
         budget: &MessageBudget,
     ) -> Result<Option<Bytes>, CodecError> {
+        self.decode_source(Source::Borrowed(payload), scope, envelope_ns, budget)
+    }
+
+    /// [`decode_with`](Self::decode_with) of a payload the caller hands over: when nothing
+    /// else holds its buffer (a fetched storage object), the ciphertext is decrypted in place
+    /// in that buffer instead of being copied first. A shared buffer is never written to.
+    ///
+    /// Budget: a buffer handed over whole and unshared must already be charged by its
+    /// producer (storage charges every fetched object, see `Storage::resolve`); its in-place
+    /// plaintext is not charged again. Decompression and copies are charged as always.
+    fn decode_owned(
+        &self,
+        payload: Bytes,
+        scope: Option<Option<&str>>,
+        envelope_ns: Option<&str>,
+        budget: &MessageBudget,
+    ) -> Result<Option<Bytes>, CodecError> {
+        self.decode_source(Source::Owned(payload), scope, envelope_ns, budget)
+    }
+
+    fn decode_source(
+        &self,
+        source: Source<'_>,
+        scope: Option<Option<&str>>,
+        envelope_ns: Option<&str>,
+        budget: &MessageBudget,
+    ) -> Result<Option<Bytes>, CodecError> {
         let state = self.inner.state.load();
         let inflate = |frame: &[u8]| {
             zstd_layer::decompress_bounded(frame, state.max_decompressed, budget)
                 .map(|v| Some(Bytes::from(v)))
+        };
+        let payload: &[u8] = match &source {
+            Source::Borrowed(p) => p,
+            Source::Owned(p) => p,
         };
         let outer = wire::scan(payload).map_err(CodecError::Malformed)?;
         match outer.encoding {
@@ -754,15 +785,38 @@ impl PayloadCodec {
                         len: outer.data.len(),
                     });
                 }
-                let mut buf = outer.data.to_vec();
-                let len = key.open(&mut buf)?;
-                let inner = Bytes::from(buf).slice(NONCE_LEN..NONCE_LEN + len);
+                // Where nonce ‖ ciphertext ‖ tag sits in the payload (`data` borrows from it).
+                let at = outer.data.as_ptr() as usize - payload.as_ptr() as usize;
+                let sealed = at..at + outer.data.len();
+                // One mutable buffer: the handed-over payload's own when nobody shares it,
+                // else a copy of the sealed bytes alone.
+                let (mut buf, sealed, in_place) = match source {
+                    Source::Owned(p) => match p.try_into_mut() {
+                        Ok(own) => (own, sealed, true),
+                        Err(shared) => (
+                            BytesMut::from(&shared[sealed.clone()]),
+                            0..sealed.len(),
+                            false,
+                        ),
+                    },
+                    Source::Borrowed(p) => {
+                        (BytesMut::from(&p[sealed.clone()]), 0..sealed.len(), false)
+                    }
+                };
+                let len = key.open(&mut buf[sealed.clone()])?;
+                let plain = sealed.start + NONCE_LEN;
+                let inner = buf.freeze().slice(plain..plain + len);
                 // The inner payload is what some encoder was given; if it is not a payload we
                 // compressed, it is returned exactly as decrypted.
                 match wire::scan(&inner) {
                     Ok(scan) if scan.encoding == Some(ENCODING_ZSTD) => inflate(scan.data),
                     _ => {
-                        budget.charge(inner.len())?;
+                        // Decrypted in place, the plaintext is the handed-over buffer, charged
+                        // by whoever produced it (storage charges a fetched object): nothing
+                        // new was allocated, so nothing more is charged. A copy is charged.
+                        if !in_place {
+                            budget.charge(inner.len())?;
+                        }
                         Ok(Some(inner))
                     }
                 }
@@ -783,7 +837,7 @@ impl PayloadCodec {
             .await
             .map_err(|error| BatchError { index: 0, error })?;
         let ns = namespace.map(str::to_owned);
-        self.run_batch(payloads, move |codec, p| codec.encode(ns.as_deref(), p))
+        self.run_batch(payloads, move |codec, p| codec.encode(ns.as_deref(), &p))
             .await
     }
 
@@ -941,7 +995,7 @@ impl PayloadCodec {
         payloads: Vec<Bytes>,
         budget: MessageBudget,
     ) -> Result<Vec<Option<Bytes>>, BatchError> {
-        self.run_batch(payloads, move |codec, p| codec.decode_within(p, &budget))
+        self.run_batch(payloads, move |codec, p| codec.decode_within(&p, &budget))
             .await
     }
 
@@ -957,7 +1011,7 @@ impl PayloadCodec {
             .await?;
         let ns = namespace.map(str::to_owned);
         self.run_batch(payloads, move |codec, p| {
-            codec.decode_in(ns.as_deref(), p, &budget)
+            codec.decode_in(ns.as_deref(), &p, &budget)
         })
         .await
     }
@@ -966,6 +1020,10 @@ impl PayloadCodec {
     /// [`prepare_decode`](Self::prepare_decode): with `bound`, only the namespace's decrypt
     /// keys ([`decode_for`](Self::decode_for)), else any key of the keyring
     /// ([`decode_in`](Self::decode_in)); all drawing on one `budget`, concurrently when large.
+    ///
+    /// The payloads are handed over: one whose buffer nothing else shares is decrypted in
+    /// that buffer and its plaintext is not charged again (its producer charged it: storage
+    /// charges every object it fetches); shared buffers are copied and charged.
     pub async fn decode_batch_scoped(
         &self,
         namespace: Option<&str>,
@@ -976,11 +1034,9 @@ impl PayloadCodec {
         let ns = namespace.map(str::to_owned);
         self.run_batch(payloads, move |codec, p| {
             let ns = ns.as_deref();
-            if bound {
-                codec.decode_with(p, Some(ns), Some(ns.unwrap_or("")), &budget)
-            } else {
-                codec.decode_in(ns, p, &budget)
-            }
+            // Handed over: a fetched object nothing else holds is decrypted in place.
+            let scope = if bound { Some(ns) } else { None };
+            codec.decode_owned(p, scope, Some(ns.unwrap_or("")), &budget)
         })
         .await
     }
@@ -991,12 +1047,12 @@ impl PayloadCodec {
         f: F,
     ) -> Result<Vec<Option<Bytes>>, BatchError>
     where
-        F: Fn(&PayloadCodec, &[u8]) -> Result<Option<Bytes>, CodecError> + Send + Sync + 'static,
+        F: Fn(&PayloadCodec, Bytes) -> Result<Option<Bytes>, CodecError> + Send + Sync + 'static,
     {
         let total: usize = payloads.iter().map(Bytes::len).sum();
         let threshold = self.inner.parallel_threshold.load(Ordering::Relaxed);
         if total < threshold || payloads.is_empty() {
-            return run_group(self, &f, 0, &payloads, &AtomicBool::new(false));
+            return run_group(self, &f, 0, payloads, &AtomicBool::new(false));
         }
         // Dropping this future (the RPC was cancelled or timed out) tells the blocking workers
         // to stop before their next payload instead of finishing work nobody waits for.
@@ -1038,7 +1094,7 @@ impl PayloadCodec {
             tasks.push((
                 start,
                 tokio::task::spawn_blocking(move || {
-                    run_group(&codec, &*f, start, &chunk, &cancelled)
+                    run_group(&codec, &*f, start, chunk, &cancelled)
                 }),
             ));
         }
@@ -1093,14 +1149,14 @@ fn run_group<F>(
     codec: &PayloadCodec,
     f: &F,
     first: usize,
-    payloads: &[Bytes],
+    payloads: Vec<Bytes>,
     cancelled: &AtomicBool,
 ) -> Result<Vec<Option<Bytes>>, BatchError>
 where
-    F: Fn(&PayloadCodec, &[u8]) -> Result<Option<Bytes>, CodecError>,
+    F: Fn(&PayloadCodec, Bytes) -> Result<Option<Bytes>, CodecError>,
 {
     payloads
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, p)| {
             if cancelled.load(Ordering::Relaxed) {
@@ -1115,6 +1171,13 @@ where
             })
         })
         .collect()
+}
+
+/// A payload to decode: borrowed (copied before decrypting) or handed over (decrypted in its
+/// own buffer when that buffer is not shared).
+enum Source<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Bytes),
 }
 
 /// Turns the working buffer into the result starting at `start`, giving back a large unused

@@ -966,3 +966,77 @@ async fn cancelled_batches_stop_their_blocking_workers() {
         "blocking workers went on after the batch was dropped: {done} of 256 payloads decoded"
     );
 }
+
+/// A payload handed over whose buffer nothing else holds (a fetched storage object) is
+/// decrypted in that buffer: the result lies inside it. A shared one is copied first and left
+/// as it was; both decode to the same plaintext, and a tampered one fails closed either way.
+#[tokio::test]
+async fn a_handed_over_payload_is_decrypted_in_its_own_buffer_and_a_shared_one_is_not_touched() {
+    let f = Fixture::new();
+    let codec = f.codec(true, true);
+    let plain = user_payload(&random_bytes(300_000));
+    let encoded = codec.encode(None, &plain).unwrap().unwrap();
+    let budget = crate::budget::MessageBudget::unlimited();
+
+    // Unique: decrypted in place.
+    let unique = Bytes::from(encoded.to_vec());
+    let range = unique.as_ptr() as usize..unique.as_ptr() as usize + unique.len();
+    let out = codec
+        .decode_owned(unique, None, Some(""), &budget)
+        .unwrap()
+        .unwrap();
+    assert_eq!(&out[..], &plain[..]);
+    assert!(
+        range.contains(&(out.as_ptr() as usize)),
+        "decrypted in the object's own buffer"
+    );
+
+    // Shared (a cached object): copied, the shared buffer unchanged.
+    let shared = Bytes::from(encoded.to_vec());
+    let keep = shared.clone();
+    let out = codec
+        .decode_owned(shared, None, Some(""), &budget)
+        .unwrap()
+        .unwrap();
+    assert_eq!(&out[..], &plain[..]);
+    assert_eq!(keep, encoded, "a shared buffer is never written to");
+
+    // Tampered, unique: authentication fails, nothing is returned.
+    let mut bad = encoded.to_vec();
+    let last = bad.len() - 1;
+    bad[last] ^= 1;
+    let err = codec
+        .decode_owned(Bytes::from(bad), None, Some(""), &budget)
+        .unwrap_err();
+    assert!(
+        matches!(err, CodecError::AuthenticationFailed { .. }),
+        "{err}"
+    );
+
+    // Through the batch the gRPC path uses.
+    let batch = codec
+        .decode_batch_scoped(None, false, vec![Bytes::from(encoded.to_vec())], budget)
+        .await
+        .unwrap();
+    assert_eq!(batch[0].as_deref(), Some(&plain[..]));
+}
+
+/// In place, nothing new is allocated and nothing is charged (the fetched object was); a
+/// copy is charged as before.
+#[test]
+fn a_payload_decrypted_in_place_is_not_charged_twice() {
+    let f = Fixture::new();
+    let codec = f.codec(true, true);
+    let plain = user_payload(&random_bytes(200_000));
+    let encoded = codec.encode(None, &plain).unwrap().unwrap();
+    let budget = crate::budget::MessageBudget::unlimited();
+    codec
+        .decode_owned(Bytes::from(encoded.to_vec()), None, Some(""), &budget)
+        .unwrap();
+    assert_eq!(budget.used(), 0, "in place: the object's own bytes");
+    let keep = Bytes::from(encoded.to_vec());
+    codec
+        .decode_owned(keep.clone(), None, Some(""), &budget)
+        .unwrap();
+    assert_eq!(budget.used(), plain.len(), "a copy is charged");
+}

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -276,7 +276,7 @@ impl Body for BufferedBody {
 /// A body read to its end: the data, in order, and the trailers if any.
 #[derive(Debug, Default)]
 pub struct Collected {
-    /// The data chunks as they arrived.
+    /// The data: one buffer ([`collect`]), none when the body had no data.
     pub chunks: Vec<Bytes>,
     /// Total data length.
     pub len: usize,
@@ -294,6 +294,12 @@ pub struct TooLarge {
 
 /// Reads `body` to its end, refusing more than `limit` data bytes and holding every chunk
 /// against the process memory budget (through `budget`) as it arrives.
+///
+/// The data ends up in one buffer: a body that arrives in one chunk is kept as it is; else
+/// the buffer is sized once, when the second chunk arrives, from the gRPC prefix of the first
+/// message (its announced length, within `limit`), and every chunk is copied into it and
+/// freed as it arrives, so the chunks and the joined body are never held side by side. (A
+/// body of several messages grows the buffer past the first.) `chunks` holds that one buffer.
 pub async fn collect<B>(
     mut body: B,
     limit: usize,
@@ -304,16 +310,35 @@ where
     B::Error: Into<BoxError>,
 {
     let mut collected = Collected::default();
+    let mut first: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Into::into)?;
         match frame.into_data() {
             Ok(data) => {
+                if data.is_empty() {
+                    continue;
+                }
                 collected.len += data.len();
                 if collected.len > limit {
                     return Err(Box::new(TooLarge { limit }));
                 }
                 budget.hold(data.len())?;
-                collected.chunks.push(data);
+                if first.is_none() && joined.is_empty() {
+                    first = Some(data);
+                    continue;
+                }
+                if let Some(head) = first.take() {
+                    let size = announced(&head, &data)
+                        .map_or(collected.len, |n| {
+                            n.saturating_add(crate::grpc::frame::PREFIX_LEN)
+                        })
+                        .max(collected.len)
+                        .min(limit);
+                    joined.reserve(size);
+                    joined.extend_from_slice(&head);
+                }
+                joined.extend_from_slice(&data);
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
@@ -322,7 +347,29 @@ where
             }
         }
     }
+    match first {
+        Some(one) => collected.chunks.push(one),
+        None if !joined.is_empty() => collected.chunks.push(joined.freeze()),
+        None => {}
+    }
     Ok(collected)
+}
+
+/// The message length in the gRPC prefix at the start of `head` ‖ `next`, when both hold it.
+fn announced(head: &[u8], next: &[u8]) -> Option<usize> {
+    let mut prefix = head
+        .iter()
+        .chain(next)
+        .take(crate::grpc::frame::PREFIX_LEN)
+        .skip(1)
+        .copied();
+    let bytes = [
+        prefix.next()?,
+        prefix.next()?,
+        prefix.next()?,
+        prefix.next()?,
+    ];
+    Some(u32::from_be_bytes(bytes) as usize)
 }
 
 #[cfg(test)]
@@ -334,6 +381,45 @@ mod tests {
         let mut t = HeaderMap::new();
         t.insert("grpc-status", http::HeaderValue::from_static("0"));
         t
+    }
+
+    /// A body in several chunks is collected into one buffer (sized from the gRPC prefix),
+    /// byte for byte; one chunk is kept as it is; the limit and the budget still hold.
+    #[tokio::test]
+    async fn a_body_is_collected_into_one_buffer_within_its_limits() {
+        let message: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&message);
+        let framed = Bytes::from(framed);
+        // Split inside the prefix, then twice more.
+        let chunks = vec![
+            framed.slice(..3),
+            framed.slice(3..100_000),
+            framed.slice(100_000..200_000),
+            framed.slice(200_000..),
+        ];
+        let process = ProcessBudget::new(0);
+        let budget = crate::budget::MessageBudget::new(process.clone(), usize::MAX);
+        let body = GatewayBody::buffered(chunks, Some(trailers()));
+        let collected = collect(body, framed.len(), &budget).await.unwrap();
+        assert_eq!(collected.chunks.len(), 1);
+        assert_eq!(collected.chunks[0], framed);
+        assert_eq!(collected.len, framed.len());
+        assert!(collected.trailers.is_some());
+        assert_eq!(process.in_use(), framed.len(), "held as received");
+
+        let one = GatewayBody::buffered(vec![framed.clone()], None);
+        let collected = collect(one, framed.len(), &budget).await.unwrap();
+        assert_eq!(
+            collected.chunks[0].as_ptr(),
+            framed.as_ptr(),
+            "one chunk: not copied"
+        );
+
+        let over = GatewayBody::buffered(vec![framed.slice(..10), framed.slice(10..)], None);
+        let err = collect(over, framed.len() - 1, &budget).await.unwrap_err();
+        assert!(err.is::<TooLarge>());
     }
 
     #[tokio::test]

@@ -180,12 +180,14 @@ fn inflate(
         Encoding::Gzip => read_limited(
             flate2::bufread::MultiGzDecoder::new(message),
             limit,
+            gzip_size_hint(message),
             budget,
             corrupt,
         ),
         _ => {
             let mut reader = flate2::bufread::ZlibDecoder::new(message);
-            let out = read_limited(&mut reader, limit, budget, corrupt)?;
+            let hint = message.len().saturating_mul(4);
+            let out = read_limited(&mut reader, limit, hint, budget, corrupt)?;
             if !reader.get_ref().is_empty() {
                 return Err(corrupt(format!(
                     "{} bytes after the end of the compressed stream",
@@ -198,33 +200,60 @@ fn inflate(
 }
 
 /// Reads `reader` to its end into one buffer of at most `limit` bytes, charging capacity to
-/// `budget` before allocating it.
+/// `budget` before allocating it. `hint`: the size the stream announces (gzip's `ISIZE`),
+/// reserved up front so a truthful one is read without growing the buffer; the decoder
+/// writes straight into the buffer.
 fn read_limited(
     mut reader: impl Read,
     limit: usize,
+    hint: usize,
     budget: &MessageBudget,
     corrupt: impl Fn(String) -> FrameError,
 ) -> Result<Bytes, FrameError> {
-    let mut chunk = vec![0u8; 64 * 1024];
     let mut out: Vec<u8> = Vec::new();
+    let mut next = hint.max(64 * 1024).min(limit.max(1));
     loop {
-        let n = reader
-            .read(&mut chunk)
-            .map_err(|e| corrupt(e.to_string()))?;
-        if n == 0 {
-            return Ok(Bytes::from(out));
-        }
-        let size = out.len() + n;
-        if size > limit {
-            return Err(FrameError::TooLarge { size, limit });
-        }
-        if size > out.capacity() {
-            let capacity = size.max(out.capacity() * 2).min(limit);
+        if out.len() == out.capacity() {
+            // Full (or not started): is there more? Only then is the buffer grown.
+            let mut probe = [0u8; 1];
+            let n = reader
+                .read(&mut probe)
+                .map_err(|e| corrupt(e.to_string()))?;
+            if n == 0 {
+                return Ok(Bytes::from(out));
+            }
+            if out.len() >= limit {
+                return Err(FrameError::TooLarge {
+                    size: out.len() + n,
+                    limit,
+                });
+            }
+            let capacity = next.min(limit).max(out.len() + 1);
             budget.charge(capacity - out.capacity())?;
             out.reserve_exact(capacity - out.len());
+            next = capacity.saturating_mul(2);
+            out.push(probe[0]);
         }
-        out.extend_from_slice(&chunk[..n]);
+        let room = (out.capacity() - out.len()) as u64;
+        (&mut reader)
+            .take(room)
+            .read_to_end(&mut out)
+            .map_err(|e| corrupt(e.to_string()))?;
+        if out.len() < out.capacity() {
+            return Ok(Bytes::from(out));
+        }
     }
+}
+
+/// The size a gzip stream announces for its (last) member: the `ISIZE` trailer, the input
+/// size modulo 2^32. A hint only (several members, or a lie): bounded by what `message` can
+/// inflate to at deflate's best ratio (1032:1), so a small message never reserves much.
+fn gzip_size_hint(message: &[u8]) -> usize {
+    let Some(trailer) = message.len().checked_sub(4).map(|at| &message[at..]) else {
+        return 0;
+    };
+    let isize = u32::from_le_bytes([trailer[0], trailer[1], trailer[2], trailer[3]]) as usize;
+    isize.min(message.len().saturating_mul(1032))
 }
 
 /// Messages up to this size are copied behind their prefix into one chunk: one DATA frame
@@ -236,21 +265,31 @@ const COALESCE_MAX: usize = 16 * 1024;
 /// No chunk is ever empty: some peers (sdk-core's h2) count empty DATA frames as abuse and
 /// close the connection.
 pub fn encode(messages: Vec<Bytes>) -> Result<Vec<Bytes>, FrameError> {
+    encode_pieces(messages.into_iter().map(|m| vec![m]).collect())
+}
+
+/// [`encode`] for messages given as pieces (each message is the concatenation of its pieces,
+/// as a rewrite that shares large payloads returns it): a small message is copied behind its
+/// prefix into one chunk; a large one keeps its pieces as chunks, not copied.
+pub fn encode_pieces(messages: Vec<Vec<Bytes>>) -> Result<Vec<Bytes>, FrameError> {
     let mut chunks = Vec::with_capacity(messages.len() * 2);
-    for message in messages {
-        if u32::try_from(message.len()).is_err() {
-            return Err(FrameError::Unframeable(message.len()));
+    for pieces in messages {
+        let len: usize = pieces.iter().map(Bytes::len).sum();
+        if u32::try_from(len).is_err() {
+            return Err(FrameError::Unframeable(len));
         }
         let mut prefix = [0u8; PREFIX_LEN];
-        prefix[1..].copy_from_slice(&(message.len() as u32).to_be_bytes());
-        if message.len() <= COALESCE_MAX {
-            let mut chunk = BytesMut::with_capacity(PREFIX_LEN + message.len());
+        prefix[1..].copy_from_slice(&(len as u32).to_be_bytes());
+        if len <= COALESCE_MAX {
+            let mut chunk = BytesMut::with_capacity(PREFIX_LEN + len);
             chunk.extend_from_slice(&prefix);
-            chunk.extend_from_slice(&message);
+            for piece in &pieces {
+                chunk.extend_from_slice(piece);
+            }
             chunks.push(chunk.freeze());
         } else {
             chunks.push(Bytes::copy_from_slice(&prefix));
-            chunks.push(message);
+            chunks.extend(pieces.into_iter().filter(|p| !p.is_empty()));
         }
     }
     Ok(chunks)
@@ -358,6 +397,29 @@ pub(crate) mod tests {
                 limit: 1024
             })
         );
+    }
+
+    /// A gzip message that announces its size truthfully (ISIZE) is inflated into one buffer
+    /// of exactly that size, charged once; a lying ISIZE only changes where growth starts.
+    #[test]
+    fn gzip_is_inflated_into_a_buffer_sized_once() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let compressed = gzip(&data);
+        let budget = MessageBudget::unlimited();
+        let out = inflate(&compressed, Encoding::Gzip, 10 << 20, &budget).unwrap();
+        assert_eq!(out, data);
+        assert_eq!(
+            budget.used(),
+            data.len(),
+            "charged once, the announced size"
+        );
+        let mut lying = compressed.clone();
+        let n = lying.len();
+        lying[n - 4..].copy_from_slice(&1000u32.to_le_bytes());
+        let budget = MessageBudget::unlimited();
+        // flate2 checks ISIZE against what it inflated: a lie is a corrupt stream.
+        assert!(inflate(&lying, Encoding::Gzip, 10 << 20, &budget).is_err());
+        assert!(budget.used() <= 2 * data.len());
     }
 
     #[test]

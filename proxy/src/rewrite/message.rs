@@ -58,8 +58,25 @@ pub async fn rewrite(
     message: Bytes,
     limits: Option<&Limits>,
 ) -> Result<Bytes, Status> {
+    let pieces = rewrite_pieces(pipeline, direction, ctx, ty, message, limits).await?;
+    let len = pieces.iter().map(Bytes::len).sum();
+    Ok(crate::grpc::frame::join(pieces, len))
+}
+
+/// [`rewrite`] returning the message as pieces whose concatenation is the rewritten message
+/// ([`payload_gateway_proto::Scan::splice_edits_chunks`]): a large payload is a piece of its
+/// own, not copied into a new message buffer. Frame it with
+/// [`encode_pieces`](crate::grpc::frame::encode_pieces).
+pub async fn rewrite_pieces(
+    pipeline: &Pipeline,
+    direction: Direction,
+    ctx: &CallContext,
+    ty: MessageType,
+    message: Bytes,
+    limits: Option<&Limits>,
+) -> Result<Vec<Bytes>, Status> {
     if !ty.can_hold_payloads() {
-        return Ok(message);
+        return Ok(vec![message]);
     }
     let scanned = scan(ty, &message).map_err(|e| {
         let code = match direction {
@@ -99,7 +116,7 @@ pub async fn rewrite(
         })
         .collect();
     if sites.is_empty() && seals.is_empty() && added.is_empty() && scanned.failures().is_empty() {
-        return Ok(message);
+        return Ok(vec![message]);
     }
     let payloads: Vec<Bytes> = sites
         .iter()
@@ -108,7 +125,7 @@ pub async fn rewrite(
         .chain(added.iter().map(|(_, p)| p.clone()))
         .collect();
     if payloads.is_empty() {
-        return Ok(message);
+        return Ok(vec![message]);
     }
     let sizes: Vec<usize> = payloads.iter().map(Bytes::len).collect();
     let outcome = match (direction, limits) {
@@ -178,7 +195,7 @@ pub async fn rewrite(
         restore_texts(&scanned, &message, &edits, &mut texts);
     }
     scanned
-        .splice_edits(&message, &replacements, &edits, &texts)
+        .splice_edits_chunks(&message, &replacements, &edits, &texts)
         .map_err(|e| {
             Status::new(
                 Code::Internal,

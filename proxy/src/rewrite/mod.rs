@@ -201,7 +201,7 @@ impl RewriteLayer {
             self.rewrite_all(Direction::Encode, &ctx, request_type, messages, limits)
                 .await?
         } else {
-            messages
+            messages.into_iter().map(|m| vec![m]).collect()
         };
         let request =
             Request::from_parts(parts, GatewayBody::buffered(encode_frames(messages)?, None));
@@ -235,8 +235,20 @@ impl RewriteLayer {
             .rewrite_all(Direction::Decode, ctx, response_type, messages, None)
             .await?;
         let messages = match &self.search {
+            // Tokens are opened in whole messages: the pieces are joined first.
             Some(search) => {
-                search.on_response(response_type, ctx.namespace.as_deref(), messages)?
+                let whole = messages
+                    .into_iter()
+                    .map(|pieces| {
+                        let len = pieces.iter().map(Bytes::len).sum();
+                        frame::join(pieces, len)
+                    })
+                    .collect();
+                search
+                    .on_response(response_type, ctx.namespace.as_deref(), whole)?
+                    .into_iter()
+                    .map(|m| vec![m])
+                    .collect()
             }
             None => messages,
         };
@@ -270,11 +282,14 @@ impl RewriteLayer {
         ty: MessageType,
         messages: Vec<Bytes>,
         limits: Option<Limits>,
-    ) -> Result<Vec<Bytes>, Status> {
+    ) -> Result<Vec<Vec<Bytes>>, Status> {
         let mut out = Vec::with_capacity(messages.len());
         for m in messages {
+            if let Some(capture) = &self.capture {
+                capture.record(ty, &m);
+            }
             out.push(
-                self.rewrite_one(direction, ctx, ty, m, limits.as_ref())
+                message::rewrite_pieces(&self.pipeline, direction, ctx, ty, m, limits.as_ref())
                     .await?,
             );
         }
@@ -344,7 +359,7 @@ impl RewriteLayer {
             let edited =
                 server_limits::advertised_bytes(answer, &message, |ns| self.promise(limits, ns))
                     .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
-            out.push(edited);
+            out.push(vec![edited]);
         }
         parts.headers.remove(http::header::CONTENT_LENGTH);
         let frames = encode_frames(out)?;
@@ -424,8 +439,8 @@ impl RewriteLayer {
 
 /// Frames rewritten messages; a message that no longer fits a length prefix is an error,
 /// never a wrapped length.
-fn encode_frames(messages: Vec<Bytes>) -> Result<Vec<Bytes>, Status> {
-    frame::encode(messages).map_err(|e| Status::new(Code::ResourceExhausted, e.to_string()))
+fn encode_frames(messages: Vec<Vec<Bytes>>) -> Result<Vec<Bytes>, Status> {
+    frame::encode_pieces(messages).map_err(|e| Status::new(Code::ResourceExhausted, e.to_string()))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {

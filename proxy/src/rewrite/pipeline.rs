@@ -464,10 +464,16 @@ impl Pipeline {
             }
         }
         // 2. Unwrap data keys, then decrypt and decompress.
+        // A fetched object the codec decodes is handed over (not shared), so it can be
+        // decrypted in its own buffer; one it leaves alone stays in `resolved`.
         let current: Vec<Bytes> = payloads
             .iter()
-            .zip(&resolved)
-            .map(|(p, r)| r.clone().unwrap_or_else(|| p.clone()))
+            .zip(resolved.iter_mut())
+            .map(|(p, r)| match r {
+                Some(b) if PayloadCodec::is_encoded(b) => r.take().unwrap_or_default(),
+                Some(b) => b.clone(),
+                None => p.clone(),
+            })
             .collect();
         self.prepare(ns, scope, &current, 0).await?;
         let decoded = self.decode_payloads(ctx, scope, current).await?;
