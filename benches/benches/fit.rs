@@ -8,6 +8,7 @@
 //! to the in-memory driver:
 //! - `plain offload`: threshold 64 KiB, no fit pass: the threshold offloads all 60.
 //! - `fit`: threshold 256 KiB, the server's limits (4 MiB message): the fit pass chooses.
+//!
 //! And 60 activities with 10 KB inputs (nothing to offload): the fit pass on and off, for what
 //! planning costs a message that already fits.
 

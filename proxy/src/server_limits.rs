@@ -190,10 +190,10 @@ pub fn advertise(
             let fields = top_level_fields(message)?;
             let mut edits = Vec::new();
             for field in &fields {
-                if let (NAMESPACE_INFO_FIELD, Some(v)) = (field.number, &field.value) {
-                    if let Some(edited) = advertise_in_holder(&message[v.clone()], &promise)? {
-                        edits.push((field.whole.clone(), edited));
-                    }
+                if let (NAMESPACE_INFO_FIELD, Some(v)) = (field.number, &field.value)
+                    && let Some(edited) = advertise_in_holder(&message[v.clone()], &promise)?
+                {
+                    edits.push((field.whole.clone(), edited));
                 }
             }
             Ok((!edits.is_empty()).then(|| rebuild(message, &fields, edits)))

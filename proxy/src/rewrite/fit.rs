@@ -52,10 +52,10 @@ impl FitPlan {
         let sites = scanned.sites();
         let site_bytes: usize = sites.iter().map(|s| s.range().len()).sum();
         let mut limit = limits.message;
-        if ty.name() == COMPLETION_REQUEST {
-            if let Some(completion) = limits.completion {
-                limit = limit.min(completion);
-            }
+        if ty.name() == COMPLETION_REQUEST
+            && let Some(completion) = limits.completion
+        {
+            limit = limit.min(completion);
         }
         let other = message.len().saturating_sub(site_bytes);
         let slack = MESSAGE_SLACK + PER_PAYLOAD_SLACK * (sites.len() + extra);
@@ -63,8 +63,8 @@ impl FitPlan {
         // Group the sites by the message holding them (a `Payloads`, or a message with
         // singular payload fields) and memo entries by their memo.
         let mut groups: Vec<(Option<u32>, bool, Vec<usize>)> = Vec::new();
-        for i in 0..sites.len() {
-            let memo = sites[i].path().to_string().ends_with("memo.fields");
+        for (i, site) in sites.iter().enumerate() {
+            let memo = site.path().to_string().ends_with("memo.fields");
             let key = scanned.container(i, if memo { 2 } else { 1 });
             match groups.iter_mut().find(|(k, m, _)| *k == key && *m == memo) {
                 Some((_, _, members)) => members.push(i),
