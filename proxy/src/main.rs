@@ -197,47 +197,28 @@ fn keygen() -> ExitCode {
     }
 }
 
+/// A report an offline command prints: as text, or as JSON with `--json`.
+trait Report: serde::Serialize {
+    fn render(&self) -> String;
+}
+
+impl Report for payload_gateway::audit::AuditReport {
+    fn render(&self) -> String {
+        payload_gateway::audit::AuditReport::render(self)
+    }
+}
+
+impl Report for payload_gateway::audit::gc::GcReport {
+    fn render(&self) -> String {
+        payload_gateway::audit::gc::GcReport::render(self)
+    }
+}
+
 /// `keys audit`: reads the upstream with the gateway's own connection settings and stores.
 fn keys_audit(config_path: Option<PathBuf>, namespaces: &[String], json: bool) -> ExitCode {
-    let config = match payload_gateway::app::load_config(config_path.as_deref()) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("payload-gateway: config error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("payload-gateway: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(payload_gateway::audit::run(&config, namespaces)) {
-        Ok(report) if json => match serde_json::to_string_pretty(&report) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("payload-gateway: cannot render the report: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Ok(report) => {
-            print!("{}", report.render());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("payload-gateway: keys audit failed: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    offline_command(config_path, "keys audit", json, |config| async move {
+        payload_gateway::audit::run(&config, namespaces).await
+    })
 }
 
 /// `storage gc`: mark and sweep with the gateway's own upstream settings and drivers.
@@ -246,6 +227,25 @@ fn storage_gc(
     options: payload_gateway::audit::gc::GcOptions,
     json: bool,
 ) -> ExitCode {
+    offline_command(config_path, "storage gc", json, |config| async move {
+        payload_gateway::audit::gc::run(&config, &options).await
+    })
+}
+
+/// Loads the config, runs `job` on a small runtime and prints its report: exit 2 for a config
+/// error, 1 when the job fails.
+fn offline_command<R, E, F, Fut>(
+    config_path: Option<PathBuf>,
+    name: &str,
+    json: bool,
+    job: F,
+) -> ExitCode
+where
+    R: Report,
+    E: std::fmt::Display,
+    F: FnOnce(payload_gateway::config::Config) -> Fut,
+    Fut: std::future::Future<Output = Result<R, E>>,
+{
     let config = match payload_gateway::app::load_config(config_path.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -265,7 +265,7 @@ fn storage_gc(
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(payload_gateway::audit::gc::run(&config, &options)) {
+    match runtime.block_on(job(config)) {
         Ok(report) if json => match serde_json::to_string_pretty(&report) {
             Ok(text) => {
                 println!("{text}");
@@ -281,7 +281,7 @@ fn storage_gc(
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("payload-gateway: storage gc failed: {e}");
+            eprintln!("payload-gateway: {name} failed: {e}");
             ExitCode::FAILURE
         }
     }
