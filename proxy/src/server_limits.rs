@@ -139,24 +139,31 @@ pub fn stated_in(
 ) -> Result<Vec<(String, Stated)>, AnswerError> {
     let mut out = Vec::new();
     for holder in holders(answer, message)? {
-        let mut name = String::new();
-        let mut stated = Stated::default();
-        for info in len_values(holder, NAMESPACE_INFO_FIELD)? {
-            for field in top_level_fields(info)? {
-                match (field.number, &field.value) {
-                    (NAME_FIELD, Some(v)) => {
-                        name = String::from_utf8_lossy(&info[v.clone()]).into_owned()
-                    }
-                    (LIMITS_FIELD, Some(v)) => merge_limits(&mut stated, &info[v.clone()])?,
-                    _ => {}
-                }
-            }
-        }
+        let (name, stated) = read_info(&len_values(holder, NAMESPACE_INFO_FIELD)?)?;
         if !name.is_empty() {
             out.push((name, stated));
         }
     }
     Ok(out)
+}
+
+/// The name and stated limits of one `NamespaceInfo` given as the `parts` a parser merges:
+/// the last name wins, limits merge field by field.
+fn read_info(parts: &[&[u8]]) -> Result<(String, Stated), AnswerError> {
+    let mut name = String::new();
+    let mut stated = Stated::default();
+    for info in parts {
+        for field in top_level_fields(info)? {
+            match (field.number, &field.value) {
+                (NAME_FIELD, Some(v)) => {
+                    name = String::from_utf8_lossy(&info[v.clone()]).into_owned()
+                }
+                (LIMITS_FIELD, Some(v)) => merge_limits(&mut stated, &info[v.clone()])?,
+                _ => {}
+            }
+        }
+    }
+    Ok((name, stated))
 }
 
 fn merge_limits(stated: &mut Stated, limits: &[u8]) -> Result<(), AnswerError> {
@@ -215,16 +222,15 @@ fn advertise_in_holder(
         return Ok(None);
     };
     // The name a parser sees: the last one across the merged parts.
-    let mut name = None;
-    for info in &infos {
-        let bytes = &holder[info.value.clone().unwrap_or_default()];
-        for f in top_level_fields(bytes)? {
-            if let (NAME_FIELD, Some(v)) = (f.number, &f.value) {
-                name = Some(String::from_utf8_lossy(&bytes[v.clone()]).into_owned());
-            }
-        }
-    }
-    let Some(promise) = name.as_deref().and_then(promise) else {
+    let parts: Vec<&[u8]> = infos
+        .iter()
+        .map(|info| &holder[info.value.clone().unwrap_or_default()])
+        .collect();
+    let (name, _) = read_info(&parts)?;
+    let Some(promise) = Some(name)
+        .filter(|n| !n.is_empty())
+        .and_then(|n| promise(&n))
+    else {
         return Ok(None);
     };
     let last_whole = last.whole.clone();

@@ -259,20 +259,9 @@ impl RewriteLayer {
             }
             None => None,
         };
-        parts.headers.remove(http::header::CONTENT_LENGTH);
-        let frames = encode_frames(messages)?;
-        // The framed response stays charged to the process budget until its bytes are handed
-        // to the connection, dropped with the stream, or freed by the send timeout: a client
-        // that stops reading holds budget, not unaccounted memory. Taken before the
-        // response's message budget (input and inflations) is released with `ctx`.
-        let held = ctx
-            .budget
-            .process()
-            .reserve_allocated(frames.iter().map(Bytes::len).sum());
-        Ok(Response::from_parts(
-            parts,
-            GatewayBody::sending(frames, trailers, held),
-        ))
+        // Taken before the response's message budget (input and inflations) is released
+        // with `ctx`.
+        framed_response(parts, messages, trailers, &ctx.budget)
     }
 
     async fn rewrite_all(
@@ -343,7 +332,7 @@ impl RewriteLayer {
         limits: &ServerLimits,
     ) -> Result<Response<GatewayBody>, Status> {
         let response = forward(inner, request).await;
-        let (mut parts, body) = response.into_parts();
+        let (parts, body) = response.into_parts();
         if parts.headers.contains_key("grpc-status") {
             return Ok(Response::from_parts(parts, body));
         }
@@ -361,15 +350,7 @@ impl RewriteLayer {
                     .map_err(|e| Status::new(Code::Internal, e.to_string()))?;
             out.push(vec![edited]);
         }
-        parts.headers.remove(http::header::CONTENT_LENGTH);
-        let frames = encode_frames(out)?;
-        let held = budget
-            .process()
-            .reserve_allocated(frames.iter().map(Bytes::len).sum());
-        Ok(Response::from_parts(
-            parts,
-            GatewayBody::sending(frames, trailers, held),
-        ))
+        framed_response(parts, out, trailers, &budget)
     }
 
     /// Reads a whole body and splits it into inflated messages. `code` is the status for a
@@ -435,6 +416,27 @@ impl RewriteLayer {
         );
         Ok(())
     }
+}
+
+/// A rewritten response: `messages` framed after `parts`, then `trailers`. The framed bytes
+/// stay charged to the process budget behind `budget` until they are handed to the
+/// connection, dropped with the stream, or freed by the send timeout: a client that stops
+/// reading holds budget, not unaccounted memory.
+fn framed_response(
+    mut parts: http::response::Parts,
+    messages: Vec<Vec<Bytes>>,
+    trailers: Option<HeaderMap>,
+    budget: &MessageBudget,
+) -> Result<Response<GatewayBody>, Status> {
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    let frames = encode_frames(messages)?;
+    let held = budget
+        .process()
+        .reserve_allocated(frames.iter().map(Bytes::len).sum());
+    Ok(Response::from_parts(
+        parts,
+        GatewayBody::sending(frames, trailers, held),
+    ))
 }
 
 /// Frames rewritten messages; a message that no longer fits a length prefix is an error,

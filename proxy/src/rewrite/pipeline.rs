@@ -303,7 +303,7 @@ impl Pipeline {
         payloads: Vec<Bytes>,
     ) -> Result<Vec<Option<Bytes>>, StageError> {
         match direction {
-            Direction::Encode => self.encode(ctx, payloads, None).await,
+            Direction::Encode => self.encode_to_fit(ctx, payloads, None).await,
             Direction::Decode => {
                 self.decode_scoped(ctx, &DecodeScope::grpc(), payloads)
                     .await
@@ -315,15 +315,6 @@ impl Pipeline {
     /// offloads, offloads what `fit` says the server's limits need on top of the threshold
     /// ([`super::fit`]). `None` keeps a payload as it was.
     pub async fn encode_to_fit(
-        &self,
-        ctx: &CallContext,
-        payloads: Vec<Bytes>,
-        fit: Option<&FitPlan>,
-    ) -> Result<Vec<Option<Bytes>>, StageError> {
-        self.encode(ctx, payloads, fit).await
-    }
-
-    async fn encode(
         &self,
         ctx: &CallContext,
         payloads: Vec<Bytes>,
