@@ -106,6 +106,7 @@ pub fn start_trimmer() -> std::io::Result<()> {
                 if !quiet {
                     trimmed = false;
                 } else if !trimmed {
+                    payload_gateway::buffers::release_all();
                     // SAFETY: malloc_trim takes the arena locks itself; no pointer is passed.
                     unsafe { libc::malloc_trim(0) };
                     trimmed = true;

@@ -13,6 +13,7 @@ pub mod app;
 pub mod audit;
 pub mod auth;
 pub mod budget;
+pub mod buffers;
 pub mod codec;
 pub mod codec_server;
 pub mod config;

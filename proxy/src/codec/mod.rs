@@ -90,6 +90,7 @@ use aws_lc_rs::rand::SystemRandom;
 use bytes::{Bytes, BytesMut};
 
 use crate::budget::MessageBudget;
+use crate::buffers::{self, PooledBuf};
 use crate::config::{Config, ConfigError};
 use crate::kms::KeyEncryptionKey;
 use crate::policy::ByNamespace;
@@ -509,7 +510,7 @@ impl PayloadCodec {
             None if !compress => Ok(None),
             None => {
                 let reserve = state.zstd_header.len() + DATA_HEADER_MAX;
-                let mut buf = Vec::new();
+                let mut buf = PooledBuf::with_capacity(compress_room(reserve, payload.len()));
                 match state.compress_layer(&mut buf, reserve, payload)? {
                     Some(start) => Ok(Some(finish(buf, start))),
                     None => Ok(None),
@@ -524,10 +525,14 @@ impl PayloadCodec {
                     ),
                 };
                 let enc_reserve = key.header.len() + DATA_HEADER_MAX + NONCE_LEN;
-                let mut buf = Vec::new();
+                let reserve = enc_reserve + state.zstd_header.len() + DATA_HEADER_MAX;
+                let mut buf = PooledBuf::with_capacity(if compress {
+                    compress_room(reserve, payload.len())
+                } else {
+                    enc_reserve + payload.len() + TAG_LEN
+                });
                 let mut inner_start = None;
                 if compress {
-                    let reserve = enc_reserve + state.zstd_header.len() + DATA_HEADER_MAX;
                     inner_start = state.compress_layer(&mut buf, reserve, payload)?;
                 }
                 let inner_start = match inner_start {
@@ -742,7 +747,7 @@ impl PayloadCodec {
         let state = self.inner.state.load();
         let inflate = |frame: &[u8]| {
             zstd_layer::decompress_bounded(frame, state.max_decompressed, budget)
-                .map(|v| Some(Bytes::from(v)))
+                .map(|v| Some(v.freeze()))
         };
         let payload: &[u8] = match &source {
             Source::Borrowed(p) => p,
@@ -1057,9 +1062,7 @@ impl PayloadCodec {
         // Dropping this future (the RPC was cancelled or timed out) tells the blocking workers
         // to stop before their next payload instead of finishing work nobody waits for.
         let cancel = CancelOnDrop(Arc::new(AtomicBool::new(false)));
-        let workers = std::thread::available_parallelism()
-            .map_or(1, usize::from)
-            .min(payloads.len());
+        let workers = cpus().min(payloads.len());
         let f = Arc::new(f);
         let mut tasks = Vec::with_capacity(workers);
         let mut rest = payloads;
@@ -1173,6 +1176,13 @@ where
         .collect()
 }
 
+/// The number of CPUs, read once: `available_parallelism` reads the cgroup's files on every
+/// call, which cost about 1 % of the gateway's CPU when asked per message.
+fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, usize::from))
+}
+
 /// A payload to decode: borrowed (copied before decrypting) or handed over (decrypted in its
 /// own buffer when that buffer is not shared).
 enum Source<'a> {
@@ -1180,13 +1190,25 @@ enum Source<'a> {
     Owned(Bytes),
 }
 
-/// Turns the working buffer into the result starting at `start`, giving back a large unused
-/// tail (compression reserves the worst case) so a small result does not pin a big allocation.
-fn finish(mut buf: Vec<u8>, start: usize) -> Bytes {
+/// Room for compressing `len` bytes behind `reserve` bytes of headers, and sealing the result.
+fn compress_room(reserve: usize, len: usize) -> usize {
+    reserve + zstd::zstd_safe::compress_bound(len) + TAG_LEN
+}
+
+/// Turns the working buffer into the result starting at `start`. Compression reserves the
+/// worst case, so a much smaller result does not keep the working buffer: a pooled one goes
+/// back to the pool after the result is copied out (a copy of the compressed bytes only),
+/// another one gives back its unused tail.
+fn finish(mut buf: PooledBuf, start: usize) -> Bytes {
     if buf.capacity() - buf.len() > buf.len() / 8 {
+        if buf.capacity() >= buffers::POOLED_MIN {
+            let mut out = PooledBuf::with_capacity(buf.len() - start);
+            out.extend_from_slice(&buf[start..]);
+            return out.freeze();
+        }
         buf.shrink_to_fit();
     }
-    Bytes::from(buf).slice(start..)
+    buf.freeze().slice(start..)
 }
 
 impl State {
@@ -1282,7 +1304,7 @@ impl State {
         payload: &[u8],
     ) -> Result<Option<usize>, CodecError> {
         buf.clear();
-        buf.reserve(reserve + zstd::zstd_safe::compress_bound(payload.len()) + TAG_LEN);
+        buf.reserve(compress_room(reserve, payload.len()));
         buf.resize(reserve, 0);
         zstd_layer::compress_into(buf, payload, self.level)?;
         let frame_len = buf.len() - reserve;

@@ -10,6 +10,7 @@ use zstd::zstd_safe::{
 
 use super::CodecError;
 use crate::budget::MessageBudget;
+use crate::buffers::PooledBuf;
 
 thread_local! {
     static CCTX: RefCell<Option<CCtx<'static>>> = const { RefCell::new(None) };
@@ -62,15 +63,16 @@ fn window_log_max(limit: usize) -> u32 {
 
 /// Decompresses `frame` (one or more zstd frames) into at most `limit` bytes.
 ///
-/// The output grows geometrically up to `limit` and never past it; a frame whose header
+/// The output grows geometrically up to `limit` (a pooled buffer may have room past it: any
+/// byte written past `limit` is refused at once); a frame whose header
 /// declares more than `limit`, or that produces one byte more, is refused. zstd's own window
 /// buffer is capped by [`window_log_max`], so memory stays below `limit` plus that window.
-/// Every byte of output capacity is charged to `budget` before it is allocated.
+/// Every byte of output capacity is charged to `budget` before it is written.
 pub(crate) fn decompress_bounded(
     frame: &[u8],
     limit: usize,
     budget: &MessageBudget,
-) -> Result<Vec<u8>, CodecError> {
+) -> Result<PooledBuf, CodecError> {
     if frame.is_empty() {
         return Err(CodecError::CorruptFrame("empty".to_owned()));
     }
@@ -94,9 +96,10 @@ pub(crate) fn decompress_bounded(
             return Err(CodecError::CorruptFrame("invalid frame header".to_owned()));
         }
     };
-    let initial = initial.min(limit);
-    budget.charge(initial)?;
-    let mut out: Vec<u8> = Vec::with_capacity(initial);
+    // A pooled buffer may be up to a size class larger than asked for; what it holds is
+    // charged before anything is written (a new mapping untouched costs no memory yet).
+    let mut out = PooledBuf::with_capacity(initial.min(limit));
+    budget.charge(out.capacity())?;
     DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         let dctx = slot.get_or_insert_with(DCtx::create);
@@ -104,7 +107,7 @@ pub(crate) fn decompress_bounded(
             // Fast path: one-shot into exactly the declared size (≤ limit). zstd cannot write
             // past the buffer, needs no window buffer, and any surprise (more frames, a lying
             // header) falls back to the streaming path below for a precise error.
-            if dctx.decompress(&mut out, frame).is_ok() {
+            if dctx.decompress(&mut *out, frame).is_ok() && out.len() <= limit {
                 return Ok(());
             }
             out.clear();
@@ -134,7 +137,7 @@ pub(crate) fn decompress_bounded(
                     out.reserve_exact(grow);
                 }
                 let pos = out.len();
-                let mut o = OutBuffer::around_pos(&mut out, pos);
+                let mut o = OutBuffer::around_pos(&mut *out, pos);
                 dctx.decompress_stream(&mut o, &mut input)
                     .map_err(corrupt)?
             };

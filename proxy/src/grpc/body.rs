@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -311,7 +311,7 @@ where
 {
     let mut collected = Collected::default();
     let mut first: Option<Bytes> = None;
-    let mut joined = BytesMut::new();
+    let mut joined = crate::buffers::PooledBuf::default();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(Into::into)?;
         match frame.into_data() {
@@ -335,7 +335,7 @@ where
                         })
                         .max(collected.len)
                         .min(limit);
-                    joined.reserve(size);
+                    joined = crate::buffers::PooledBuf::with_capacity(size);
                     joined.extend_from_slice(&head);
                 }
                 joined.extend_from_slice(&data);
