@@ -13,12 +13,15 @@
 //! - `M_MMAP_THRESHOLD` is fixed at [`MMAP_THRESHOLD`] (128 KiB, glibc's own starting value),
 //!   which turns the dynamic adjustment off: every allocation at or above it is a mapping of
 //!   its own, returned to the system when freed, so large buffers never leave holes in the
-//!   arenas. The price is a page fault per 4 KiB on first touch of each such buffer:
-//!   forwarding 1 MiB messages costs about 2.5× the CPU it does with a 4 MiB threshold (h2
-//!   reads them into fresh 1 MiB buffers), the codec path ~5 % more; 4 MiB kept the peak of
-//!   the 600-workflow soak above its bound (3 × in flight + 64 MiB) and 128 KiB brings it
-//!   well under (BENCHMARKS.md, "Memory after load"). An operator who prefers the CPU sets
-//!   `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4194304` (see below).
+//!   arenas. The price would be a page fault per 4 KiB on first touch of each such buffer
+//!   and an unmap when it is freed; 4 MiB kept the peak of the 600-workflow soak above its
+//!   bound (3 × in flight + 64 MiB) and 128 KiB brings it well under (BENCHMARKS.md, "Memory
+//!   after load"). The gateway's own large buffers (collected messages, codec output,
+//!   decompressed payloads) therefore come from [`payload_gateway::buffers`], a bounded pool
+//!   that keeps their pages mapped between messages and is emptied when the process is quiet:
+//!   page faults and unmapping fell from 10 % to 2 % of the gateway's CPU at 1 MiB
+//!   (BENCHMARKS.md, "Issue 24", "Codec rate"), so there is no CPU-for-memory setting left to
+//!   choose. What remains is h2's own read buffers.
 //! - `M_TRIM_THRESHOLD` is [`TRIM_THRESHOLD`] (8 MiB), so freeing a buffer at the top of a heap
 //!   does not hand back memory the next RPC faults in again.
 //! - `M_ARENA_MAX` is the number of CPUs (glibc's default is 8 per CPU): fewer arenas hold
@@ -106,6 +109,8 @@ pub fn start_trimmer() -> std::io::Result<()> {
                 if !quiet {
                     trimmed = false;
                 } else if !trimmed {
+                    // The pool's kept buffers first: they are mappings of their own, so
+                    // freeing them returns their memory at once.
                     payload_gateway::buffers::release_all();
                     // SAFETY: malloc_trim takes the arena locks itself; no pointer is passed.
                     unsafe { libc::malloc_trim(0) };
