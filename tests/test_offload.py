@@ -339,6 +339,60 @@ def test_offload_through_gateway(temporal_server, gateway_factory, store):
     assert_ciphertext_only(store, min_objects=2)
 
 
+PARTS_LEN = 16 * 1024 * 1024  # hex: ~8 MiB stored after compression, two 5 MiB parts
+
+
+@activity.defn
+async def make_hex(n: int) -> str:
+    return hashlib.shake_256(b"parts").hexdigest(n // 2)
+
+
+@workflow.defn(name="P")
+class PartsWorkflow:
+    @workflow.run
+    async def run(self, data: str) -> dict:
+        out = await workflow.execute_activity(make_hex, PARTS_LEN, start_to_close_timeout=timedelta(seconds=120))
+        return {"in_sha": digest(data), "act_sha": digest(out)}
+
+
+def test_s3_part_uploads_through_gateway(temporal_server, gateway_factory, s3_server):
+    """S3 multipart uploads on (`part_upload_threshold`): the activity result (a task-token
+    request: key `v0/ns/default/d/sha256/...`) goes up in parts, the start input (a workflow
+    key past what s3s-fs can name a multipart upload for: 46-character workflow id) as one
+    PutObject; both read back through the gateway, and nothing of an upload is left."""
+    store = S3Store(s3_server)
+    section = store.storage_section()
+    section["drivers"][0].update(part_upload_threshold=5 * 1024 * 1024, part_size=5 * 1024 * 1024,
+                                 part_concurrency=4)
+    gw = rig.encrypting_gateway(gateway_factory, temporal_server.address, KEY, "PGW_TEST_OFFLOAD_KEY", KEY_ID,
+                                extra_env=store.env(), compression={"enabled": True}, storage=section)
+    data = hashlib.shake_256(b"input").hexdigest(PARTS_LEN // 2)
+    wf_id = "parts-" + uuid.uuid4().hex + "abcdef12"  # 46 characters
+
+    async def run() -> dict:
+        tq = f"parts-{uuid.uuid4().hex[:8]}"
+        client = await Client.connect(gw.address, namespace="default")
+        async with Worker(client, task_queue=tq, workflows=[PartsWorkflow], activities=[make_hex],
+                          workflow_runner=UnsandboxedWorkflowRunner()):
+            return await client.execute_workflow(PartsWorkflow.run, data, id=wf_id, task_queue=tq,
+                                                 execution_timeout=timedelta(seconds=240))
+
+    result = asyncio.run(run())
+    assert result == {"in_sha": digest(data), "act_sha": digest(hashlib.shake_256(b"parts").hexdigest(PARTS_LEN // 2))}
+    # s3s-fs keeps each object's ETag in `.bucket-{b64}.object-{b64}.internal.json`; a multipart
+    # upload's ends in `-{parts}`.
+    etags = {}
+    for info in s3_server.root.glob(".bucket-*.internal.json"):
+        etags[info.name] = json.loads(info.read_text()).get("e_tag", "")
+    big = [e for e in etags.values() if e]
+    assert any(e.endswith("-2") for e in big), etags
+    assert any("-" not in e for e in big), etags
+    left = [p.name for p in s3_server.root.iterdir()
+            if p.name.startswith(".upload_id-") or (".upload-" in p.name and p.name.endswith(".metadata.json"))]
+    assert left == [], left
+    assert_ciphertext_only(store, min_objects=2)
+
+
 SIGNAL_LEN = QUERY_LEN = STATE_LEN = 800_000  # ~400 KB after compression: above the threshold
 
 

@@ -7,6 +7,15 @@
 //!   cargo bench -p payload-gateway-benches --bench storage
 //!   PGW_STORAGE_BENCH_KINDS=gcs,azure PGW_STORAGE_BENCH_MIB=1,16 cargo bench ... --bench storage
 //!
+//! `storage-parts/{kind}/{mib}MiB` (16 and 48 MiB, `PGW_STORAGE_BENCH_PARTS_MIB`): one upload
+//! against concurrent parts of the same object on the same store in the same run: S3 through
+//! the driver (HeadObject + PutObject against HeadObject + multipart upload, 8 MiB parts, 4 at
+//! a time), Azure through `object_store` (Put Blob against Put Block × n, 4 at a time, + Put
+//! Block List), GCS through the JSON API (one media upload against n component uploads, 4 at a
+//! time, + compose + deleting the components).
+//!
+//!   PGW_STORAGE_BENCH_KINDS=parts cargo bench --profile ci -p payload-gateway-benches --bench storage
+//!
 //! Needs `s3s-fs`, fake-gcs-server and Azurite (scripts/setup.sh installs them under
 //! ~/.cache/payload-gateway); a missing one skips its kind.
 
@@ -19,7 +28,7 @@ use bytes::Bytes;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use payload_gateway_drivers::azure::{AzureConfig, AzureDriver};
 use payload_gateway_drivers::gcs::{GcsConfig, GcsDriver};
-use payload_gateway_drivers::s3::{S3Config, S3Driver};
+use payload_gateway_drivers::s3::{PartUploads, S3Config, S3Driver};
 use payload_gateway_drivers::{Fetch, StorageDriver, StoreContext};
 
 struct Server(Child, #[allow(dead_code)] tempfile::TempDir);
@@ -499,5 +508,243 @@ fn sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![1, 16, 64])
 }
 
-criterion_group!(benches, bench, bench_gcs, bench_azure);
+// ---------------------------------------------------------------- part uploads
+
+/// Part size and concurrency of every `storage-parts` case.
+const PART_SIZE: usize = 8 << 20;
+const PART_CONCURRENCY: usize = 4;
+
+/// `PGW_STORAGE_BENCH_PARTS_MIB` (comma-separated, default `16,48`).
+fn part_sizes() -> Vec<usize> {
+    std::env::var("PGW_STORAGE_BENCH_PARTS_MIB")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![16, 48])
+}
+
+/// Times `single` against `parts`, each given a fresh object (distinct bytes) per iteration.
+fn bench_single_vs_parts(
+    c: &mut Criterion,
+    kind: &str,
+    mut single: impl FnMut(Bytes),
+    mut parts: impl FnMut(Bytes),
+) {
+    let mut counter = 0u64;
+    for mib in part_sizes() {
+        let size = mib << 20;
+        let base: Vec<u8> = (0..size)
+            .map(|i| (i as u32).wrapping_mul(2654435761) as u8)
+            .collect();
+        let mut g = c.benchmark_group(format!("storage-parts/{kind}/{mib}MiB"));
+        g.throughput(Throughput::Bytes(size as u64));
+        g.sample_size(10);
+        g.sampling_mode(criterion::SamplingMode::Flat);
+        g.warm_up_time(Duration::from_secs(1));
+        g.measurement_time(Duration::from_secs(if mib >= 48 { 12 } else { 6 }));
+        let mut fresh = || {
+            counter += 1;
+            let mut v = base.clone();
+            v[..8].copy_from_slice(&counter.to_le_bytes());
+            v[size - 8..].copy_from_slice(&counter.to_le_bytes());
+            Bytes::from(v)
+        };
+        g.bench_function("single", |b| {
+            b.iter_batched(&mut fresh, &mut single, BatchSize::PerIteration)
+        });
+        g.bench_function(
+            format!(
+                "parts ({} MiB, {PART_CONCURRENCY} at a time)",
+                PART_SIZE >> 20
+            ),
+            |b| b.iter_batched(&mut fresh, &mut parts, BatchSize::PerIteration),
+        );
+        g.finish();
+    }
+}
+
+/// The S3 driver with parts off against the S3 driver with parts from 0 bytes on.
+fn bench_parts_s3(c: &mut Criterion) {
+    let Some((_server, port)) = start_s3s() else {
+        return;
+    };
+    // SAFETY: single-threaded at this point.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "AK");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "SK");
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let make = |parts: Option<PartUploads>| {
+        let mut config = S3Config::new("bench");
+        config.endpoint = Some(format!("http://127.0.0.1:{port}"));
+        config.region = Some("us-east-1".to_owned());
+        config.force_path_style = true;
+        config.max_payload_size = 128 << 20;
+        if let Some(parts) = parts {
+            config.parts = parts;
+        }
+        rt.block_on(S3Driver::new(config))
+    };
+    let single = make(None);
+    let parts = make(Some(PartUploads {
+        threshold: 0,
+        part_size: PART_SIZE as u64,
+        concurrency: PART_CONCURRENCY,
+    }));
+    // Short keys (task-token requests): s3s-fs takes multipart uploads for these.
+    let ctx = StoreContext {
+        namespace: Some("default".to_owned()),
+        target: None,
+    };
+    bench_single_vs_parts(
+        c,
+        "s3",
+        |p| {
+            rt.block_on(single.store(&ctx, vec![p])).unwrap();
+        },
+        |p| {
+            rt.block_on(parts.store(&ctx, vec![p])).unwrap();
+        },
+    );
+}
+
+/// Put Blob against Put Block × n + Put Block List, both through `object_store`.
+fn bench_parts_azure(c: &mut Criterion) {
+    use futures::{StreamExt, TryStreamExt};
+    use object_store::{ObjectStore, PutPayload, path::Path as ObjectPath};
+    let Some((_server, endpoint)) = start_azurite() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = object_store::azure::MicrosoftAzureBuilder::new()
+        .with_account(AZURITE_ACCOUNT)
+        .with_access_key(AZURITE_KEY)
+        .with_container_name("bench")
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .build()
+        .unwrap();
+    let path = |p: &Bytes| {
+        ObjectPath::from(format!(
+            "raw/{}",
+            u64::from_le_bytes(p[..8].try_into().unwrap())
+        ))
+    };
+    bench_single_vs_parts(
+        c,
+        "azure",
+        |p| {
+            rt.block_on(store.put(&path(&p), PutPayload::from_bytes(p)))
+                .unwrap();
+        },
+        |p| {
+            rt.block_on(async {
+                let mut upload = store.put_multipart(&path(&p)).await.unwrap();
+                let parts: Vec<_> = (0..p.len().div_ceil(PART_SIZE))
+                    .map(|i| {
+                        let end = ((i + 1) * PART_SIZE).min(p.len());
+                        upload.put_part(PutPayload::from_bytes(p.slice(i * PART_SIZE..end)))
+                    })
+                    .collect();
+                futures::stream::iter(parts)
+                    .buffer_unordered(PART_CONCURRENCY)
+                    .try_collect::<Vec<()>>()
+                    .await
+                    .unwrap();
+                upload.complete().await.unwrap();
+            })
+        },
+    );
+}
+
+/// One JSON-API media upload against a parallel composite upload: n components (media
+/// uploads, 4 at a time), compose into the object (`ifGenerationMatch=0`), delete the
+/// components. fake-gcs-server serves no XML-API multipart uploads and resumable uploads are
+/// sequential, so composing is the only concurrent way it offers.
+fn bench_parts_gcs(c: &mut Criterion) {
+    use futures::{StreamExt, TryStreamExt};
+    let Some((_server, endpoint)) = start_fake_gcs() else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let upload = |name: String, body: Bytes| {
+        let req = http
+            .post(format!("{endpoint}/upload/storage/v1/b/bench/o"))
+            .query(&[
+                ("uploadType", "media"),
+                ("name", name.as_str()),
+                ("ifGenerationMatch", "0"),
+            ])
+            .header("content-type", "application/octet-stream")
+            .body(body);
+        async move {
+            let r = req.send().await?;
+            assert!(r.status().is_success(), "upload {name}: {}", r.status());
+            Ok::<_, reqwest::Error>(name)
+        }
+    };
+    let name = |p: &Bytes| format!("raw/{}", u64::from_le_bytes(p[..8].try_into().unwrap()));
+    bench_single_vs_parts(
+        c,
+        "gcs",
+        |p| {
+            rt.block_on(upload(name(&p), p)).unwrap();
+        },
+        |p| {
+            rt.block_on(async {
+                let dest = name(&p);
+                let components: Vec<String> = futures::stream::iter(
+                    (0..p.len().div_ceil(PART_SIZE)).map(|i| {
+                        let end = ((i + 1) * PART_SIZE).min(p.len());
+                        upload(format!("{dest}.part-{i}"), p.slice(i * PART_SIZE..end))
+                    }),
+                )
+                .buffered(PART_CONCURRENCY)
+                .try_collect()
+                .await
+                .unwrap();
+                let sources: Vec<String> = components
+                    .iter()
+                    .map(|n| format!(r#"{{"name":"{n}"}}"#))
+                    .collect();
+                let body = format!(
+                    r#"{{"sourceObjects":[{}],"destination":{{"contentType":"application/octet-stream"}}}}"#,
+                    sources.join(",")
+                );
+                let encoded = dest.replace('/', "%2F");
+                let r = http
+                    .post(format!("{endpoint}/storage/v1/b/bench/o/{encoded}/compose"))
+                    .query(&[("ifGenerationMatch", "0")])
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "compose: {}", r.status());
+                futures::stream::iter(components.iter().map(|n| {
+                    http.delete(format!(
+                        "{endpoint}/storage/v1/b/bench/o/{}",
+                        n.replace('/', "%2F")
+                    ))
+                    .send()
+                }))
+                .buffer_unordered(PART_CONCURRENCY)
+                .try_collect::<Vec<_>>()
+                .await
+                .unwrap();
+            })
+        },
+    );
+}
+
+fn bench_parts(c: &mut Criterion) {
+    if !kind_enabled("parts") {
+        return;
+    }
+    bench_parts_s3(c);
+    bench_parts_gcs(c);
+    bench_parts_azure(c);
+}
+
+criterion_group!(benches, bench, bench_gcs, bench_azure, bench_parts);
 criterion_main!(benches);

@@ -16,7 +16,7 @@ use payload_gateway_drivers::azure::{AzureConfig, AzureDriver};
 use payload_gateway_drivers::filesystem::FilesystemDriver;
 use payload_gateway_drivers::gcs::{GcsConfig, GcsDriver};
 use payload_gateway_drivers::object::ObjectStoreDriver;
-use payload_gateway_drivers::s3::{S3Config, S3Driver};
+use payload_gateway_drivers::s3::{self, S3Config, S3Driver};
 use payload_gateway_drivers::{ClaimData, DriverError, Fetch, StorageDriver, StoreContext, layout};
 
 use crate::budget::MessageBudget;
@@ -146,6 +146,24 @@ impl DriverSpec {
                 c.max_payload_size = max;
                 if let Some(ms) = s.positive("timeout_ms")? {
                     c.operation_timeout = Duration::from_millis(ms);
+                }
+                if let Some(threshold) = s.positive("part_upload_threshold")? {
+                    c.parts.threshold = threshold;
+                }
+                if let Some(size) = s.positive("part_size")? {
+                    if size < s3::MIN_PART_SIZE {
+                        return Err(s.err(
+                            "part_size",
+                            format!(
+                                "must be at least {} (S3's smallest part)",
+                                s3::MIN_PART_SIZE
+                            ),
+                        ));
+                    }
+                    c.parts.part_size = size;
+                }
+                if let Some(n) = s.positive("part_concurrency")? {
+                    c.parts.concurrency = usize::try_from(n).unwrap_or(usize::MAX);
                 }
                 DriverSpec::S3(c)
             }
@@ -771,5 +789,46 @@ mod read_scope_tests {
             .block_on(s.resolve(Some("b"), vec![(0, scoped)], &MessageBudget::unlimited()))
             .unwrap_err();
         assert_eq!(refused.kind, StorageFailure::Refused, "{}", refused.reason);
+    }
+}
+
+#[cfg(test)]
+mod part_upload_tests {
+    use payload_gateway_drivers::s3::PartUploads;
+
+    use super::DriverSpec;
+    use crate::config::{Config, ConfigError};
+
+    /// The S3 driver's `part_*` keys of `[[storage.drivers]]`, with `extra` added.
+    fn parts(extra: &str) -> Result<PartUploads, ConfigError> {
+        let text = format!(
+            "[storage]\ndriver = \"s\"\n[[storage.drivers]]\nname = \"s\"\nkind = \"s3\"\nbucket = \"b\"\n{extra}"
+        );
+        let c = Config::from_toml(&text, Vec::new())?;
+        match DriverSpec::parse(0, &c.storage.drivers[0])? {
+            DriverSpec::S3(c) => Ok(c.parts),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn s3_part_upload_keys() {
+        assert_eq!(parts("").unwrap(), PartUploads::default());
+        assert_eq!(parts("").unwrap().threshold, u64::MAX, "off by default");
+        let set =
+            parts("part_upload_threshold = 16777216\npart_size = 5242880\npart_concurrency = 8\n")
+                .unwrap();
+        assert_eq!(
+            set,
+            PartUploads {
+                threshold: 16 << 20,
+                part_size: 5 << 20,
+                concurrency: 8,
+            }
+        );
+        let err = parts("part_size = 1048576\n").unwrap_err();
+        assert!(err.to_string().contains("part_size"), "{err}");
+        let err = parts("part_concurrency = 0\n").unwrap_err();
+        assert!(err.to_string().contains("part_concurrency"), "{err}");
     }
 }
