@@ -14,7 +14,7 @@
 //! offloaded payload is dominated by those hand-offs (BENCHMARKS.md, offload round trip).
 
 use std::fs::{File, OpenOptions};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::layout::{BucketPolicy, ReadLimit, Scheme, ValidClaim};
-use crate::{DriverError, DriverSettings, ListedObject, StorageDriver};
+use crate::layout::{BoundedBody, BucketPolicy, ReadLimit, Scheme, ValidClaim};
+use crate::{DriverError, DriverSettings, ListedObject, StorageDriver, Verified};
 
 /// Objects as files under a root directory.
 #[derive(Debug)]
@@ -137,8 +137,10 @@ fn create_staging(path: &Path) -> std::io::Result<(File, PathBuf)> {
     }
 }
 
-/// Reads the object at `path`; its length is checked against `limit` before anything is read.
-fn read_object(path: &Path, key: &str, limit: ReadLimit) -> Result<Bytes, DriverError> {
+/// Reads the object at `path`, which `claim` names; its length is checked against `limit`
+/// before anything is read, and its SHA-256 taken piece by piece as it is read.
+fn read_object(path: &Path, claim: &ValidClaim, limit: ReadLimit) -> Result<Verified, DriverError> {
+    let key = &claim.key;
     let unavailable = |e: std::io::Error| DriverError::Unavailable(format!("get {key}: {e}"));
     let file = match File::open(path) {
         Ok(file) => file,
@@ -152,13 +154,10 @@ fn read_object(path: &Path, key: &str, limit: ReadLimit) -> Result<Bytes, Driver
         return Err(DriverError::NotFound(key.to_owned()));
     }
     limit.check(meta.len())?;
-    // The file may grow after the stat: read at most one byte past the limit.
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(limit.bytes().saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(unavailable)?;
-    limit.check(bytes.len() as u64)?;
-    Ok(Bytes::from(bytes))
+    // The file may grow after the stat: the body reads at most one byte past the limit.
+    let mut body = BoundedBody::new(claim, limit, meta.len());
+    body.read_from(file, unavailable)?;
+    body.finish()
 }
 
 #[async_trait]
@@ -179,10 +178,10 @@ impl StorageDriver for FilesystemDriver {
             .map_err(|e| DriverError::Unavailable(format!("put {key}: {e}")))
     }
 
-    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Bytes, DriverError> {
+    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Verified, DriverError> {
         let path = self.file(&claim.key)?;
-        let key = claim.key.clone();
-        blocking(move || read_object(&path, &key, limit)).await?
+        let claim = claim.clone();
+        blocking(move || read_object(&path, &claim, limit)).await?
     }
 
     /// Walks the directory the prefix lies in; staging files (`<key>#<n>`) are not objects.

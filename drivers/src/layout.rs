@@ -157,10 +157,13 @@ fn is_dot_segment(s: &str) -> bool {
 
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
+    lower_hex(&Sha256::digest(bytes))
+}
+
+fn lower_hex(digest: &[u8]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(bytes);
-    let mut out = String::with_capacity(64);
-    for b in digest {
+    let mut out = String::with_capacity(2 * digest.len());
+    for &b in digest {
         out.push(char::from(HEX[usize::from(b >> 4)]));
         out.push(char::from(HEX[usize::from(b & 0x0f)]));
     }
@@ -413,16 +416,62 @@ fn check_key_shape(key: &str, refuse_backslash: bool) -> Result<(), &'static str
     Ok(())
 }
 
-/// Verifies fetched bytes against the claim's hash.
+/// Verifies fetched bytes against the claim's hash (in one piece: [`IncrementalHash`] over
+/// one chunk).
 pub fn verify(claim: &ValidClaim, bytes: &[u8]) -> Result<(), DriverError> {
-    let actual = sha256_hex(bytes);
-    if actual == claim.hash_value {
-        Ok(())
-    } else {
-        Err(DriverError::Integrity(format!(
-            "sha256 hash mismatch for {}: expected {}, got {actual}",
-            claim.key, claim.hash_value
-        )))
+    let mut hash = IncrementalHash::new(claim);
+    hash.update(bytes);
+    hash.finish()
+}
+
+/// The SHA-256 of an object taken as its bytes arrive, piece by piece, and checked against
+/// the claim's hash once the last piece is in: the same digest as over the whole object,
+/// wherever the pieces split it, so an object is never read a second time to be verified.
+#[derive(Clone)]
+pub struct IncrementalHash {
+    hasher: Sha256,
+    /// The claim's lower-case hex SHA-256.
+    expected: String,
+    /// The object key, for the error message.
+    key: String,
+}
+
+impl std::fmt::Debug for IncrementalHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IncrementalHash")
+            .field("expected", &self.expected)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl IncrementalHash {
+    /// A hash of nothing yet, to be checked against `claim`'s.
+    pub fn new(claim: &ValidClaim) -> Self {
+        Self {
+            hasher: Sha256::new(),
+            expected: claim.hash_value.clone(),
+            key: claim.key.clone(),
+        }
+    }
+
+    /// Hashes the next `bytes` of the object.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+    }
+
+    /// Compares the digest of everything hashed with the claim's: a mismatch is
+    /// [`DriverError::Integrity`].
+    pub fn finish(self) -> Result<(), DriverError> {
+        let actual = lower_hex(&self.hasher.finalize());
+        if actual == self.expected {
+            Ok(())
+        } else {
+            Err(DriverError::Integrity(format!(
+                "sha256 hash mismatch for {}: expected {}, got {actual}",
+                self.key, self.expected
+            )))
+        }
     }
 }
 
@@ -471,8 +520,10 @@ impl ReadLimit {
     }
 }
 
-/// The body of an object as it is read, refused by its [`ReadLimit`] as soon as it grows past
-/// it (a store that sent no length, or one smaller than the body).
+/// The body of an object as it is read: refused by its [`ReadLimit`] as soon as it grows past
+/// it (a store that sent no length, or one smaller than the body), and hashed piece by piece
+/// as each piece arrives ([`IncrementalHash`]), so [`finish`](Self::finish) hands out only
+/// verified bytes and nothing reads the object a second time.
 #[derive(Debug)]
 pub struct BoundedBody {
     limit: ReadLimit,
@@ -483,45 +534,112 @@ pub struct BoundedBody {
     /// Bytes to reserve once a second chunk arrives: the size the store announced, within
     /// the limit.
     expected: u64,
+    hash: IncrementalHash,
+}
+
+/// How much [`BoundedBody::read_from`] reads before hashing what it read: small enough that
+/// the bytes are still in the CPU's cache when they are hashed.
+const READ_PIECE: u64 = 256 * 1024;
+
+/// Bytes of an object whose SHA-256 matched its claim's: only [`BoundedBody::finish`] makes
+/// one, so a driver's [`get`](crate::StorageDriver::get) cannot hand out bytes that were not
+/// verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified(Bytes);
+
+impl Verified {
+    /// The verified bytes.
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+
+    /// Their length.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the object is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl BoundedBody {
-    /// An empty body for an object the store says has `size_hint` bytes.
-    pub fn new(limit: ReadLimit, size_hint: u64) -> Self {
+    /// An empty body for the object `claim` names, which the store says has `size_hint`
+    /// bytes; its bytes must hash to the claim's hash.
+    pub fn new(claim: &ValidClaim, limit: ReadLimit, size_hint: u64) -> Self {
         Self {
             limit,
             first: None,
             rest: Vec::new(),
             len: 0,
             expected: size_hint.min(limit.bytes()),
+            hash: IncrementalHash::new(claim),
         }
     }
 
-    /// Appends `chunk`, or refuses the object if the body would exceed the limit.
+    /// Appends `chunk` and hashes it, or refuses the object if the body would exceed the
+    /// limit.
     pub fn push(&mut self, chunk: Bytes) -> Result<(), DriverError> {
         let len = self.len.saturating_add(chunk.len() as u64);
         self.limit.check(len)?;
         self.len = len;
+        self.hash.update(&chunk);
         if self.first.is_none() && self.rest.is_empty() {
             self.first = Some(chunk);
             return Ok(());
         }
+        self.spill_first(len);
+        self.rest.extend_from_slice(&chunk);
+        Ok(())
+    }
+
+    /// Moves a kept first chunk into the buffer, reserving what the store announced.
+    fn spill_first(&mut self, len: u64) {
         if let Some(first) = self.first.take() {
             // Up front at most what was announced (and 64 MiB): the rest grows as read.
             let total = self.expected.max(len).min(64 << 20);
             self.rest.reserve(total as usize);
             self.rest.extend_from_slice(&first);
         }
-        self.rest.extend_from_slice(&chunk);
-        Ok(())
     }
 
-    /// The whole body.
-    pub fn finish(self) -> Bytes {
-        match self.first {
+    /// Reads `reader` to its end straight into the body's buffer (sized from the announced
+    /// size), hashing each piece as it is read; reads at most one byte past the limit, and
+    /// refuses the object as soon as it passes it. `io_error` names a failed read.
+    pub fn read_from(
+        &mut self,
+        reader: impl std::io::Read,
+        io_error: impl Fn(std::io::Error) -> DriverError,
+    ) -> Result<(), DriverError> {
+        use std::io::Read;
+        self.spill_first(self.len);
+        let left = self.limit.bytes().saturating_sub(self.len);
+        let mut reader = reader.take(left.saturating_add(1));
+        let want = usize::try_from(self.expected.saturating_sub(self.len)).unwrap_or(0);
+        self.rest.reserve_exact(want);
+        loop {
+            let start = self.rest.len();
+            let n = (&mut reader)
+                .take(READ_PIECE)
+                .read_to_end(&mut self.rest)
+                .map_err(&io_error)?;
+            if n == 0 {
+                return Ok(());
+            }
+            self.len = self.len.saturating_add(n as u64);
+            self.limit.check(self.len)?;
+            self.hash.update(&self.rest[start..]);
+        }
+    }
+
+    /// The whole body, if its SHA-256 is the claim's ([`DriverError::Integrity`] if not).
+    pub fn finish(self) -> Result<Verified, DriverError> {
+        self.hash.finish()?;
+        Ok(Verified(match self.first {
             Some(first) => first,
             None => Bytes::from(self.rest),
-        }
+        }))
     }
 }
 
@@ -882,16 +1000,29 @@ mod tests {
         ));
     }
 
+    /// A claim on `bytes` (key `k`).
+    fn claim_on(bytes: &[u8]) -> ValidClaim {
+        ValidClaim {
+            bucket: None,
+            key: "k".to_owned(),
+            hash_value: sha256_hex(bytes),
+        }
+    }
+
     #[test]
     fn bounded_body_stops_at_the_limit() {
         let limit = ReadLimit {
             max: 100,
             declared: Some(8),
         };
-        let mut one = BoundedBody::new(limit, 8);
+        let claim = claim_on(b"12345678");
+        let mut one = BoundedBody::new(&claim, limit, 8);
         one.push(Bytes::from_static(b"12345678")).unwrap();
-        assert_eq!(one.finish(), Bytes::from_static(b"12345678"));
-        let mut parts = BoundedBody::new(limit, 0);
+        assert_eq!(
+            one.finish().unwrap().into_bytes(),
+            Bytes::from_static(b"12345678")
+        );
+        let mut parts = BoundedBody::new(&claim, limit, 0);
         parts.push(Bytes::from_static(b"1234")).unwrap();
         parts.push(Bytes::from_static(b"5678")).unwrap();
         assert!(matches!(
@@ -901,6 +1032,111 @@ mod tests {
                 declared: 8
             })
         ));
-        assert_eq!(parts.finish(), Bytes::from_static(b"12345678"));
+        assert_eq!(
+            parts.finish().unwrap().into_bytes(),
+            Bytes::from_static(b"12345678")
+        );
+        // Read from a file-like reader: one byte past the limit is all that is read.
+        let mut read = BoundedBody::new(&claim, limit, 8);
+        let mut source = std::io::Cursor::new(vec![b'x'; 1000]);
+        let err = read
+            .read_from(&mut source, |e| DriverError::Unavailable(e.to_string()))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DriverError::LargerThanDeclared {
+                    size: 9,
+                    declared: 8
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(source.position(), 9);
+    }
+
+    /// A reader that hands out at most `step` bytes per read (a socket, a pipe).
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.step).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    /// The digest taken chunk by chunk is the digest of the whole, wherever the chunks split
+    /// the object: at every byte of it (inside and across SHA-256's 64-byte blocks), in many
+    /// small chunks, and read in short reads. One changed byte anywhere, and an object cut
+    /// short or grown by a byte, is the hash error, however it is split.
+    #[test]
+    fn the_incremental_hash_does_not_depend_on_chunk_boundaries() {
+        let object: Vec<u8> = (0..300u32).map(|i| (i * 7 + 3) as u8).collect();
+        let claim = claim_on(&object);
+        let limit = ReadLimit {
+            max: 1 << 20,
+            declared: None,
+        };
+        let pushed = |chunks: &[&[u8]]| {
+            let mut body = BoundedBody::new(&claim, limit, object.len() as u64);
+            for c in chunks {
+                body.push(Bytes::copy_from_slice(c)).unwrap();
+            }
+            body.finish()
+        };
+        for at in 0..=object.len() {
+            let (a, b) = object.split_at(at);
+            assert_eq!(
+                pushed(&[a, b]).unwrap().into_bytes(),
+                object,
+                "split at {at}"
+            );
+            for j in [at / 2, at.saturating_sub(64), at.saturating_sub(1)] {
+                let (a0, a1) = a.split_at(j);
+                assert_eq!(pushed(&[a0, a1, b]).unwrap().len(), object.len());
+            }
+            let mut bad = object.clone();
+            if at < bad.len() {
+                bad[at] ^= 0x80;
+                let (a, b) = bad.split_at(at);
+                let err = pushed(&[a, b]).unwrap_err();
+                assert!(matches!(err, DriverError::Integrity(_)), "{err}");
+                assert!(err.to_string().contains("hash mismatch for k"), "{err}");
+            }
+        }
+        for step in [1, 3, 63, 64, 65, 299, 300] {
+            let chunks: Vec<&[u8]> = object.chunks(step).collect();
+            assert!(pushed(&chunks).is_ok(), "chunks of {step}");
+            let mut read = BoundedBody::new(&claim, limit, object.len() as u64);
+            read.read_from(
+                Trickle {
+                    data: &object,
+                    step,
+                },
+                |e| DriverError::Unavailable(e.to_string()),
+            )
+            .unwrap();
+            assert_eq!(
+                read.finish().unwrap().into_bytes(),
+                object,
+                "reads of {step}"
+            );
+        }
+        let short = pushed(&[&object[..299]]).unwrap_err();
+        assert!(matches!(short, DriverError::Integrity(_)), "{short}");
+        let long = pushed(&[&object, b"!"]).unwrap_err();
+        assert!(matches!(long, DriverError::Integrity(_)), "{long}");
+        // The one-piece check is the same check.
+        verify(&claim, &object).unwrap();
+        let mut incremental = IncrementalHash::new(&claim);
+        for c in object.chunks(7) {
+            incremental.update(c);
+        }
+        incremental.finish().unwrap();
     }
 }

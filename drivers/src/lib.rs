@@ -20,7 +20,10 @@
 //! An object is never read whole before its size is known: [`get`](StorageDriver::get)
 //! refuses, from the store's metadata (`Content-Length`, a file's length), an object larger
 //! than the size its reference declares ([`Fetch::declared_size`]) or than the driver's
-//! `max_payload_size`, before any of its body is read, and stops reading at that bound.
+//! `max_payload_size`, before any of its body is read, and stops reading at that bound. Its
+//! SHA-256 is taken as the body arrives, chunk by chunk ([`layout::BoundedBody`]): a driver's
+//! `get` hands out only [`Verified`] bytes, and nothing reads an object a second time to
+//! verify it.
 #![warn(missing_docs)]
 
 pub mod azure;
@@ -34,6 +37,7 @@ pub mod s3;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use crate::layout::Verified;
 use crate::layout::{BucketPolicy, ReadLimit, Scheme, ValidClaim};
 pub use crate::model::{ClaimData, DriverError, StoreContext, StoreTarget};
 
@@ -135,11 +139,12 @@ pub trait StorageDriver: Send + Sync + std::fmt::Debug {
         payload: Bytes,
     ) -> Result<(), DriverError>;
 
-    /// Per object: reads the object `claim` names. An object whose size in the store's
-    /// metadata (`Content-Length`, a file's length) fails `limit` is refused before any of
-    /// its body is read; the body is read up to the limit and no further. The hash is the
-    /// caller's check.
-    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Bytes, DriverError>;
+    /// Per object: reads the object `claim` names and verifies it. An object whose size in
+    /// the store's metadata (`Content-Length`, a file's length) fails `limit` is refused
+    /// before any of its body is read; the body is read into a [`layout::BoundedBody`], up to
+    /// the limit and no further, which hashes each chunk as it arrives: an object whose
+    /// SHA-256 is not the claim's is [`DriverError::Integrity`].
+    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Verified, DriverError>;
 
     /// Every object of `bucket` (`None` for bucketless backends) whose key starts with
     /// `prefix`, all pages, in no particular order. Garbage collection
@@ -198,7 +203,8 @@ pub trait StorageDriver: Send + Sync + std::fmt::Debug {
     /// Retrieves and verifies the payloads named by `fetches`, in order. `namespace` is the
     /// namespace of the request: a claim outside it is refused. Every claim is validated
     /// before anything is fetched; each object is bounded by its declared size and the
-    /// driver's `max_payload_size` before its body is read, and its SHA-256 verified after.
+    /// driver's `max_payload_size` before its body is read, and its SHA-256 verified as it
+    /// arrives ([`get`](Self::get)).
     async fn retrieve(
         &self,
         namespace: Option<&str>,
@@ -216,9 +222,8 @@ pub trait StorageDriver: Send + Sync + std::fmt::Debug {
             })
             .collect::<Result<Vec<_>, DriverError>>()?;
         in_order(valid, s.concurrency, |(claim, limit)| async move {
-            let bytes = self.get(&claim, limit).await?;
+            let bytes = self.get(&claim, limit).await?.into_bytes();
             limit.check(bytes.len() as u64)?;
-            layout::verify(&claim, &bytes)?;
             Ok(bytes)
         })
         .await

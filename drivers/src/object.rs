@@ -15,7 +15,7 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, PutMode, PutOptions, PutPayload, RetryConfig};
 
 use crate::layout::{BoundedBody, BucketPolicy, ReadLimit, Scheme, ValidClaim};
-use crate::{DriverError, DriverSettings, ListedObject, StorageDriver};
+use crate::{DriverError, DriverSettings, ListedObject, StorageDriver, Verified};
 
 /// HTTP client settings for a cloud backend: per-request and connect timeouts, plain HTTP
 /// only toward an `http://` endpoint (emulators).
@@ -224,7 +224,7 @@ impl<U: Upload> StorageDriver for ObjectStoreDriver<U> {
         .await
     }
 
-    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Bytes, DriverError> {
+    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Verified, DriverError> {
         let bucket = claim.bucket.as_deref().unwrap_or_default();
         let store = self.client(bucket)?;
         let path = object_path(&claim.key)?;
@@ -240,12 +240,12 @@ impl<U: Upload> StorageDriver for ObjectStoreDriver<U> {
             // The size from the response headers: nothing of the body is read yet, and
             // dropping `result` closes the connection.
             limit.check(result.meta.size)?;
-            let mut body = BoundedBody::new(limit, result.meta.size);
+            let mut body = BoundedBody::new(claim, limit, result.meta.size);
             let mut chunks = result.into_stream();
             while let Some(chunk) = chunks.next().await {
                 body.push(chunk.map_err(|e| unavailable("get", &url, e))?)?;
             }
-            Ok(body.finish())
+            body.finish()
         })
         .await
     }
@@ -381,5 +381,82 @@ mod tests {
         );
         let back = driver.retrieve(Some("default"), vec![fetch(10)]).await;
         assert_eq!(back.unwrap()[0].len(), 10);
+    }
+}
+
+#[cfg(test)]
+mod hash_on_arrival {
+    use super::*;
+    use crate::test_context as ctx;
+    use object_store::local::LocalFileSystem;
+
+    fn limit() -> ReadLimit {
+        ReadLimit {
+            max: 8 << 20,
+            declared: None,
+        }
+    }
+
+    fn is_hash_error(err: &DriverError) -> bool {
+        matches!(err, DriverError::Integrity(_)) && err.to_string().contains("hash mismatch")
+    }
+
+    /// The in-memory store (the body arrives in one chunk) and `object_store`'s
+    /// `LocalFileSystem` (in many chunks): an object replaced in the store behind the
+    /// driver, byte for byte the same length, is refused by `get` with the hash error.
+    #[tokio::test]
+    async fn get_refuses_an_object_changed_in_the_store() {
+        let payload = Bytes::from(
+            (0..(3usize << 20))
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<u8>>(),
+        );
+        let mut tampered = payload.to_vec();
+        tampered[2_000_000] ^= 0x40;
+        let tampered = Bytes::from(tampered);
+
+        let memory = ObjectStoreDriver::memory("mem", 8 << 20);
+        let dir = tempfile::tempdir().unwrap();
+        let local = ObjectStoreDriver::bucketed(
+            Bucketed {
+                name: "local".to_owned(),
+                url_scheme: "file",
+                scheme: Scheme::S3,
+                write_bucket: "b",
+                read_buckets: &[],
+                max_payload_size: 8 << 20,
+                concurrency: 2,
+                timeout: Duration::from_secs(20),
+            },
+            |_| Ok(Arc::new(LocalFileSystem::new_with_prefix(dir.path())?)),
+            || Ok(PutCreate),
+        )
+        .unwrap();
+        for driver in [&memory, &local] {
+            let claims = driver.store(&ctx(), vec![payload.clone()]).await.unwrap();
+            let valid = driver
+                .settings()
+                .validate(Some("default"), &claims[0])
+                .unwrap();
+            assert_eq!(
+                driver.get(&valid, limit()).await.unwrap().into_bytes(),
+                payload
+            );
+            let store = driver
+                .client(valid.bucket.as_deref().unwrap_or_default())
+                .unwrap();
+            let path = object_path(&valid.key).unwrap();
+            store
+                .put(&path, PutPayload::from_bytes(tampered.clone()))
+                .await
+                .unwrap();
+            let err = driver.get(&valid, limit()).await.unwrap_err();
+            assert!(is_hash_error(&err), "{}: {err}", driver.settings().name);
+            let err = driver
+                .retrieve(Some("default"), crate::Fetch::undeclared(claims))
+                .await
+                .unwrap_err();
+            assert!(is_hash_error(&err), "{}: {err}", driver.settings().name);
+        }
     }
 }

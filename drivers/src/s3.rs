@@ -32,7 +32,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
 
 use crate::layout::{self, BoundedBody, BucketPolicy, ReadLimit, Scheme, ValidClaim};
-use crate::{DriverError, DriverSettings, ListedObject, StorageDriver};
+use crate::{DriverError, DriverSettings, ListedObject, StorageDriver, Verified};
 
 /// The driver name and type of Temporal's S3 driver.
 pub const S3_DRIVER_TYPE: &str = "aws.s3driver";
@@ -463,8 +463,9 @@ impl StorageDriver for S3Driver {
     }
 
     /// GetObject; the response's `Content-Length` is checked before the body is read (an
-    /// object refused there is dropped unread, closing the connection).
-    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Bytes, DriverError> {
+    /// object refused there is dropped unread, closing the connection), and each chunk of
+    /// the body is hashed as it arrives.
+    async fn get(&self, claim: &ValidClaim, limit: ReadLimit) -> Result<Verified, DriverError> {
         let bucket = claim.bucket.as_deref().unwrap_or_default();
         let key = &claim.key;
         let out = self
@@ -482,7 +483,7 @@ impl StorageDriver for S3Driver {
             })?;
         let announced = out.content_length.map_or(0, |len| len.max(0) as u64);
         limit.check(announced)?;
-        let mut body = BoundedBody::new(limit, announced);
+        let mut body = BoundedBody::new(claim, limit, announced);
         let mut stream = out.body;
         while let Some(chunk) = stream.try_next().await.map_err(|e| {
             DriverError::Unavailable(format!(
@@ -491,7 +492,7 @@ impl StorageDriver for S3Driver {
         })? {
             body.push(chunk)?;
         }
-        Ok(body.finish())
+        body.finish()
     }
 
     /// ListObjectsV2, page by page.

@@ -21,23 +21,32 @@
 //! - **Bounded.** The body is read against `proxy.max_message_bytes` and the process budget
 //!   ([`crate::budget`]); inflation is charged as it is produced. The budget travels with the
 //!   [`Inspected`] value, so the bytes stay charged until the RPC ends.
+//! - **Read as it arrives.** The body's frames are read chunk by chunk ([`reader`]): a
+//!   compressed message is inflated from each chunk as it arrives and the chunk freed, so a
+//!   large compressed request costs its inflated size (plus one chunk), not the compressed
+//!   bytes beside their inflation, and a refusal (a bomb past the limit, a corrupt stream, a
+//!   second frame of a unary call) comes as soon as the offending bytes do, before the rest of
+//!   the body is read.
 //!
 //! Methods of other services (gRPC health checks, reflection) carry no namespace and no
 //! payloads: their bodies stream through untouched; authorization treats them by path alone.
 
+pub mod reader;
 pub mod target;
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
+use http_body_util::BodyExt;
 use payload_gateway_proto::{Method, StringFieldError, method, top_level_string_strict};
 
-use crate::budget::{Exhausted, MessageBudget, ProcessBudget};
-use crate::grpc::body::{self, TooLarge};
+use crate::budget::{MessageBudget, ProcessBudget};
+use crate::grpc::body::TooLarge;
 use crate::grpc::frame::{self, Encoding, FrameError};
 use crate::grpc::layer::{Handler, Inner, forward};
 use crate::grpc::{Code, GatewayBody, Status};
+use reader::FrameReader;
 pub use target::{OPEN_METHODS, Target};
 
 /// The prefix of every Temporal service path: these requests are read whole and re-framed.
@@ -172,25 +181,36 @@ impl Ingress {
         }
         let encoding = Encoding::from_header(header_str(&parts.headers, "grpc-encoding"))?;
         let limit = self.max_message_bytes.saturating_add(frame::PREFIX_LEN);
-        let collected = body::collect(body, limit, &budget).await.map_err(|e| {
-            if e.is::<TooLarge>() || e.is::<Exhausted>() {
-                IngressError::Body(e.to_string(), Code::ResourceExhausted)
-            } else {
+        let mut reader = FrameReader::new(
+            encoding,
+            self.max_message_bytes,
+            is_unary(path),
+            budget.clone(),
+        );
+        let mut body = body;
+        let mut received = 0usize;
+        // Trailers are skipped: only what was inspected goes upstream.
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
                 IngressError::Body(
                     format!("connection lost while reading the message: {e}"),
                     Code::Unavailable,
                 )
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            received = received.saturating_add(data.len());
+            if received > limit {
+                return Err(IngressError::Body(
+                    TooLarge { limit }.to_string(),
+                    Code::ResourceExhausted,
+                ));
             }
-        })?;
-        let joined = frame::join(collected.chunks, collected.len);
-        let inspected = decide(
-            parts.uri.path(),
-            &joined,
-            encoding,
-            self.max_message_bytes,
-            budget,
-        )?;
-        drop(joined);
+            reader.push(data)?;
+        }
+        drop(body);
+        let inspected = decide_messages(parts.uri.path(), reader.finish()?, budget)?;
         let messages = inspected.messages.clone().unwrap_or_default();
         parts.headers.remove("grpc-encoding");
         parts.headers.remove(http::header::CONTENT_LENGTH);
@@ -202,8 +222,8 @@ impl Ingress {
 }
 
 /// Decides method, messages, namespace and target of a Temporal request whose whole body is
-/// `body` (framed, possibly compressed per `encoding`). Pure: what it returns is what is
-/// forwarded.
+/// `body` (framed, possibly compressed per `encoding`), read as [`Ingress::admit`] reads a
+/// body that arrives in one chunk. Pure: what it returns is what is forwarded.
 pub fn decide(
     path: &str,
     body: &Bytes,
@@ -211,11 +231,28 @@ pub fn decide(
     max_message_bytes: usize,
     budget: MessageBudget,
 ) -> Result<Inspected, IngressError> {
+    let mut reader = FrameReader::new(encoding, max_message_bytes, is_unary(path), budget.clone());
+    if !body.is_empty() {
+        reader.push(body.clone())?;
+    }
+    decide_messages(path, reader.finish()?, budget)
+}
+
+/// Whether a call to `path` sends one message at most. A method the descriptors do not know
+/// may stream: it is read whole all the same (the gateway forwards nothing it did not read),
+/// but more than one message is allowed.
+fn is_unary(path: &str) -> bool {
+    method(path).is_none_or(|m| !m.client_streaming)
+}
+
+/// Decides method, namespace and target of a Temporal request to `path` from its messages,
+/// read and inflated.
+fn decide_messages(
+    path: &str,
+    messages: Vec<Bytes>,
+    budget: MessageBudget,
+) -> Result<Inspected, IngressError> {
     let m = method(path);
-    // A method the descriptors do not know may stream: it is read whole all the same (the
-    // gateway forwards nothing it did not read), but more than one message is allowed.
-    let unary = m.is_none_or(|m| !m.client_streaming);
-    let messages = frame::split(body, encoding, max_message_bytes, unary, &budget)?;
     let Some(m) = m else {
         return Ok(Inspected {
             method: None,
