@@ -94,8 +94,18 @@ fn class_at_most(capacity: usize) -> usize {
 
 /// A growable byte buffer (it derefs to `Vec<u8>`) whose allocation goes back to the pool when
 /// it is dropped, or when the last [`Bytes`] made of it by [`freeze`](Self::freeze) drops.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct PooledBuf(Vec<u8>);
+
+/// Sizes only: the bytes may be a payload, which is never logged.
+impl std::fmt::Debug for PooledBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PooledBuf")
+            .field("len", &self.0.len())
+            .field("capacity", &self.0.capacity())
+            .finish()
+    }
+}
 
 impl PooledBuf {
     /// An empty buffer with room for at least `capacity` bytes: a kept one when the pool has

@@ -25,6 +25,7 @@ use bytes::Bytes;
 use flate2::{Crc, Decompress, FlushDecompress, Status};
 
 use crate::budget::MessageBudget;
+use crate::buffers::PooledBuf;
 use crate::grpc::frame::{Encoding, FrameError, PREFIX_LEN};
 
 /// The smallest output buffer of a compressed message (as [`frame::split`] reserves).
@@ -54,7 +55,7 @@ enum State {
         have: usize,
     },
     /// Copying a plain message that spans chunks: `left` bytes still to come.
-    Plain { out: Vec<u8>, left: usize },
+    Plain { out: PooledBuf, left: usize },
     /// Inflating a compressed message: `left` compressed bytes still to come.
     Compressed {
         inflater: Box<Inflater>,
@@ -119,7 +120,7 @@ impl FrameReader {
                     at += n;
                     if *left == 0 {
                         let out = std::mem::take(out);
-                        self.messages.push(Bytes::from(out));
+                        self.messages.push(out.freeze());
                         self.state = State::prefix();
                     }
                 }
@@ -170,12 +171,12 @@ impl FrameReader {
                 self.budget.hold(len)?;
                 if chunk.len() - at >= len {
                     State::Plain {
-                        out: Vec::new(),
+                        out: PooledBuf::default(),
                         left: 0,
                     }
                 } else {
                     State::Plain {
-                        out: Vec::with_capacity(len),
+                        out: PooledBuf::with_capacity(len),
                         left: len,
                     }
                 }
