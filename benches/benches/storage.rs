@@ -109,22 +109,13 @@ fn bench(c: &mut Criterion) {
         namespace: Some("default".to_owned()),
         target: None,
     };
-    let mut counter = 0u64;
     for mib in sizes() {
         let size = mib << 20;
-        let base: Vec<u8> = (0..size)
-            .map(|i| (i as u32).wrapping_mul(2654435761) as u8)
-            .collect();
         let mut g = c.benchmark_group(format!("storage/{mib}MiB"));
         g.throughput(Throughput::Bytes(size as u64));
         g.sample_size(10);
         g.measurement_time(Duration::from_secs(if mib == 64 { 20 } else { 8 }));
-        let mut fresh = || {
-            counter += 1;
-            let mut v = base.clone();
-            v[..8].copy_from_slice(&counter.to_le_bytes());
-            Bytes::from(v)
-        };
+        let mut fresh = distinct_objects(size);
         g.bench_function("offload (driver)", |b| {
             b.iter_batched(
                 &mut fresh,
@@ -522,6 +513,22 @@ fn part_sizes() -> Vec<usize> {
         .unwrap_or_else(|| vec![16, 48])
 }
 
+/// A new object of `size` bytes per call, distinct from every other (a counter in its first
+/// and last 8 bytes), so content-addressed stores never find it already there.
+fn distinct_objects(size: usize) -> impl FnMut() -> Bytes {
+    let base: Vec<u8> = (0..size)
+        .map(|i| (i as u32).wrapping_mul(2654435761) as u8)
+        .collect();
+    let mut counter = 0u64;
+    move || {
+        counter += 1;
+        let mut v = base.clone();
+        v[..8].copy_from_slice(&counter.to_le_bytes());
+        v[size - 8..].copy_from_slice(&counter.to_le_bytes());
+        Bytes::from(v)
+    }
+}
+
 /// Times `single` against `parts`, each given a fresh object (distinct bytes) per iteration.
 fn bench_single_vs_parts(
     c: &mut Criterion,
@@ -529,25 +536,15 @@ fn bench_single_vs_parts(
     mut single: impl FnMut(Bytes),
     mut parts: impl FnMut(Bytes),
 ) {
-    let mut counter = 0u64;
     for mib in part_sizes() {
         let size = mib << 20;
-        let base: Vec<u8> = (0..size)
-            .map(|i| (i as u32).wrapping_mul(2654435761) as u8)
-            .collect();
         let mut g = c.benchmark_group(format!("storage-parts/{kind}/{mib}MiB"));
         g.throughput(Throughput::Bytes(size as u64));
         g.sample_size(10);
         g.sampling_mode(criterion::SamplingMode::Flat);
         g.warm_up_time(Duration::from_secs(1));
         g.measurement_time(Duration::from_secs(if mib >= 48 { 12 } else { 6 }));
-        let mut fresh = || {
-            counter += 1;
-            let mut v = base.clone();
-            v[..8].copy_from_slice(&counter.to_le_bytes());
-            v[size - 8..].copy_from_slice(&counter.to_le_bytes());
-            Bytes::from(v)
-        };
+        let mut fresh = distinct_objects(size);
         g.bench_function("single", |b| {
             b.iter_batched(&mut fresh, &mut single, BatchSize::PerIteration)
         });
