@@ -8,7 +8,8 @@
 //! re-encoded, so unknown fields survive) and wraps it in up to two layers, innermost first:
 //!
 //! 1. **Compression** (when on for the namespace, the payload is at least
-//!    `compression.min_size` bytes and the result is smaller than the input): a new payload with
+//!    `compression.min_size` bytes, the result is smaller than the input and, from 1 MiB on,
+//!    one of three 16 KiB samples shrinks: see `zstd_layer::worth_compressing`): a new payload with
 //!    `metadata["encoding"] = "binary/zstd"` and `data` = one zstd frame (level
 //!    `compression.level`, content size recorded) of the serialized payload.
 //! 2. **Encryption** (when on for the namespace): a new payload with
@@ -505,7 +506,9 @@ impl PayloadCodec {
     ) -> Result<Option<Bytes>, CodecError> {
         let state = self.inner.state.load();
         let policy = state.policy(namespace);
-        let compress = policy.compress && payload.len() >= state.min_size;
+        let compress = policy.compress
+            && payload.len() >= state.min_size
+            && zstd_layer::worth_compressing(payload, state.level)?;
         match &policy.encrypt {
             None if !compress => Ok(None),
             None => {

@@ -160,6 +160,39 @@ fn round_trip_compression_only() {
     assert_eq!(codec.decode(&encoded).unwrap().unwrap(), original);
 }
 
+/// From 1 MiB on, payloads are sampled: incompressible ones skip the whole-payload attempt,
+/// and anything that shrinks where sampled (here only the middle, or only the end) is
+/// compressed whole as before.
+#[test]
+fn large_payloads_are_sampled_before_compression() {
+    let f = Fixture::new();
+    let compress_only = f.codec(false, true);
+    let both = f.codec(true, true);
+    let len = 3 << 20;
+
+    let random = user_payload(&random_bytes(len));
+    assert!(!zstd_layer::worth_compressing(&random, 3).unwrap());
+    assert_eq!(compress_only.encode(None, &random).unwrap(), None);
+    let encoded = both.encode(None, &random).unwrap().unwrap();
+    let inner = independent_open(&K1, &outer(&encoded).data);
+    assert_eq!(inner, random, "encrypted without a compression layer");
+    assert_eq!(both.decode(&encoded).unwrap().unwrap(), random);
+
+    // 100 kB of text around the middle, or at the very end, of random bytes.
+    for at in [len / 2 - 50_000, len - 100_000] {
+        let mut data = random_bytes(len);
+        data[at..at + 100_000].copy_from_slice(&json_text(100_000));
+        let mixed = user_payload(&data);
+        assert!(zstd_layer::worth_compressing(&mixed, 3).unwrap());
+        let encoded = compress_only.encode(None, &mixed).unwrap().expect("compressed");
+        assert!(encoded.len() < mixed.len());
+        assert_eq!(meta_of(&outer(&encoded), "encoding"), "binary/zstd");
+        assert_eq!(compress_only.decode(&encoded).unwrap().unwrap(), mixed);
+    }
+    // Below 1 MiB every payload is tried whole.
+    assert!(zstd_layer::worth_compressing(&random_bytes((1 << 20) - 1), 3).unwrap());
+}
+
 #[test]
 fn round_trip_encryption_only() {
     let f = Fixture::new();
