@@ -184,7 +184,10 @@ fn large_payloads_are_sampled_before_compression() {
         data[at..at + 100_000].copy_from_slice(&json_text(100_000));
         let mixed = user_payload(&data);
         assert!(zstd_layer::worth_compressing(&mixed, 3).unwrap());
-        let encoded = compress_only.encode(None, &mixed).unwrap().expect("compressed");
+        let encoded = compress_only
+            .encode(None, &mixed)
+            .unwrap()
+            .expect("compressed");
         assert!(encoded.len() < mixed.len());
         assert_eq!(meta_of(&outer(&encoded), "encoding"), "binary/zstd");
         assert_eq!(compress_only.decode(&encoded).unwrap().unwrap(), mixed);
