@@ -40,6 +40,8 @@ impl Drop for Server {
     }
 }
 
+/// Starts s3s-fs with a `bench` bucket and points the AWS credential chain at its keys.
+/// Call before any other thread starts (it sets environment variables).
 fn start_s3s() -> Option<(Server, u16)> {
     let tools = std::env::var_os("PGW_TOOLS_DIR")
         .map(PathBuf::from)
@@ -79,7 +81,22 @@ fn start_s3s() -> Option<(Server, u16)> {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(50));
     }
+    // SAFETY: the benches call this before they start any thread.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", "AK");
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", "SK");
+    }
     Some((Server(child, root), port))
+}
+
+/// The S3 driver's configuration for the s3s-fs on `port`, `bench` bucket.
+fn s3s_config(port: u16) -> S3Config {
+    let mut config = S3Config::new("bench");
+    config.endpoint = Some(format!("http://127.0.0.1:{port}"));
+    config.region = Some("us-east-1".to_owned());
+    config.force_path_style = true;
+    config.max_payload_size = 128 << 20;
+    config
 }
 
 fn bench(c: &mut Criterion) {
@@ -89,18 +106,8 @@ fn bench(c: &mut Criterion) {
     let Some((_server, port)) = start_s3s() else {
         return;
     };
-    // SAFETY: single-threaded at this point.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "AK");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "SK");
-    }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut config = S3Config::new("bench");
-    config.endpoint = Some(format!("http://127.0.0.1:{port}"));
-    config.region = Some("us-east-1".to_owned());
-    config.force_path_style = true;
-    config.max_payload_size = 128 << 20;
-    let driver = rt.block_on(S3Driver::new(config));
+    let driver = rt.block_on(S3Driver::new(s3s_config(port)));
     let raw = rt.block_on(async {
         let shared = aws_config_like(port).await;
         aws_sdk_s3::Client::from_conf(shared)
@@ -564,18 +571,9 @@ fn bench_parts_s3(c: &mut Criterion) {
     let Some((_server, port)) = start_s3s() else {
         return;
     };
-    // SAFETY: single-threaded at this point.
-    unsafe {
-        std::env::set_var("AWS_ACCESS_KEY_ID", "AK");
-        std::env::set_var("AWS_SECRET_ACCESS_KEY", "SK");
-    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let make = |parts: Option<PartUploads>| {
-        let mut config = S3Config::new("bench");
-        config.endpoint = Some(format!("http://127.0.0.1:{port}"));
-        config.region = Some("us-east-1".to_owned());
-        config.force_path_style = true;
-        config.max_payload_size = 128 << 20;
+        let mut config = s3s_config(port);
         if let Some(parts) = parts {
             config.parts = parts;
         }
